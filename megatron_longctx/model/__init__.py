@@ -1,0 +1,1 @@
+"""Llama-family models on megatron-core's GPTModel: presets, the spec switch, the builder."""

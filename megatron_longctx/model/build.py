@@ -1,0 +1,113 @@
+"""Build a megatron-core GPTModel (Llama flavour) for this rank's pipeline stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_longctx.model.config import ModelConfig
+from megatron_longctx.model.specs import layer_spec
+from megatron_longctx.parallel.layout import ParallelLayout
+
+
+def transformer_config(
+    model: ModelConfig,
+    layout: ParallelLayout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: str | None = None,
+    calculate_per_token_loss: bool = True,
+):
+    """Megatron's TransformerConfig for a Llama model under ``layout``.
+
+    Fusions that need apex/TE/CUDA are turned off; they are kernels, not semantics.
+    ``calculate_per_token_loss`` makes the schedule sum token counts so the loss is averaged over
+    all tokens of the global batch (finalize_model_grads divides by the global count).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        calculate_per_token_loss=calculate_per_token_loss,
+        # gloo matches batched send/recv to the same peer in the wrong order (MEGATRON_ON_CPU.md).
+        batch_p2p_comm=on_gpu,
+        deallocate_pipeline_outputs=False,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity=recompute)
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    layout: ParallelLayout,
+    *,
+    backend: str = "auto",
+    core_attention: type | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: str | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    seq_length: int | None = None,
+):
+    """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model, layout, params_dtype=params_dtype, recompute=recompute)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    rope_kwargs = {}
+    scaling = model.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        rope_kwargs["seq_len_interpolation_factor"] = float(scaling["factor"])
+    elif scaling.get("rope_type") == "llama3":
+        rope_kwargs.update(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(backend, core_attention),
+        vocab_size=model.padded_vocab_size(layout.tensor_model_parallel_size),
+        max_sequence_length=seq_length or model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_theta,
+        **rope_kwargs,
+    )

@@ -1,0 +1,1 @@
+"""Parallel layout: size rules (validated once, up front) and pure sharding helpers."""

@@ -1,0 +1,126 @@
+"""The parallel layout (TP x PP x CP x DP) and every size rule, checked once before a model is built.
+
+Each error names the rule and shows the arithmetic, e.g.
+"world size 6 is not TP 2 x PP 1 x CP 2 x DP: 6 is not divisible by 4".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout; the message names the rule and the numbers."""
+
+
+@dataclass
+class ParallelLayout:
+    """How the job's GPUs (or CPU processes) are split. GPUs = TP x PP x CP x DP.
+
+    Attributes:
+        tensor_model_parallel_size: TP, splits attention heads and the FFN inside each layer.
+        pipeline_model_parallel_size: PP, splits the layers into consecutive stages.
+        context_parallel_size: CP, splits the sequence (zigzag chunks) across ranks.
+        data_parallel_size: DP; None means "whatever the world size leaves".
+        virtual_pipeline_model_parallel_size: interleaved pipeline chunks per stage (None = off).
+        sequence_parallel: shard layer-norm/dropout activations over TP (GPU / Transformer Engine only).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    data_parallel_size: int | None = None
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+        if self.data_parallel_size is not None and self.data_parallel_size < 1:
+            raise LayoutError(f"data_parallel_size must be >= 1 or None, got {self.data_parallel_size}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+    def describe(self, dp: int | str = "DP") -> str:
+        return (f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
+                f"CP {self.context_parallel_size} x DP {dp}")
+
+    def validate_world_size(self, world_size: int) -> int:
+        """Returns DP after checking TP x PP x CP x DP == world size."""
+        mp = self.model_parallel_size
+        if world_size % mp != 0:
+            raise LayoutError(
+                f"world size {world_size} is not {self.describe()}: "
+                f"{world_size} is not divisible by {mp}"
+            )
+        dp = world_size // mp
+        if self.data_parallel_size is not None and self.data_parallel_size != dp:
+            raise LayoutError(
+                f"world size {world_size} != {self.describe(self.data_parallel_size)} = "
+                f"{mp * self.data_parallel_size}"
+            )
+        return dp
+
+    def validate(
+        self,
+        *,
+        world_size: int,
+        num_layers: int,
+        num_attention_heads: int,
+        num_query_groups: int,
+        seq_length: int | None = None,
+        micro_batch_size: int | None = None,
+        global_batch_size: int | None = None,
+    ) -> int:
+        """Checks every size rule; returns the data-parallel size.
+
+        Args:
+            world_size: number of processes (GPUs).
+            num_layers / num_attention_heads / num_query_groups: the model's sizes.
+            seq_length: tokens per sample (divisible by 2 x CP, x TP with sequence parallel).
+            micro_batch_size / global_batch_size: samples; global = micro x DP x num_micro_batches.
+        """
+        tp, pp, cp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                      self.context_parallel_size)
+        dp = self.validate_world_size(world_size)
+        if num_attention_heads % tp:
+            raise LayoutError(f"attention heads {num_attention_heads} are not divisible by TP {tp}")
+        if num_query_groups % tp:
+            raise LayoutError(
+                f"query groups (KV heads) {num_query_groups} are not divisible by TP {tp}")
+        if num_attention_heads % num_query_groups:
+            raise LayoutError(f"attention heads {num_attention_heads} are not divisible by "
+                              f"query groups {num_query_groups}")
+        if num_layers % pp:
+            raise LayoutError(f"layers {num_layers} are not divisible by PP {pp}")
+        if self.virtual_pipeline_model_parallel_size:
+            vpp = self.virtual_pipeline_model_parallel_size
+            if pp < 2:
+                raise LayoutError(f"virtual pipeline size {vpp} needs PP >= 2, got PP {pp}")
+            if num_layers % (pp * vpp):
+                raise LayoutError(f"layers {num_layers} are not divisible by PP {pp} x "
+                                  f"virtual pipeline {vpp} = {pp * vpp}")
+        if self.sequence_parallel and tp == 1:
+            raise LayoutError("sequence_parallel needs TP > 1 (it shards activations over TP), got TP 1")
+        if seq_length is not None:
+            multiple = 2 * cp * (tp if self.sequence_parallel else 1)
+            rule = "2 x CP" + (" x TP (sequence parallel)" if self.sequence_parallel else "")
+            if seq_length % multiple:
+                raise LayoutError(f"sequence length {seq_length} is not divisible by {rule} = {multiple}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise LayoutError(f"micro batch size must be >= 1, got {micro_batch_size}")
+        if global_batch_size is not None and micro_batch_size is not None:
+            if global_batch_size % (micro_batch_size * dp):
+                raise LayoutError(
+                    f"global batch {global_batch_size} is not divisible by micro batch "
+                    f"{micro_batch_size} x DP {dp} = {micro_batch_size * dp}")
+        return dp
+
+    def num_micro_batches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+        return global_batch_size // (micro_batch_size * dp)

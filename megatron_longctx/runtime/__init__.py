@@ -1,0 +1,1 @@
+"""Process-level runtime: device choice, the CPU shim for megatron-core, torch.distributed init."""

@@ -1,0 +1,1 @@
+"""Training: the step (Megatron calling convention), optimizer, loop, curriculum."""

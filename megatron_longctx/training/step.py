@@ -1,0 +1,85 @@
+"""One training step in Megatron's calling convention, with a loss averaged over all tokens of the
+global batch.
+
+``forward_step(data_iterator, model) -> (output, loss_func)`` is driven by megatron's
+``get_forward_backward_func``. ``loss_func`` returns ``(sum of token losses, number of tokens, ...)``
+and the model config has ``calculate_per_token_loss=True``, so the schedule sums token counts over
+micro-batches and ``finalize_model_grads`` all-reduces the count over DP x CP and divides the
+gradients by it: the gradient is exactly that of the mean over every loss token of the global batch,
+whatever the split into micro-batches, DP ranks and CP ranks.
+
+Batch legend (one micro-batch, as the loader yields it): ``tokens``, ``labels``, ``loss_mask``,
+``position_ids`` are ``[b, s]``; megatron activations inside the model are ``[s, b, h]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token losses ``[b, s]`` -> (sum over loss tokens, token count, reporting tensor)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """Megatron's forward_step: one micro-batch through the model chunk."""
+    batch = next(data_iterator) if data_iterator is not None else {}
+    output = model(
+        input_ids=batch.get("tokens"),
+        position_ids=batch.get("position_ids"),
+        attention_mask=None,
+        labels=batch.get("labels"),
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return output, partial(loss_func, batch.get("loss_mask"))
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # global token-averaged loss (on every rank), None on non-last PP stages
+    num_tokens: int
+    grad_norm: float | None = None
+    skipped: bool = False
+
+
+def reduce_loss(losses_reduced: list, group=None) -> tuple[float | None, int]:
+    """Sums the per-micro-batch [loss_sum, tokens] reports and all-reduces over DP x CP."""
+    from megatron.core import parallel_state
+
+    if not losses_reduced:
+        return None, 0
+    total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
+    group = group or parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(total, group=group)
+    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+
+
+def forward_backward(model_chunks: list, batches: list[dict], *, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> StepResult:
+    """Runs all micro-batches of one step through megatron's schedule (grads are finalised)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model_chunks:
+        if not forward_only:
+            chunk.zero_grad_buffer()
+    fb = get_forward_backward_func()
+    losses = fb(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    loss, tokens = reduce_loss(losses)
+    return StepResult(loss=loss, num_tokens=tokens)

@@ -1,0 +1,45 @@
+"""Package definition for megatron-longctx.
+
+Why each dependency is here:
+- torch==2.13.0: the CPU wheel that exists on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
+- megatron-core==0.16.1: model, parallel state, schedules, DDP, optimizer, dist_checkpointing
+  (0.16.1 is the newest release for Python 3.11).
+- psutil: undeclared runtime dependency of megatron.core.dist_checkpointing (a save hangs without it).
+- numpy: indexed datasets, packing index, statistics.
+- sentencepiece / tokenizers: real tokenizers for preprocessing (no hub downloads).
+- wandb: experiment logging (offline mode when no key is configured).
+- pyyaml: recipe files.
+- safetensors / transformers: Hugging Face checkpoint conversion and verification against transformers' Llama.
+- tqdm: progress bars for the CLI tools.
+- matplotlib: PNG plots (length histograms, loss curves, evaluation heatmaps).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-longctx",
+    version="0.1.0",
+    description="Long-context continued pretraining of Llama-style models on Megatron-Core",
+    packages=find_packages(include=["megatron_longctx", "megatron_longctx.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "psutil",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "wandb",
+        "pyyaml",
+        "safetensors",
+        "transformers>=4.45",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # pytest-timeout: hard per-test timeout on multi-process tests (they hang rather than fail).
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # GPU kernels; never installed on the CPU machines (transformer-engine needs CUDA headers).
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    },
+)
