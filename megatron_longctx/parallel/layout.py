@@ -47,9 +47,9 @@ class ParallelLayout:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                 * self.context_parallel_size)
 
-    def describe(self, dp: int | str = "DP") -> str:
+    def describe(self, dp: int | None = None) -> str:
         return (f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
-                f"CP {self.context_parallel_size} x DP {dp}")
+                f"CP {self.context_parallel_size} x DP" + ("" if dp is None else f" {dp}"))
 
     def validate_world_size(self, world_size: int) -> int:
         """Returns DP after checking TP x PP x CP x DP == world size."""

@@ -57,7 +57,11 @@ def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_si
 
 def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False):
     """megatron-core's optimizer (non-distributed; see MEGATRON_ON_CPU.md for why)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
 
     config = OptimizerConfig(
         optimizer="adam",
@@ -71,4 +75,32 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
         bf16=bf16,
         use_distributed_optimizer=False,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    # Standard Megatron/HF convention: no weight decay on biases and 1-D tensors (norm weights).
+    return get_megatron_optimizer(config, model_chunks,
+                                  config_overrides=get_standard_config_overrides(config))
+
+
+def build_scheduler(optimizer, settings: OptimizerSettings, *, total_steps: int,
+                    warmup_ratio: float = 0.1, decay_style: str = "cosine"):
+    """megatron-core's OptimizerParamScheduler in steps: linear warmup from 0 over
+    ``warmup_ratio x total_steps``, then ``decay_style`` down to ``min_lr`` at ``total_steps``.
+
+    It also sets each param group's weight decay (``weight_decay x wd_mult``: 0 for norms/biases),
+    so it must exist before the first optimizer step.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    warmup = int(round(warmup_ratio * total_steps))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=settings.lr,
+        min_lr=settings.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=decay_style,
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

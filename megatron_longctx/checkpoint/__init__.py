@@ -1,0 +1,1 @@
+"""Checkpoints: one dist_checkpointing path for resume (dist.py), HF conversion in hf/."""

@@ -1,0 +1,197 @@
+"""Save / load training state with megatron dist_checkpointing; a checkpoint counts only once complete.
+
+Directory layout under ``save_dir``::
+
+    iter_0000040/                      one checkpoint (megatron dist_checkpointing format)
+        <megatron files>               model + optimizer sharded tensors, common state
+        rng/rank00000.pt               each rank's RNG states
+        COMPLETE.json                  written by rank 0 after *every* rank finished writing
+    latest_checkpointed_iteration.txt  a hint for humans and launchers, moved after COMPLETE.json
+
+Rules that make resume safe under SIGKILL at any moment:
+  * a directory without ``COMPLETE.json`` is never loaded (``find_latest`` ignores it);
+  * ``COMPLETE.json`` and the pointer are written to a temporary name and renamed (atomic);
+  * older checkpoints are deleted (retention: keep the last K) only after the newer one is complete;
+  * a half-written directory for the same iteration is removed before a new save into it.
+
+Common state stored with each checkpoint (``state``): iteration, consumed samples, stage index,
+model config and the resolved experiment config, so a loader can refuse a checkpoint of another
+model shape before any step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+LATEST = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or incompatible checkpoint; the message says what to do."""
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def list_checkpoints(save_dir: str | Path, complete_only: bool = True) -> list[int]:
+    """Iterations of the checkpoints under ``save_dir``, ascending."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    its = []
+    for child in root.iterdir():
+        m = _ITER_RE.match(child.name)
+        if m and child.is_dir() and (is_complete(child) or not complete_only):
+            its.append(int(m.group(1)))
+    return sorted(its)
+
+
+def find_latest(save_dir: str | Path) -> int | None:
+    """The newest *complete* checkpoint's iteration, or None."""
+    its = list_checkpoints(save_dir)
+    return its[-1] if its else None
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _model_sharded(model_chunks: list) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _merged_model_sd(sd: dict) -> dict:
+    return {k: v for key, part in sd.items() if key.startswith("model") for k, v in part.items()}
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, optimizer=None,
+                    scheduler=None, state: dict | None = None, keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(save_dir, iteration)
+    if _rank() == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a leftover (incomplete, or an older run's) at this iteration
+            shutil.rmtree(final)
+        final.mkdir()
+        (final / "rng").mkdir()
+    _barrier()
+    sd = _model_sharded(model_chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd))
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    sd["state"] = dict(state or {}, iteration=iteration)
+    dist_checkpointing.save(sd, str(final))
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               final / "rng" / f"rank{_rank():05d}.pt")
+    _barrier()  # every rank's files are written
+    if _rank() == 0:
+        _atomic_write(final / MARKER, json.dumps({"iteration": iteration}))
+        _atomic_write(Path(save_dir) / LATEST, str(iteration))
+        if keep_last:
+            _apply_retention(save_dir, iteration, keep_last)
+    _barrier()
+    return final
+
+
+def _apply_retention(save_dir: str | Path, newest: int, keep_last: int) -> None:
+    complete = list_checkpoints(save_dir)
+    doomed = [it for it in complete[:-keep_last] if it < newest]
+    doomed += [it for it in list_checkpoints(save_dir, complete_only=False)
+               if it not in complete and it < newest]
+    for it in doomed:
+        shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
+        logger.info("retention: removed checkpoint iteration %d", it)
+
+
+def read_state(ckpt_dir: str | Path) -> dict:
+    """The common (non-tensor) state of a complete checkpoint: state, scheduler."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path} has no {MARKER}: it was interrupted while being "
+                              "written; resume from an earlier complete checkpoint")
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load_checkpoint(ckpt_dir: str | Path, model_chunks: list, optimizer=None, scheduler=None,
+                    expect_model: dict | None = None) -> dict:
+    """Collective. Loads model (and optimizer/scheduler when given) in place; returns ``state``.
+
+    Args:
+        expect_model: the current model config as a dict; a checkpoint of another shape raises
+            CheckpointError before any tensor is read.
+    """
+    from megatron.core import dist_checkpointing
+
+    common = read_state(ckpt_dir)
+    state = common.get("state", {})
+    if expect_model is not None and state.get("model") is not None:
+        keys = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                "num_query_groups", "vocab_size")
+        diff = {k: (state["model"].get(k), expect_model.get(k)) for k in keys
+                if state["model"].get(k) != expect_model.get(k)}
+        if diff:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is for another model shape "
+                                  f"(checkpoint vs config): {diff}; point the run at a matching "
+                                  "checkpoint or fix the model config")
+    sd = _model_sharded(model_chunks)
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True)
+    loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        _unwrap(chunk).load_state_dict(loaded[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    rng_file = Path(ckpt_dir) / "rng" / f"rank{_rank():05d}.pt"
+    if rng_file.exists():
+        torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])
+    return state

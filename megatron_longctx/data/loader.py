@@ -1,0 +1,137 @@
+"""Micro-batches for one data-parallel rank, resumable from the consumed-samples counter.
+
+Sample order is a pure function of the index and the absolute sample number: global batch ``g``
+is samples ``[g*G, (g+1)*G)``; inside it, micro-step ``m`` takes the next ``b*D`` samples and DP
+rank ``r`` gets the ``b`` of them at ``[r*b, (r+1)*b)`` (megatron's ``MegatronPretrainingSampler``
+layout; G = global batch, b = micro batch, D = DP size). The only state is ``consumed_samples``, so:
+
+* restarting at any micro-step boundary replays exactly the batches that would have followed;
+* changing D at a fixed G keeps each global batch's set of samples (hence the loss) unchanged;
+* a second (third, ...) resume is no different from the first.
+
+Micro-batch fields (S = seq_length, b = micro batch size):
+``tokens``/``labels``/``position_ids`` int64 [b, S], ``loss_mask`` float32 [b, S],
+``cu_seqlens`` int32 [num_docs + 1]: document boundaries over the flattened ``b * S`` tokens (THD
+layout; sample i's boundaries are offset by ``i * S``), ``num_documents`` int64 [b] (documents per
+sample, to split ``cu_seqlens`` back per sample), ``max_seqlen`` int, ``sample_index`` int64 [b]
+(global sample numbers) and ``component`` int64 [b] (mixture component of each sample).
+See ``packing.py`` for the packing rules and the loss-mask / position-id conventions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from megatron_longctx.data.index import MixtureIndex
+from megatron_longctx.data.mixture import MixtureError
+from megatron_longctx.data.packing import SamplePacker
+
+
+class MixtureLoader:
+    """Yields this DP rank's micro-batches of a mixture index, starting at ``consumed_samples``."""
+
+    def __init__(self, index: MixtureIndex, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 packer: SamplePacker | None = None):
+        """Checks the batch arithmetic and positions the loader.
+
+        Args:
+            index: The stage's mixture index (``build_mixture_index``).
+            global_batch_size: Samples per optimizer step over all DP ranks.
+            micro_batch_size: Samples per forward pass on one rank.
+            dp_rank: This rank's data-parallel rank.
+            dp_size: Data-parallel size.
+            consumed_samples: Global samples already trained on (from the checkpoint).
+            packer: Sample materialiser; default opens the index's ``.bin`` files.
+
+        Raises:
+            MixtureError: inconsistent sizes, with the arithmetic in the message.
+        """
+        for name, value in (("global_batch_size", global_batch_size),
+                            ("micro_batch_size", micro_batch_size), ("dp_size", dp_size)):
+            if not isinstance(value, int) or value < 1:
+                raise MixtureError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+            raise MixtureError(f"dp_rank {dp_rank!r} must be in [0, dp_size={dp_size})")
+        step = micro_batch_size * dp_size
+        if global_batch_size % step:
+            raise MixtureError(
+                f"global_batch_size {global_batch_size} is not micro_batch_size {micro_batch_size}"
+                f" x DP {dp_size} x micro-batches: {global_batch_size} is not divisible by {step}")
+        self.index = index
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.packer = packer or SamplePacker(index)
+        self._consumed = 0
+        self._set_consumed(consumed_samples)
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global samples consumed so far (over all DP ranks)."""
+        return self._consumed
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per global batch on each rank."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _set_consumed(self, consumed: int) -> None:
+        step = self.micro_batch_size * self.dp_size
+        if not isinstance(consumed, int) or consumed < 0 or consumed % step:
+            raise MixtureError(
+                f"consumed_samples {consumed!r} must be a non-negative multiple of micro_batch_size"
+                f" {self.micro_batch_size} x DP {self.dp_size} = {step} (a micro-step boundary)")
+        if consumed > self.index.num_samples:
+            raise MixtureError(f"consumed_samples {consumed} is past the index's "
+                               f"{self.index.num_samples} samples; rebuild it with more samples")
+        self._consumed = consumed
+
+    def state_dict(self) -> dict:
+        """The loader's state: consumed samples plus what identifies the index (for checks)."""
+        return {"consumed_samples": self._consumed, "index_key": self.index.key,
+                "seq_length": self.index.seq_length, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``consumed_samples``; refuses a state saved for a different index."""
+        if state.get("seq_length", self.index.seq_length) != self.index.seq_length:
+            raise MixtureError(f"loader state is for seq_length {state['seq_length']}, this index "
+                               f"has {self.index.seq_length}")
+        key = state.get("index_key", "")
+        if key and self.index.key and key != self.index.key:
+            raise MixtureError(f"loader state was saved for mixture index {key}, this one is "
+                               f"{self.index.key}: the mixture, data or num_samples changed")
+        self._set_consumed(int(state["consumed_samples"]))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        step = self.micro_batch_size * self.dp_size
+        if self._consumed + step > self.index.num_samples:
+            raise StopIteration
+        first = self._consumed + self.dp_rank * self.micro_batch_size
+        batch = collate([self.packer.get(s) for s in range(first, first + self.micro_batch_size)])
+        self._consumed += step
+        return batch
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stacks packed samples into a micro-batch (THD ``cu_seqlens`` over the flattened tokens)."""
+    seq = len(samples[0]["tokens"])
+    out = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+           for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    cus = [samples[0]["cu_seqlens"][:1]]
+    for i, s in enumerate(samples):
+        cus.append(s["cu_seqlens"][1:] + i * seq)
+    cu = np.concatenate(cus).astype(np.int32)
+    out["cu_seqlens"] = torch.from_numpy(cu)
+    out["num_documents"] = torch.tensor([len(s["cu_seqlens"]) - 1 for s in samples])
+    out["max_seqlen"] = int(np.diff(cu).max())
+    out["sample_index"] = torch.tensor([s["sample"] for s in samples])
+    out["component"] = torch.tensor([s["component"] for s in samples])
+    return out

@@ -1,0 +1,121 @@
+"""Packing: materialise one sample of S + 1 tokens with its document boundaries.
+
+Trade-off (stated once, here). Each component is one token stream: its eligible documents,
+shuffled per epoch and laid back to back. Sample ``j`` of a component is stream tokens
+``[j*S, j*S + S + 1)``: inputs are the first S, labels the last S, so consecutive samples share one
+token (the label of one is the first input of the next) and every stream token is trained on as an
+input once and as a target once. Consequences, all counted in ``MixtureIndex.stats``:
+
+* **kept**: documents inside the component's bucket ``[min_tokens, max_tokens)``.
+* **dropped**: documents outside the bucket (``docs_dropped_below_min/above_max``). A long bucket
+  with ``min_tokens = S`` is ProLong's rule: long documents shorter than the pack length are dropped.
+* **cut**: a document longer than what is left of the sample continues in the component's next
+  sample. Long-bucket documents (>= S) are therefore cut into S-token pieces; short-bucket documents
+  are packed whole, back to back, except the one straddling a sample boundary.
+* **carried**: that straddling piece's rest opens the next sample of the same component
+  (``docs_carried_across_samples``). Nothing is padded, so no compute is spent on padding.
+* **unused**: the tokens of the last epoch after the final sample (``tokens_left_in_last_epoch``)
+  are not trained on in this stage; they are not part of any sample.
+
+Fields of a sample (S = seq_length):
+
+* ``tokens``/``labels`` int64 [S]: ``labels[i] = tokens[i + 1]``.
+* ``cu_seqlens`` int32 [num_docs + 1]: document boundaries over the S inputs, ``0 ... S``.
+* ``loss_mask`` float32 [S]: 1 except where the label is the first token of the next document. The
+  last token of a document (its EOD when preprocessing appends one) *is* a target, predicted from
+  inside its document; the EOD -> next-document transition is not, because attention never crosses
+  the boundary and the next document's first token is unpredictable from it.
+* ``position_ids`` int64 [S]: ``0..S-1`` across the sample (ProLong: with document masking and
+  relative RoPE this is equivalent), or, with ``reset_position_ids``, restarting at 0 at each
+  document start inside the sample (megatron's THD RoPE convention). A document carried in from the
+  previous sample starts at 0 too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_longctx.data.index import MixtureIndex
+from megatron_longctx.data.sources import TokenReader
+
+
+def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Locates a sample's S + 1 tokens.
+
+    Args:
+        index: The mixture index.
+        sample: Global sample number.
+
+    Returns:
+        ``(component, pieces)``; each piece is ``(eligible_doc, dataset, token_offset, length)``:
+        a contiguous run of one document, in order, lengths summing to S + 1.
+    """
+    if not 0 <= sample < index.num_samples:
+        raise IndexError(f"sample {sample} is outside the index (0..{index.num_samples - 1}); "
+                         f"build the index with more num_samples")
+    c = int(index.sample_component[sample])
+    comp = index.components[c]
+    start = int(index.sample_local[sample]) * index.seq_length
+    end = start + index.seq_length + 1
+    i = int(np.searchsorted(comp.stream_cum, start, side="right")) - 1
+    pieces = []
+    pos = start
+    while pos < end:
+        doc = int(comp.stream_doc[i])
+        doc_start = int(comp.stream_cum[i])
+        within = pos - doc_start
+        take = min(int(comp.doc_length[doc]) - within, end - pos)
+        pieces.append((doc, int(comp.doc_dataset[doc]), int(comp.doc_offset[doc]) + within, take))
+        pos += take
+        i += 1
+    return c, pieces
+
+
+def sample_fields(tokens: np.ndarray, piece_lengths: list[int],
+                  reset_position_ids: bool) -> dict[str, np.ndarray]:
+    """Builds the training fields of one sample from its S + 1 tokens and document pieces.
+
+    Args:
+        tokens: [S + 1] token ids.
+        piece_lengths: Lengths of the document pieces covering ``tokens`` (sum S + 1).
+        reset_position_ids: Restart positions at each document start (see module docstring).
+    """
+    seq = len(tokens) - 1
+    starts = np.cumsum([0] + list(piece_lengths[:-1]))  # piece starts within S + 1 tokens
+    inner = starts[(starts > 0) & (starts < seq)]  # document starts among the S inputs
+    cu_seqlens = np.concatenate([[0], inner, [seq]]).astype(np.int32)
+    loss_mask = np.ones(seq, dtype=np.float32)
+    label_starts = starts[starts > 0] - 1  # label position whose target opens a new document
+    loss_mask[label_starts] = 0.0
+    if reset_position_ids:
+        seg = np.diff(cu_seqlens)
+        position_ids = np.arange(seq, dtype=np.int64) - np.repeat(cu_seqlens[:-1], seg)
+    else:
+        position_ids = np.arange(seq, dtype=np.int64)
+    tokens = tokens.astype(np.int64)
+    return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": loss_mask,
+            "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+
+
+class SamplePacker:
+    """Materialises samples of an index from the component's ``.bin`` files."""
+
+    def __init__(self, index: MixtureIndex, readers: list[TokenReader] | None = None):
+        """Opens (lazily, memory-mapped) the ``.bin`` files of every component.
+
+        Args:
+            index: The mixture index.
+            readers: Per-component token readers; default: from the index's prefixes.
+        """
+        self.index = index
+        self.readers = readers or [TokenReader(p) for p in index.prefixes]
+
+    def get(self, sample: int) -> dict[str, np.ndarray | int]:
+        """Returns the sample's fields (see module docstring) plus ``component`` and ``sample``."""
+        c, pieces = sample_pieces(self.index, sample)
+        reader = self.readers[c]
+        tokens = np.concatenate([reader.read(ds, off, n) for _, ds, off, n in pieces])
+        out = sample_fields(tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids)
+        out["component"] = c
+        out["sample"] = sample
+        return out

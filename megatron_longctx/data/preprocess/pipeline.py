@@ -1,0 +1,273 @@
+"""JSONL -> Megatron indexed datasets: parallel tokenization with one ordered writer.
+
+Shape of the pipeline:
+
+    parent: read raw lines -> batches (<= batch_bytes) ──> worker pool: parse, validate, tokenize
+    parent: <── results taken back strictly in submission order ──> IndexedDatasetWriter per key
+
+At most ``2 x workers + 2`` batches are in flight, so memory is bounded by the batch size, not the
+corpus; the output is byte-identical for any number of workers because results are consumed in input
+order. With ``--on-error fail`` the first bad record (in input order) aborts the run and every temporary
+file is deleted; nothing is renamed to a final name until all outputs are complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_longctx.data.preprocess import stats as stats_lib
+from megatron_longctx.data.preprocess.progress import Progress
+from megatron_longctx.data.preprocess.readers import REASONS, expand_inputs, iter_lines
+from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from megatron_longctx.data.preprocess.worker import (
+    RawLine,
+    WorkerSettings,
+    init_worker,
+    tokenize_batch,
+)
+from megatron_longctx.data.preprocess.writer import IndexedDatasetWriter, token_dtype
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_CHOICES = ("fail", "skip")
+_MAX_LOGGED_SKIPS = 10
+
+
+class PreprocessError(RuntimeError):
+    """A bad record under ``--on-error fail``, or a run that produced no documents."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of one preprocessing run (Megatron-LM's ``preprocess_data.py`` names).
+
+    Args:
+        input: file, glob or directory (or a list of them) of ``.jsonl`` / ``.jsonl.gz``.
+        output_prefix: outputs are ``{output_prefix}_{key}_document.bin/.idx`` and ``_stats.json``.
+        tokenizer_type: ``SentencePieceTokenizer`` or ``HuggingFaceTokenizer``.
+        tokenizer_model: local tokenizer file or directory.
+        json_keys: JSON keys to tokenize; one output dataset per key.
+        append_eod: append the tokenizer's EOD id after every document.
+        workers: tokenizing processes (1 = in-process).
+        log_interval: documents between progress updates.
+        on_error: ``fail`` (abort, leave nothing) or ``skip`` (count bad records and go on).
+        quiet: no progress output even on a TTY.
+        plot: also write ``{output_prefix}_{key}_length_hist.png``.
+        batch_bytes: raw bytes per batch sent to a worker.
+    """
+
+    input: str | list[str]
+    output_prefix: str
+    tokenizer_type: str
+    tokenizer_model: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    append_eod: bool = False
+    workers: int = 1
+    log_interval: int = 1000
+    on_error: str = "fail"
+    quiet: bool = False
+    plot: bool = False
+    batch_bytes: int = 1 << 19
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"--tokenizer-type {self.tokenizer_type!r} is not supported: use one of "
+                f"{', '.join(TOKENIZER_TYPES)}"
+            )
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.log_interval < 1:
+            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
+        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+            raise ValueError(f"--json-keys must be non-empty and distinct, got {self.json_keys}")
+        if not self.output_prefix or self.output_prefix.endswith(os.sep):
+            raise ValueError(
+                f"--output-prefix {self.output_prefix!r} must name a file prefix, e.g. data/corpus"
+            )
+
+
+@dataclass
+class PreprocessReport:
+    """What a run produced (also what the CLI prints)."""
+
+    outputs: dict[str, dict[str, str]]
+    stats: dict[str, dict]
+    skipped: dict[str, int]
+    num_blank_lines: int
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens written over all keys."""
+        return sum(s["tokens"] for s in self.stats.values())
+
+
+def output_paths(output_prefix: str, key: str) -> dict[str, str]:
+    """Final paths for one key, named as Megatron-LM names them."""
+    base = f"{output_prefix}_{key}"
+    return {
+        "prefix": f"{base}_document",
+        "bin": f"{base}_document.bin",
+        "idx": f"{base}_document.idx",
+        "stats": f"{base}_stats.json",
+        "plot": f"{base}_length_hist.png",
+    }
+
+
+def _batches(files: list[str], batch_bytes: int, progress: Progress) -> Iterator[list[RawLine]]:
+    batch: list[RawLine] = []
+    size = 0
+    done_bytes = 0
+    for file_index, path in enumerate(files):
+        position = 0
+        for line_number, line, position in iter_lines(path):
+            batch.append((file_index, line_number, line))
+            size += len(line)
+            if size >= batch_bytes:
+                progress.read_bytes = done_bytes + position
+                yield batch
+                batch, size = [], 0
+        done_bytes += os.path.getsize(path)
+    if batch:
+        yield batch
+
+
+def _ordered_results(batches: Iterator[list[RawLine]], settings: WorkerSettings, workers: int):
+    """Yields ``tokenize_batch`` results in input order, with a bounded number in flight."""
+    if workers == 1:
+        init_worker(settings, in_child=False)
+        for batch in batches:
+            yield tokenize_batch(batch)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
+    try:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(tokenize_batch, (batch,)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessReport:
+    """Runs the whole pipeline (see the module docstring) and returns what it wrote.
+
+    Raises:
+        PreprocessError: a bad record with ``on_error="fail"`` (message ``file:line: reason: detail``),
+            or no document survived.
+        FileNotFoundError / ValueError: bad inputs, tokenizer or flags.
+    """
+    start = time.perf_counter()
+    files = expand_inputs(config.input)
+    tokenizer = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    if config.append_eod and tokenizer.eod_id is None:
+        raise ValueError(
+            f"--append-eod was given but tokenizer {config.tokenizer_model} defines no EOS/EOD "
+            "token: use a tokenizer with an eos piece or drop --append-eod"
+        )
+    dtype = token_dtype(tokenizer.vocab_size)
+    settings = WorkerSettings(
+        config.tokenizer_type, config.tokenizer_model, tuple(config.json_keys),
+        config.append_eod, dtype.name,
+    )
+    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {key: output_paths(config.output_prefix, key) for key in config.json_keys}
+    total_bytes = sum(os.path.getsize(p) for p in files)
+    progress = Progress(total_bytes, config.log_interval, enabled=not config.quiet)
+
+    writers: dict[str, IndexedDatasetWriter] = {}
+    temp_files: list[str] = []
+    skipped = dict.fromkeys(REASONS, 0)
+    num_blank = 0
+    try:
+        for key in config.json_keys:
+            writers[key] = IndexedDatasetWriter(paths[key]["prefix"], dtype)
+        for result in _ordered_results(_batches(files, config.batch_bytes, progress), settings,
+                                       config.workers):
+            for file_index, line_number, reason, detail in result.bad:
+                where = f"{files[file_index]}:{line_number}"
+                if config.on_error == "fail":
+                    raise PreprocessError(
+                        f"{where}: {reason}: {detail} (fix the record, or pass --on-error skip to "
+                        "count and skip bad records)"
+                    )
+                skipped[reason] += 1
+                if sum(skipped.values()) <= _MAX_LOGGED_SKIPS:
+                    logger.warning("skipping %s: %s: %s", where, reason, detail)
+            num_blank += result.num_blank
+            for key, writer in writers.items():
+                writer.add_documents(result.tokens[key], result.lengths[key])
+            first = writers[config.json_keys[0]]
+            progress.update(first.num_documents, first.num_tokens)
+        progress.close()
+        first = writers[config.json_keys[0]]
+        if first.num_documents == 0:
+            raise PreprocessError(
+                f"no documents were written from {len(files)} input file(s) "
+                f"(skipped: {_format_counts(skipped)}); check --json-keys and the input files"
+            )
+        all_stats = {}
+        for key, writer in writers.items():
+            writer.finalize()
+            summary = stats_lib.summarize_lengths(writer.lengths())
+            all_stats[key] = _stats_payload(config, key, files, dtype, summary, skipped, num_blank,
+                                            tokenizer.vocab_size)
+            temp_files.append(stats_lib.write_json_atomic(paths[key]["stats"], all_stats[key]))
+            if config.plot:
+                temp_files.append(stats_lib.plot_histogram(
+                    summary["length_histogram"], f"{config.output_prefix} [{key}]",
+                    paths[key]["plot"]))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        for tmp in temp_files:
+            stats_lib.remove_quietly(tmp)
+        progress.close()
+        raise
+    # Commit: sidecars first, each .idx last so a final-named .idx means a complete dataset.
+    for tmp in temp_files:
+        directory, name = os.path.split(tmp)
+        os.replace(tmp, os.path.join(directory, name[1:].rsplit(".tmp-", 1)[0]))
+    for writer in writers.values():
+        writer.commit()
+    return PreprocessReport(paths, all_stats, skipped, num_blank, time.perf_counter() - start)
+
+
+def _stats_payload(config: PreprocessConfig, key: str, files: list[str], dtype: np.dtype,
+                   summary: dict, skipped: dict[str, int], num_blank: int, vocab_size: int) -> dict:
+    return {
+        "key": key,
+        **summary,
+        "skipped": dict(skipped),
+        "skipped_total": sum(skipped.values()),
+        "blank_lines": num_blank,
+        "append_eod": config.append_eod,
+        "dtype": dtype.name,
+        "tokenizer_type": config.tokenizer_type,
+        "tokenizer_model": os.path.abspath(config.tokenizer_model),
+        "vocab_size": vocab_size,
+        "inputs": [os.path.abspath(p) for p in files],
+    }
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    parts = [f"{k}={v}" for k, v in counts.items() if v]
+    return ", ".join(parts) or "none"
