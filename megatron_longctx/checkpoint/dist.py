@@ -104,8 +104,16 @@ def _merged_model_sd(sd: dict) -> dict:
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, optimizer=None,
-                    scheduler=None, state: dict | None = None, keep_last: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    scheduler=None, state: dict | None = None, keep_last: int | None = None,
+                    protected: bool = False, before_marker=None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    Args:
+        keep_last: retention; older complete checkpoints beyond the newest K are deleted after
+            this one is complete, except ``protected`` ones (e.g. the end of a stage).
+        before_marker: test hook called on every rank after all files are written, before the
+            completion marker (a kill there must leave the checkpoint ignored).
+    """
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(save_dir, iteration)
@@ -127,8 +135,10 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, op
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                final / "rng" / f"rank{_rank():05d}.pt")
     _barrier()  # every rank's files are written
+    if before_marker is not None:
+        before_marker(iteration)
     if _rank() == 0:
-        _atomic_write(final / MARKER, json.dumps({"iteration": iteration}))
+        _atomic_write(final / MARKER, json.dumps({"iteration": iteration, "protected": protected}))
         _atomic_write(Path(save_dir) / LATEST, str(iteration))
         if keep_last:
             _apply_retention(save_dir, iteration, keep_last)
@@ -137,13 +147,21 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, op
 
 
 def _apply_retention(save_dir: str | Path, newest: int, keep_last: int) -> None:
-    complete = list_checkpoints(save_dir)
+    complete = [it for it in list_checkpoints(save_dir) if not _is_protected(save_dir, it)]
     doomed = [it for it in complete[:-keep_last] if it < newest]
     doomed += [it for it in list_checkpoints(save_dir, complete_only=False)
                if it not in complete and it < newest]
     for it in doomed:
         shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
         logger.info("retention: removed checkpoint iteration %d", it)
+
+
+def _is_protected(save_dir: str | Path, iteration: int) -> bool:
+    try:
+        return bool(json.loads((iteration_dir(save_dir, iteration) / MARKER).read_text())
+                    .get("protected"))
+    except (OSError, ValueError):
+        return False
 
 
 def read_state(ckpt_dir: str | Path) -> dict:

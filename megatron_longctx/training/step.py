@@ -45,21 +45,25 @@ def forward_step(data_iterator, model):
 
 @dataclass
 class StepResult:
-    loss: float | None  # global token-averaged loss (on every rank), None on non-last PP stages
+    loss: float  # global token-averaged loss, the same on every rank
     num_tokens: int
     grad_norm: float | None = None
     skipped: bool = False
 
 
-def reduce_loss(losses_reduced: list, group=None) -> tuple[float | None, int]:
-    """Sums the per-micro-batch [loss_sum, tokens] reports and all-reduces over DP x CP."""
+def reduce_loss(losses_reduced: list) -> tuple[float, int]:
+    """Global token-averaged loss, known on every rank: sums the per-micro-batch [loss_sum, tokens]
+    reports, all-reduces over DP x CP, then broadcasts from the last pipeline stage."""
     from megatron.core import parallel_state
 
-    if not losses_reduced:
-        return None, 0
-    total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
-    group = group or parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(total, group=group)
+    total = torch.zeros(2, dtype=torch.float64)
+    if losses_reduced:
+        total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
+    torch.distributed.all_reduce(
+        total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 

@@ -1,0 +1,1 @@
+"""Typed experiment configuration: dataclasses, YAML recipes, dotted command-line overrides."""

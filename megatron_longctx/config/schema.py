@@ -1,0 +1,212 @@
+"""The experiment config tree: one recipe holds the model, the optimizer and every curriculum stage.
+
+Recipes live in examples/*.yaml; ``python -m megatron_longctx.train --config R.yaml a.b=v --dry-run``
+prints the resolved tree. Paths may use ``${ENV_VAR}`` (``${VAR:-default}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_longctx.config.loading import ConfigError
+from megatron_longctx.model.config import ModelConfig, get_preset
+from megatron_longctx.parallel.layout import ParallelLayout
+
+STAGE_TYPES = ("pretrain", "sft")
+NAN_POLICIES = ("halt", "skip")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage.
+
+    Attributes:
+        name: used in logs, checkpoints and wandb.
+        seq_length: tokens per packed sample S (must be divisible by 2 x CP).
+        mixture: path to a mixture YAML (examples/mixtures/) or an inline mixture mapping.
+        lr: peak learning rate; the schedule restarts at every stage (warmup again).
+        steps / tokens: stage length, in optimizer steps or training tokens (exactly one).
+        global_batch_tokens / global_batch_size: batch per step in tokens or samples (exactly one).
+        micro_batch_size: samples per forward pass per rank.
+        min_lr_ratio: cosine floor as a fraction of lr (ProLong: 0.1).
+        warmup_ratio: warmup as a fraction of the stage's steps (ProLong: 0.1).
+        lr_decay_style: megatron scheduler style (cosine, linear, constant).
+        rope_theta: RoPE base for this stage (None keeps the model's). ProLong: 8e6 then 1.28e8.
+        rope_scaling: transformers-style scaling dict for this stage, e.g. {rope_type: linear,
+            factor: 4}; None for plain RoPE (ABF only changes theta).
+        parallel: TP / PP / CP (DP is what the world size leaves); may change between stages.
+        recompute: activation recompute: None, "selective" or "full".
+        init_from: a converted checkpoint directory (tools/convert_checkpoint.py hf-to-mcore) to
+            initialise the weights from, for the first stage; later stages continue from the previous.
+        type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
+        core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
+        eval: run the long-context evaluation at the end of the stage.
+    """
+
+    name: str
+    seq_length: int
+    mixture: str | dict | None = None
+    lr: float = 1e-5
+    steps: int | None = None
+    tokens: int | None = None
+    global_batch_tokens: int | None = None
+    global_batch_size: int | None = None
+    micro_batch_size: int = 1
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.1
+    lr_decay_style: str = "cosine"
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    recompute: str | None = None
+    init_from: str | None = None
+    type: str = "pretrain"
+    core_attention: str = "auto"
+    eval: bool = False
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if (self.steps is None) == (self.tokens is None):
+            raise ConfigError(f"{where}: give exactly one of steps or tokens")
+        if (self.global_batch_tokens is None) == (self.global_batch_size is None):
+            raise ConfigError(f"{where}: give exactly one of global_batch_tokens or "
+                              "global_batch_size")
+        if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_length:
+            raise ConfigError(f"{where}: global_batch_tokens {self.global_batch_tokens} is not a "
+                              f"multiple of seq_length {self.seq_length}")
+        if self.type not in STAGE_TYPES:
+            raise ConfigError(f"{where}: type must be one of {STAGE_TYPES}, got {self.type!r}")
+        if self.recompute not in (None, "selective", "full"):
+            raise ConfigError(f"{where}: recompute must be null, selective or full")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}: lr must be > 0, got {self.lr}")
+
+    @property
+    def samples_per_step(self) -> int:
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        return self.global_batch_tokens // self.seq_length
+
+    @property
+    def num_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, -(-self.tokens // (self.samples_per_step * self.seq_length)))
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW settings shared by all stages (ProLong's defaults); the LR is per stage."""
+
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataSection:
+    """Data settings shared by the stages.
+
+    Attributes:
+        cache_dir: where mixture indices are cached (keyed by a hash of inputs + config).
+        vocab_size: the tokenizer's vocabulary; checked against the datasets' token dtype.
+        tokenizer_type / tokenizer_model: the tokenizer (for SFT chat data and evaluation).
+    """
+
+    cache_dir: str = "runs/cache"
+    vocab_size: int | None = None
+    tokenizer_type: str | None = None
+    tokenizer_model: str | None = None
+
+
+@dataclass
+class CheckpointSection:
+    """Attributes:
+    save_dir: checkpoints of this run (resume reads the newest complete one here).
+    interval: save every N steps (and always at the end of each stage).
+    keep_last: keep the last K complete checkpoints (stage-final ones are kept too).
+    """
+
+    save_dir: str = "runs/default/checkpoints"
+    interval: int = 50
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingSection:
+    """Attributes:
+    run_dir: logs, metrics.jsonl, loss-curve PNG, wandb files.
+    interval: log a line every N steps.
+    wandb_project: wandb project; wandb_mode: auto (online with WANDB_API_KEY, else offline),
+        online, offline or disabled.
+    """
+
+    run_dir: str = "runs/default"
+    interval: int = 1
+    wandb_project: str = "megatron-longctx"
+    wandb_mode: str = "auto"
+
+
+@dataclass
+class TrainingSection:
+    """Attributes:
+    device: auto, cpu or cuda. backend: model layers, auto | local | te.
+    nan_policy: halt (default; nothing is checkpointed after a NaN/inf) or skip the step.
+    peak_flops_per_device: for the MFU estimate (None: from the detected hardware, CPU: 1e12).
+    """
+
+    device: str = "auto"
+    backend: str = "auto"
+    nan_policy: str = "halt"
+    peak_flops_per_device: float | None = None
+
+    def __post_init__(self):
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"training.nan_policy must be one of {NAN_POLICIES}")
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole recipe. ``model`` is a preset name plus any ModelConfig field overrides."""
+
+    name: str
+    stages: list[StageConfig]
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    seed: int = 1234
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("config has no stages: add at least one under stages:")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        self.model_config()  # validates the model section early
+
+    def model_config(self, stage: StageConfig | None = None) -> ModelConfig:
+        """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""
+        raw = dict(self.model)
+        preset = raw.pop("preset", None)
+        allowed = set(ModelConfig.__dataclass_fields__)
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
+                              f"allowed: preset, {', '.join(sorted(allowed))}")
+        try:
+            cfg = get_preset(preset, **raw) if preset else ModelConfig(**raw)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from err
+        if stage is not None:
+            cfg = cfg.with_updates(
+                rope_theta=stage.rope_theta if stage.rope_theta is not None else cfg.rope_theta,
+                rope_scaling=stage.rope_scaling,
+                max_position_embeddings=stage.seq_length)
+        return cfg

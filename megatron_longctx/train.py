@@ -1,0 +1,79 @@
+"""Entry point: ``python -m megatron_longctx.train --config RECIPE.yaml [a.b=value ...] [--dry-run]``.
+
+Launch with torchrun (``torchrun --nproc-per-node 8 -m megatron_longctx.train --config ...``) or
+srun (one task per GPU; launch/*.sh). Re-running the same command resumes from the newest complete
+checkpoint in ``checkpoint.save_dir``. ``--dry-run`` prints the resolved config (all stages) and the
+validated parallel layout of each stage, then exits without starting torch.distributed.
+Exit codes: see megatron_longctx/training/callbacks.py (75 = preempted, checkpoint saved, requeue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from megatron_longctx.config.loading import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from megatron_longctx.config.schema import ExperimentConfig
+from megatron_longctx.parallel.layout import LayoutError
+
+
+def load_config(path: str, overrides: list[str]) -> ExperimentConfig:
+    raw = apply_overrides(load_yaml(path), overrides)
+    return from_dict(ExperimentConfig, raw)
+
+
+def dry_run(cfg: ExperimentConfig, world_size: int) -> str:
+    """The resolved config and each stage's validated layout, as text."""
+    lines = [yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "", "# parallel layouts"]
+    for stage in cfg.stages:
+        m = cfg.model_config(stage)
+        dp = stage.parallel.validate(
+            world_size=world_size, num_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            seq_length=stage.seq_length, micro_batch_size=stage.micro_batch_size,
+            global_batch_size=stage.samples_per_step)
+        lines.append(
+            f"stage {stage.name}: world {world_size} = {stage.parallel.describe(dp)}; "
+            f"S={stage.seq_length}, {stage.samples_per_step} samples/step "
+            f"({stage.samples_per_step * stage.seq_length} tokens), {stage.num_steps} steps, "
+            f"micro-batches/rank {stage.samples_per_step // (stage.micro_batch_size * dp)}, "
+            f"rope_theta {m.rope_theta:g}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="long-context curriculum trainer")
+    p.add_argument("--config", required=True, help="recipe YAML (see examples/)")
+    p.add_argument("--dry-run", action="store_true", help="print resolved config + layouts, exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the world size to validate against (default: from env)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=2e-5")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = args.world_size or int(os.environ.get("WORLD_SIZE")
+                                       or os.environ.get("SLURM_NTASKS") or 1)
+        text = dry_run(cfg, world)
+    except (ConfigError, LayoutError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(text)
+        return 0
+    from megatron_longctx.training.loop import train
+
+    return train(cfg, to_dict(cfg), config_dir=Path(args.config).resolve().parent)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

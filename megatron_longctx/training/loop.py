@@ -1,0 +1,243 @@
+"""The curriculum loop, top to bottom: stages in order, each resumable, one checkpoint format.
+
+For each stage (starting where the newest complete checkpoint left off):
+  1. megatron groups for the stage's layout (validated first, with the arithmetic in errors);
+  2. the model with the stage's RoPE (theta / scaling), megatron DDP, megatron's AdamW;
+  3. state: resume inside the stage (model + Adam + scheduler + consumed samples + RNG), or a
+     stage transition (model + Adam moments from the previous stage's last checkpoint, resharded
+     if the layout changed; a fresh LR schedule with warmup), or ``init_from`` a converted HF model;
+  4. the stage's loader, positioned at the consumed-samples counter;
+  5. steps: forward/backward through megatron's schedule with a global token-averaged loss,
+     NaN/inf check, optimizer + scheduler step, log, checkpoint every N steps and at the stage end,
+     SIGTERM/SIGUSR1 -> checkpoint and exit EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_longctx.checkpoint.dist import (
+    find_latest,
+    iteration_dir,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from megatron_longctx.config.loading import expand_env
+from megatron_longctx.config.schema import ExperimentConfig, StageConfig
+from megatron_longctx.training.batch import to_model_batch
+from megatron_longctx.training.callbacks import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    FaultInjector,
+    MetricsLogger,
+    SignalWatcher,
+    memory_gib,
+)
+from megatron_longctx.training.data import build_stage_loader
+from megatron_longctx.training.setup import (
+    OptimizerSettings,
+    build_optimizer,
+    build_scheduler,
+    wrap_ddp,
+)
+from megatron_longctx.training.step import forward_backward
+
+logger = logging.getLogger("megatron_longctx.train")
+
+CPU_NOMINAL_PEAK_FLOPS = 1e11  # MFU on CPU is indicative only
+
+
+def core_attention_name(stage: StageConfig) -> str:
+    if stage.core_attention != "auto":
+        return stage.core_attention
+    return "local" if stage.parallel.context_parallel_size == 1 else "ring"
+
+
+def _start_point(cfg: ExperimentConfig, save_dir: str) -> tuple[int, Path | None, Path | None, int]:
+    """(first stage to run, checkpoint to resume inside it, checkpoint to transition from, iter)."""
+    latest = find_latest(save_dir)
+    if latest is None:
+        return 0, None, None, 0
+    ckpt = iteration_dir(save_dir, latest)
+    state = read_state(ckpt)["state"]
+    names = [s.name for s in cfg.stages]
+    if state.get("stage_name") not in names:
+        raise ValueError(f"checkpoint {ckpt} is from stage {state.get('stage_name')!r}, which this "
+                         f"config does not have (stages: {names}); use another checkpoint.save_dir")
+    idx = names.index(state["stage_name"])
+    if state["stage_step"] >= cfg.stages[idx].num_steps:
+        return idx + 1, None, ckpt, state["iteration"]
+    return idx, ckpt, None, state["iteration"]
+
+
+def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | None = None) -> int:
+    """Runs (or resumes) the whole curriculum. Returns the process exit code."""
+    from megatron_longctx.runtime.distributed import init_process_group
+
+    init_process_group(device=cfg.training.device)
+    save_dir = expand_env(cfg.checkpoint.save_dir)
+    first, resume, transition, iteration = _start_point(cfg, save_dir)
+    metrics = MetricsLogger(expand_env(cfg.logging.run_dir), cfg.logging.interval, resolved,
+                            wandb_project=cfg.logging.wandb_project,
+                            wandb_mode=cfg.logging.wandb_mode, resume_iteration=iteration)
+    if first == len(cfg.stages) and dist.get_rank() == 0:
+        print(f"all {len(cfg.stages)} stages are complete in {save_dir}; nothing to do", flush=True)
+    signals, faults = SignalWatcher(), FaultInjector()
+    rc = 0
+    for idx in range(first, len(cfg.stages)):
+        rc, iteration = _run_stage(cfg, resolved, idx, resume=resume, transition=transition,
+                                   iteration=iteration, save_dir=save_dir, metrics=metrics,
+                                   signals=signals, faults=faults, config_dir=config_dir)
+        if rc:
+            break
+        resume, transition = None, iteration_dir(save_dir, iteration)
+    metrics.plot()
+    metrics.finish()
+    return rc
+
+
+def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, metrics, signals,
+               faults, config_dir) -> tuple[int, int]:
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_longctx.model.build import build_gpt_model
+    from megatron_longctx.runtime.distributed import initialize_model_parallel
+
+    stage = cfg.stages[idx]
+    model_cfg = cfg.model_config(stage)
+    layout = stage.parallel
+    world = dist.get_world_size()
+    # 1. groups
+    dp = layout.validate(world_size=world, num_layers=model_cfg.num_layers,
+                         num_attention_heads=model_cfg.num_attention_heads,
+                         num_query_groups=model_cfg.num_query_groups,
+                         seq_length=stage.seq_length, micro_batch_size=stage.micro_batch_size,
+                         global_batch_size=stage.samples_per_step)
+    initialize_model_parallel(layout)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed + idx)
+    torch.manual_seed(cfg.seed + idx)
+    # 2. model and optimizer
+    model = build_gpt_model(model_cfg, layout, backend=cfg.training.backend,
+                            core_attention=core_attention_name(stage), recompute=stage.recompute,
+                            seq_length=stage.seq_length)
+    model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
+    chunks = wrap_ddp([model])
+    opt_cfg = cfg.optimizer
+    settings = OptimizerSettings(lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
+                                 weight_decay=opt_cfg.weight_decay, adam_beta1=opt_cfg.adam_beta1,
+                                 adam_beta2=opt_cfg.adam_beta2, adam_eps=opt_cfg.adam_eps,
+                                 clip_grad=opt_cfg.clip_grad)
+    optimizer = build_optimizer(chunks, settings)
+    total = stage.num_steps
+
+    def new_scheduler():
+        return build_scheduler(optimizer, settings, total_steps=total,
+                               warmup_ratio=stage.warmup_ratio, decay_style=stage.lr_decay_style)
+
+    # 3. state
+    stage_step, consumed = 0, 0
+    if resume is not None:
+        scheduler = new_scheduler()
+        state = load_checkpoint(resume, chunks, optimizer, scheduler,
+                                expect_model=model_cfg.to_dict())
+        stage_step, consumed = state["stage_step"], state["consumed_samples"]
+        _log0(f"resumed stage {stage.name!r} at step {stage_step} from {resume}")
+    elif transition is not None:
+        load_checkpoint(transition, chunks, optimizer, None, expect_model=model_cfg.to_dict())
+        for group in optimizer.param_groups:  # the loaded groups carry the previous stage's LRs
+            group["max_lr"], group["min_lr"] = settings.lr, settings.min_lr
+        scheduler = new_scheduler()  # after loading: the LR schedule restarts with warmup
+        _log0(f"stage {stage.name!r}: weights and Adam moments from {transition}; LR restarts; "
+              f"RoPE theta {model_cfg.rope_theta:g}, scaling {model_cfg.rope_scaling}")
+    else:
+        if stage.init_from:
+            load_checkpoint(expand_env(stage.init_from), chunks, None, None,
+                            expect_model=model_cfg.to_dict())
+            _log0(f"stage {stage.name!r}: initialised from {stage.init_from}")
+        scheduler = new_scheduler()
+    # 4. data
+    loader = build_stage_loader(cfg, stage, dp_rank=parallel_state.get_data_parallel_rank(),
+                                dp_size=dp, consumed_samples=consumed, base_dir=config_dir)
+    cp = layout.context_parallel_size
+    cp_rank = parallel_state.get_context_parallel_rank()
+    cp_group = parallel_state.get_context_parallel_group()
+
+    def save(protected=False):
+        state = {"stage_index": idx, "stage_name": stage.name, "stage_step": stage_step,
+                 "stage_steps": total, "consumed_samples": loader.consumed_samples,
+                 "loader": loader.state_dict(), "iteration": iteration,
+                 "model": model_cfg.to_dict(), "config": resolved}
+        save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, state=state,
+                        keep_last=cfg.checkpoint.keep_last, protected=protected,
+                        before_marker=faults.in_save)
+
+    # 5. steps
+    peak = cfg.training.peak_flops_per_device or (
+        989e12 if torch.cuda.is_available() else CPU_NOMINAL_PEAK_FLOPS)
+    metrics.reset_timer()
+    while stage_step < total:
+        faults.before_step(iteration + 1, chunks)
+        micro = [to_model_batch(next(loader), cp, cp_rank, cp_group)
+                 for _ in range(loader.num_micro_batches)]
+        result = forward_backward(chunks, micro, seq_length=stage.seq_length,
+                                  micro_batch_size=stage.micro_batch_size)
+        skipped, grad_norm = False, float("nan")
+        if not math.isfinite(result.loss):
+            if cfg.training.nan_policy == "halt":
+                _log0(f"non-finite loss {result.loss} at iteration {iteration + 1}: halting "
+                      "without a checkpoint (set training.nan_policy=skip to skip such steps)")
+                return EXIT_NONFINITE, iteration
+            skipped = True
+        else:
+            _, grad_norm, _ = optimizer.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                _log0(f"non-finite grad norm at iteration {iteration + 1}: halting, no checkpoint")
+                return EXIT_NONFINITE, iteration
+        scheduler.step(1)
+        stage_step += 1
+        iteration += 1
+        metrics.log(_record(stage, stage_step, total, iteration, result, optimizer, grad_norm,
+                            skipped, micro, model_cfg, peak, world, metrics))
+        faults.after_step(iteration)
+        interval_due = stage_step % max(1, cfg.checkpoint.interval) == 0
+        if stage_step == total:
+            save(protected=True)
+        elif interval_due:
+            save()
+        if signals.agreed():
+            if not (interval_due or stage_step == total):
+                save()
+            _log0(f"signal received: checkpoint at iteration {iteration} saved; exiting with "
+                  f"{EXIT_PREEMPTED} so the launcher requeues the job")
+            return EXIT_PREEMPTED, iteration
+    return 0, iteration
+
+
+def _record(stage, stage_step, total, iteration, result, optimizer, grad_norm, skipped, micro,
+            model_cfg, peak, world, metrics) -> dict:
+    from megatron_longctx.perf.flops import flops_per_token, mfu
+
+    import time
+
+    elapsed = max(time.perf_counter() - metrics._t, 1e-9)
+    tokens = stage.samples_per_step * stage.seq_length
+    docs = micro[0]["doc_lengths"].tolist()
+    fpt = flops_per_token(model_cfg, int(sum(docs)), docs)
+    return {
+        "stage": stage.name, "stage_step": stage_step, "stage_steps": total,
+        "iteration": iteration, "loss": result.loss, "loss_tokens": result.num_tokens,
+        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+        "tokens_per_s": tokens / elapsed, "mfu": mfu(tokens / elapsed, fpt, peak * world),
+        "memory_gib": memory_gib(), "skipped": skipped,
+    }
+
+
+def _log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)

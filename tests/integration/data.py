@@ -1,0 +1,36 @@
+"""Tiny indexed datasets written with megatron-core's own IndexedDatasetBuilder (random tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_indexed(prefix: str | Path, doc_lengths: list[int], vocab: int, seed: int = 0,
+                  eod: int | None = None) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for n in doc_lengths:
+        doc = rng.integers(1, vocab, size=n)
+        if eod is not None:
+            doc[-1] = eod
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [n])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def tiny_corpus(root: str | Path, vocab: int = 512, seed: int = 0) -> dict[str, str]:
+    """A long domain (documents of 1.1K-3K tokens) and a short one (20-200 tokens)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    return {
+        "long": write_indexed(root / "long", rng.integers(1100, 3000, 40).tolist(), vocab, seed),
+        "short": write_indexed(root / "short", rng.integers(20, 200, 400).tolist(), vocab,
+                               seed + 1),
+    }
