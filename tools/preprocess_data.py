@@ -7,7 +7,8 @@ IndexedDataset``) and ``{output_prefix}_{key}_stats.json`` (+ ``_length_hist.png
 Demo chain (well under a minute on 2 cores):
 
     python tools/make_sample_corpus.py --output-dir data/sample
-    python tools/train_tokenizer.py --input data/sample --model-prefix data/tok/spm --vocab-size 8000
+    python tools/train_tokenizer.py --input data/sample --model-prefix data/tok/spm \\
+        --vocab-size 8000
     python tools/preprocess_data.py --input data/sample --output-prefix data/tokens/sample \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tok/spm.model \\
         --append-eod --workers 2
@@ -37,18 +38,35 @@ from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (Megatron-LM names plus --on-error, --quiet, --plot)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, nargs="+",
-                   help=".jsonl/.jsonl.gz file(s), glob(s) (quoted) or director(ies)")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help=".jsonl/.jsonl.gz file(s), glob(s) (quoted) or director(ies)",
+    )
+    p.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)"
+    )
     p.add_argument("--output-prefix", required=True, help="prefix of the output files")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    p.add_argument("--tokenizer-model", required=True,
-                   help="sentencepiece .model, or tokenizer.json / a directory holding one")
-    p.add_argument("--append-eod", action="store_true", help="append the EOD token to each document")
+    p.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="sentencepiece .model, or tokenizer.json / a directory holding one",
+    )
+    p.add_argument(
+        "--append-eod", action="store_true", help="append the EOD token to each document"
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
-    p.add_argument("--log-interval", type=int, default=1000, help="documents between progress updates")
-    p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="fail",
-                   help="fail: stop at the first bad record, write nothing; skip: count and skip it")
+    p.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress updates"
+    )
+    p.add_argument(
+        "--on-error",
+        choices=ON_ERROR_CHOICES,
+        default="fail",
+        help="fail: stop at the first bad record, write nothing; skip: count and skip it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--plot", action="store_true", help="also write the length histogram as a PNG")
     return p.parse_args(argv)
@@ -62,15 +80,23 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
 def main(argv: list[str] | None = None) -> int:
     """Runs the tool; returns the exit status."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
     signal.signal(signal.SIGTERM, _terminate)
     try:
         config = PreprocessConfig(
-            input=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
-            append_eod=args.append_eod, workers=args.workers, log_interval=args.log_interval,
-            on_error=args.on_error, quiet=args.quiet, plot=args.plot,
+            input=args.input,
+            output_prefix=args.output_prefix,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            log_interval=args.log_interval,
+            on_error=args.on_error,
+            quiet=args.quiet,
+            plot=args.plot,
         )
         report = preprocess(config)
     except (PreprocessError, ValueError, FileNotFoundError) as e:
@@ -81,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     skipped = ", ".join(f"{k}={v}" for k, v in report.skipped.items() if v) or "none"
     for key, stats in report.stats.items():
-        print(f"[{key}] {stats['documents']:,} documents, {stats['tokens']:,} tokens ({stats['dtype']}), "
-              f"length min/median/max {stats['min_length']}/{stats['median_length']:g}/"
-              f"{stats['max_length']} -> {report.outputs[key]['prefix']}.bin/.idx")
-    print(f"skipped records: {skipped}; blank lines: {report.num_blank_lines}; "
-          f"{report.num_tokens / max(report.seconds, 1e-9):,.0f} tokens/s in {report.seconds:.1f}s")
+        print(
+            f"[{key}] {stats['documents']:,} documents, {stats['tokens']:,} tokens "
+            f"({stats['dtype']}), "
+            f"length min/median/max {stats['min_length']}/{stats['median_length']:g}/"
+            f"{stats['max_length']} -> {report.outputs[key]['prefix']}.bin/.idx"
+        )
+    print(
+        f"skipped records: {skipped}; blank lines: {report.num_blank_lines}; "
+        f"{report.num_tokens / max(report.seconds, 1e-9):,.0f} tokens/s in {report.seconds:.1f}s"
+    )
     return 0
 
 

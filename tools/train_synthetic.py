@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         batches = [synthetic_batch(g, args.micro_batch_size, args.seq_length, cfg.vocab_size)
                    for _ in range(args.num_micro_batches)]
         res = forward_backward(chunks, batches, seq_length=args.seq_length,
-                               micro_batch_size=args.micro_batch_size)
+                               micro_batch_size=args.micro_batch_size, optimizer=opt)
         _, grad_norm, _ = opt.step()
         sched.step(1)
         if rank == world - 1:

@@ -147,10 +147,11 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, op
 
 
 def _apply_retention(save_dir: str | Path, newest: int, keep_last: int) -> None:
-    complete = [it for it in list_checkpoints(save_dir) if not _is_protected(save_dir, it)]
-    doomed = [it for it in complete[:-keep_last] if it < newest]
+    complete = list_checkpoints(save_dir)
+    keep = set(complete[-keep_last:]) | {it for it in complete if _is_protected(save_dir, it)}
+    doomed = [it for it in complete if it not in keep and it < newest]
     doomed += [it for it in list_checkpoints(save_dir, complete_only=False)
-               if it not in complete and it < newest]
+               if it not in complete and it < newest]  # torn saves of earlier attempts
     for it in doomed:
         shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
         logger.info("retention: removed checkpoint iteration %d", it)

@@ -30,9 +30,13 @@ import numpy as np
 from megatron_longctx.data.index import (COMPONENT_FIELDS, INDEX_VERSION, ComponentIndex,
                                          MixtureIndex, build_index)
 from megatron_longctx.data.mixture import MixtureError, MixtureSpec
-from megatron_longctx.data.sources import check_source, file_identity, read_document_table
+from megatron_longctx.data.sources import (check_mask_source, check_source, file_identity,
+                                           read_document_table)
 
 logger = logging.getLogger(__name__)
+
+#: Index builds done by this process (tests check that one rank built and the others loaded).
+NUM_BUILDS = 0
 
 
 def validate_sequence_length(seq_length: int, cp_size: int = 1) -> None:
@@ -54,11 +58,16 @@ def index_config(spec: MixtureSpec, seq_length: int, num_samples: int) -> dict:
     return {
         "version": INDEX_VERSION, "seq_length": seq_length, "num_samples": num_samples,
         "seed": spec.seed,
-        "components": [{"name": c.name, "weight": c.weight, "min_tokens": c.min_tokens,
-                        "max_tokens": c.max_tokens,
-                        "files": [file_identity(p) for p in c.prefixes]}
-                       for c in spec.components],
+        "components": [_component_config(c) for c in spec.components],
     }
+
+
+def _component_config(c) -> dict:
+    out = {"name": c.name, "weight": c.weight, "min_tokens": c.min_tokens,
+           "max_tokens": c.max_tokens, "files": [file_identity(p) for p in c.prefixes]}
+    if c.mask_prefixes:  # only present for SFT components, so pretraining keys are unchanged
+        out["mask_files"] = [file_identity(p) for p in c.mask_prefixes]
+    return out
 
 
 def config_key(config: dict) -> str:
@@ -136,6 +145,8 @@ def _get_or_build(spec: MixtureSpec, seq_length: int, num_samples: int, vocab_si
                 return index
             index = _build(spec, seq_length, num_samples, vocab_size)
             index.key = key
+            global NUM_BUILDS
+            NUM_BUILDS += 1
             tmp = cache_dir / f".mixture-{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             save_index(index, tmp, config)
             if final.exists():  # stale or broken: move aside atomically, then delete
@@ -182,6 +193,8 @@ def build_mixture_index(spec: MixtureSpec, seq_length: int, num_samples: int, *,
     for comp in spec.components:  # header, size and dtype checks first, on every rank
         for p in comp.prefixes:
             check_source(p, vocab_size)
+        for p, m in zip(comp.prefixes, comp.mask_prefixes or []):
+            check_mask_source(p, m)
     if cache_dir is None:
         return _build(spec, seq_length, num_samples, vocab_size)
     config = index_config(spec, seq_length, num_samples)

@@ -15,7 +15,8 @@ Micro-batch fields (S = seq_length, b = micro batch size):
 layout; sample i's boundaries are offset by ``i * S``), ``num_documents`` int64 [b] (documents per
 sample, to split ``cu_seqlens`` back per sample), ``max_seqlen`` int, ``sample_index`` int64 [b]
 (global sample numbers) and ``component`` int64 [b] (mixture component of each sample).
-See ``packing.py`` for the packing rules and the loss-mask / position-id conventions.
+See ``packing.py`` for the packing rules and the loss-mask / position-id conventions; for SFT
+components (``mask_prefixes``) ``loss_mask`` is also 0 wherever the label is not an assistant token.
 """
 
 from __future__ import annotations

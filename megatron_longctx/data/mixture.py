@@ -37,6 +37,9 @@ class MixtureComponent:
             (and counted); a long bucket with ``min_tokens = S`` is ProLong's "drop long documents
             shorter than the pack length".
         max_tokens: Largest document length kept, exclusive; ``None`` means no upper limit.
+        mask_prefixes: Optional loss-mask datasets parallel to ``prefixes`` (SFT: written by
+            ``tools/preprocess_sft.py`` as ``{prefix}_mask_document``), one per prefix with the
+            same document sizes; the loss of a label token is kept only where its stored mask is 1.
     """
 
     name: str
@@ -44,6 +47,7 @@ class MixtureComponent:
     weight: float
     min_tokens: int = 1
     max_tokens: int | None = None
+    mask_prefixes: list[str] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -70,6 +74,16 @@ class MixtureComponent:
                 f"component {self.name!r}: bucket [min_tokens, max_tokens) = "
                 f"[{self.min_tokens}, {self.max_tokens}) is empty; max_tokens must be an integer "
                 f"> min_tokens, or null for no upper limit")
+        if self.mask_prefixes is not None:
+            if isinstance(self.mask_prefixes, str):
+                self.mask_prefixes = [self.mask_prefixes]
+            if len(self.mask_prefixes) != len(self.prefixes) or not all(
+                    isinstance(p, str) and p for p in self.mask_prefixes):
+                raise MixtureError(
+                    f"component {self.name!r}: mask_prefixes must list one loss-mask prefix per "
+                    f"entry of prefixes ({len(self.prefixes)}), in the same order, got "
+                    f"{self.mask_prefixes!r}")
+            self.mask_prefixes = list(self.mask_prefixes)
 
     def bucket_label(self) -> str:
         """Human-readable bucket, e.g. ``[65536, inf)``."""
@@ -120,7 +134,7 @@ class MixtureSpec:
 def _component_from_dict(raw: Any) -> MixtureComponent:
     if not isinstance(raw, dict):
         raise MixtureError(f"each component must be a mapping with name/prefixes/weight, got {raw!r}")
-    known = {"name", "prefixes", "weight", "min_tokens", "max_tokens"}
+    known = {"name", "prefixes", "weight", "min_tokens", "max_tokens", "mask_prefixes"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MixtureError(f"component {raw.get('name')!r}: unknown keys {unknown}; "

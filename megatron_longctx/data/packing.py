@@ -29,6 +29,10 @@ Fields of a sample (S = seq_length):
   relative RoPE this is equivalent), or, with ``reset_position_ids``, restarting at 0 at each
   document start inside the sample (megatron's THD RoPE convention). A document carried in from the
   previous sample starts at 0 too.
+
+SFT: a component with ``mask_prefixes`` has a stored 0/1 mask per token (1 on assistant tokens).
+The label at position t is token t + 1, so ``loss_mask[t]`` is further multiplied by the stored
+mask of token t + 1 (the sample's S + 1 mask values, shifted by one).
 """
 
 from __future__ import annotations
@@ -71,14 +75,16 @@ def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int
     return c, pieces
 
 
-def sample_fields(tokens: np.ndarray, piece_lengths: list[int],
-                  reset_position_ids: bool) -> dict[str, np.ndarray]:
+def sample_fields(tokens: np.ndarray, piece_lengths: list[int], reset_position_ids: bool,
+                  token_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Builds the training fields of one sample from its S + 1 tokens and document pieces.
 
     Args:
         tokens: [S + 1] token ids.
         piece_lengths: Lengths of the document pieces covering ``tokens`` (sum S + 1).
         reset_position_ids: Restart positions at each document start (see module docstring).
+        token_mask: Optional [S + 1] stored 0/1 loss mask of the tokens (SFT); label t keeps its
+            loss only where ``token_mask[t + 1]`` is 1.
     """
     seq = len(tokens) - 1
     starts = np.cumsum([0] + list(piece_lengths[:-1]))  # piece starts within S + 1 tokens
@@ -87,6 +93,8 @@ def sample_fields(tokens: np.ndarray, piece_lengths: list[int],
     loss_mask = np.ones(seq, dtype=np.float32)
     label_starts = starts[starts > 0] - 1  # label position whose target opens a new document
     loss_mask[label_starts] = 0.0
+    if token_mask is not None:
+        loss_mask *= np.asarray(token_mask[1:], dtype=np.float32)
     if reset_position_ids:
         seg = np.diff(cu_seqlens)
         position_ids = np.arange(seq, dtype=np.int64) - np.repeat(cu_seqlens[:-1], seg)
@@ -109,13 +117,19 @@ class SamplePacker:
         """
         self.index = index
         self.readers = readers or [TokenReader(p) for p in index.prefixes]
+        self.mask_readers = [TokenReader(c.mask_prefixes) if c.mask_prefixes else None
+                             for c in index.spec.components]
 
     def get(self, sample: int) -> dict[str, np.ndarray | int]:
         """Returns the sample's fields (see module docstring) plus ``component`` and ``sample``."""
         c, pieces = sample_pieces(self.index, sample)
         reader = self.readers[c]
         tokens = np.concatenate([reader.read(ds, off, n) for _, ds, off, n in pieces])
-        out = sample_fields(tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids)
+        masks = self.mask_readers[c] if c < len(self.mask_readers) else None
+        token_mask = None if masks is None else np.concatenate(
+            [masks.read(ds, off, n) for _, ds, off, n in pieces])
+        out = sample_fields(tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids,
+                            token_mask)
         out["component"] = c
         out["sample"] = sample
         return out

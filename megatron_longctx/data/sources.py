@@ -51,7 +51,7 @@ class DocumentTable:
     Attributes:
         prefix: Absolute path prefix.
         dtype: Token dtype of the ``.bin`` file.
-        doc_lengths: int64 [num_docs], tokens per document.
+        doc_lengths: int32/int64 [num_docs], tokens per document.
         doc_offsets: int64 [num_docs], offset of each document's first token in ``.bin``, in tokens.
     """
 
@@ -129,13 +129,34 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
                 f"({num_seqs} sequences of {dtype.name}); re-run preprocessing")
     if check_only:
         return None
-    cum = np.zeros(num_seqs + 1, dtype=np.int64)
-    np.cumsum(seq_lengths, out=cum[1:])
-    doc_lengths = cum[doc_index[1:]] - cum[doc_index[:-1]]
-    first = np.minimum(doc_index[:-1], max(num_seqs - 1, 0))
-    doc_offsets = (seq_pointers[first] // dtype.itemsize if num_seqs
-                   else np.zeros(0, dtype=np.int64)).astype(np.int64)
+    if num_docs_plus == num_seqs + 1 and np.array_equal(doc_index, np.arange(num_docs_plus)):
+        doc_lengths = seq_lengths  # one sequence per document (the usual layout)
+        doc_offsets = seq_pointers // dtype.itemsize
+    else:
+        cum = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(seq_lengths, out=cum[1:])
+        doc_lengths = cum[doc_index[1:]] - cum[doc_index[:-1]]
+        first = np.minimum(doc_index[:-1], max(num_seqs - 1, 0))
+        doc_offsets = (seq_pointers[first] // dtype.itemsize if num_seqs
+                       else np.zeros(0, dtype=np.int64)).astype(np.int64)
     return DocumentTable(path, dtype, doc_lengths, doc_offsets)
+
+
+def check_mask_source(prefix: str, mask_prefix: str) -> None:
+    """Checks that a loss-mask dataset is parallel to its token dataset (same document sizes).
+
+    Raises:
+        DataSourceError: missing/truncated mask files or a different document layout.
+    """
+    tokens = read_document_table(prefix)
+    mask = read_document_table(mask_prefix)
+    if not np.array_equal(tokens.doc_lengths, mask.doc_lengths):
+        n_t, n_m = len(tokens.doc_lengths), len(mask.doc_lengths)
+        raise DataSourceError(
+            f"loss mask {mask.prefix} does not match tokens {tokens.prefix}: {n_m} vs {n_t} "
+            f"documents, {int(mask.doc_lengths.sum())} vs {int(tokens.doc_lengths.sum())} tokens; "
+            f"write both with the same tools/preprocess_sft.py run and list them in the same "
+            f"order under prefixes/mask_prefixes")
 
 
 def file_identity(prefix: str) -> dict:
@@ -149,11 +170,16 @@ def file_identity(prefix: str) -> dict:
 
 
 class TokenReader:
-    """Reads token slices from the ``.bin`` files of a component's prefixes (memory-mapped, lazy)."""
+    """Reads token slices from the ``.bin`` files of a component's prefixes.
+
+    Uses ``os.pread`` on lazily opened file descriptors rather than ``mmap``: a packed sample of
+    short documents touches dozens of scattered places, and page-faulting each through a memory
+    map was 10-50x slower than one positioned read per piece (measured on ext4).
+    """
 
     def __init__(self, prefixes: list[str]):
         self._prefixes = [resolve_prefix(p) for p in prefixes]
-        self._bins: list[np.ndarray | None] = [None] * len(self._prefixes)
+        self._fds: list[int | None] = [None] * len(self._prefixes)
         self._dtypes = []
         for p in self._prefixes:
             with open(p + ".idx", "rb") as f:
@@ -161,8 +187,18 @@ class TokenReader:
 
     def read(self, dataset: int, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` (token offsets) of dataset ``dataset``."""
-        mm = self._bins[dataset]
-        if mm is None:
-            mm = np.memmap(self._prefixes[dataset] + ".bin", mode="r", dtype=self._dtypes[dataset])
-            self._bins[dataset] = mm
-        return mm[start:start + length]
+        fd = self._fds[dataset]
+        if fd is None:
+            fd = os.open(self._prefixes[dataset] + ".bin", os.O_RDONLY)
+            self._fds[dataset] = fd
+        size = self._dtypes[dataset].itemsize
+        raw = os.pread(fd, length * size, start * size)
+        if len(raw) != length * size:
+            raise DataSourceError(f"{self._prefixes[dataset]}.bin ended early reading tokens "
+                                  f"[{start}, {start + length}); was it truncated after indexing?")
+        return np.frombuffer(raw, dtype=self._dtypes[dataset])
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", []):
+            if fd is not None:
+                os.close(fd)

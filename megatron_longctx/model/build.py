@@ -76,7 +76,7 @@ def build_gpt_model(
     layout: ParallelLayout,
     *,
     backend: str = "auto",
-    core_attention: type | None = None,
+    core_attention: type | str | None = None,
     params_dtype: torch.dtype = torch.float32,
     recompute: str | None = None,
     pre_process: bool | None = None,

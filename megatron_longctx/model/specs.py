@@ -34,8 +34,14 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def layer_spec(backend: str = "auto", core_attention: type | None = None) -> ModuleSpec:
-    """The transformer-layer spec for a Llama layer (RMSNorm chosen through the config)."""
+def layer_spec(backend: str = "auto", core_attention: type | str | None = None) -> ModuleSpec:
+    """The transformer-layer spec for a Llama layer (RMSNorm chosen through the config).
+
+    Args:
+        backend: see the module docstring.
+        core_attention: None (the backend's own), a class, or a name from
+            ``model.attention.CORE_ATTENTIONS`` ("local" | "ring" | "a2a" | "te").
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     backend = resolve_backend(backend)
@@ -43,6 +49,10 @@ def layer_spec(backend: str = "auto", core_attention: type | None = None) -> Mod
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if isinstance(core_attention, str):
+        from megatron_longctx.model.attention import core_attention_class
+
+        core_attention = core_attention_class(core_attention)
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec

@@ -40,7 +40,8 @@ def _as_list(cu) -> list[int]:
 
 def _check_cu(cu: list[int], name: str) -> None:
     if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise CPSplitError(f"{name} must start at 0 and be non-decreasing with >= 2 entries, got {cu}")
+        raise CPSplitError(f"{name} must start at 0 and be non-decreasing with >= 2 entries, "
+                           f"got {cu}")
 
 
 def _check_padded(cu_padded: list[int], cu_real: list[int], cp_size: int) -> None:
@@ -78,8 +79,8 @@ def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None
     """Pads every document at its end to a multiple of 2 x ``cp_size``.
 
     Args:
-        batch: ``tokens``/``labels``/``loss_mask``/``position_ids`` of shape [1, s] and ``cu_seqlens``
-            (real document boundaries, ending at s).
+        batch: ``tokens``/``labels``/``loss_mask``/``position_ids`` of shape [1, s] and
+            ``cu_seqlens`` (real document boundaries, ending at s).
         cp_size: context-parallel size.
         pad_to: if given, a padding-only document (real length 0) is appended to reach this length.
         pad_token_id: token and label id written into padding.
@@ -93,8 +94,9 @@ def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None
     _check_cu(cu, "cu_seqlens")
     s = batch["tokens"].shape[1]
     if batch["tokens"].shape[0] != 1 or cu[-1] != s:
-        raise CPSplitError(f"pad_documents_for_cp needs a [1, s] batch whose cu_seqlens end at s; "
-                           f"got shape {tuple(batch['tokens'].shape)} and cu_seqlens[-1] = {cu[-1]}")
+        raise CPSplitError(f"pad_documents_for_cp needs a [1, s] batch whose cu_seqlens end at "
+                           f"s; got shape {tuple(batch['tokens'].shape)} and cu_seqlens[-1] = "
+                           f"{cu[-1]}")
     multiple = 2 * cp_size
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_KEYS if k in batch}
     cu_padded, cu_real = [0], [0]
@@ -115,8 +117,9 @@ def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None
     if pad_to is not None:
         extra = pad_to - cu_padded[-1]
         if extra < 0 or extra % multiple:
-            raise CPSplitError(f"pad_to {pad_to}: padded documents take {cu_padded[-1]} tokens; the "
-                               f"rest ({extra}) must be >= 0 and divisible by 2 x CP = {multiple}")
+            raise CPSplitError(f"pad_to {pad_to}: padded documents take {cu_padded[-1]} tokens; "
+                               f"the rest ({extra}) must be >= 0 and divisible by 2 x CP = "
+                               f"{multiple}")
         if extra:
             for key, out in pieces.items():
                 value = 0 if key == "loss_mask" else pad_token_id

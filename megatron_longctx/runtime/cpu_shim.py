@@ -22,6 +22,10 @@ them raises ("Torch not compiled with CUDA enabled") or, worse, silently queues 
    ``Tensor.type()`` with no argument -> ``"torch.cuda.<X>Tensor"`` for a CPU tensor, because
    optimizer.py, distrib_optimizer.py and clip_grads.py compare it with ``'torch.cuda.FloatTensor'``.
 
+5. megatron's activation-recompute backward functions (``CheckpointFunction``,
+   ``CheckpointWithoutOutput``) run under that mode: the autograd engine calls backward functions
+   with no torch-function mode active, and recompute re-runs layer forwards there.
+
 Everything else (CUDA streams, events, graphs, nvtx, memory stats) is deliberately *not* covered:
 the configurations we run on CPU never reach it, and ``tests/distributed/test_canary.py`` makes every
 uncovered ``torch.cuda`` function raise while a forward, backward, optimizer step and
@@ -93,6 +97,27 @@ class _CpuRedirectMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _patch_megatron_recompute() -> None:
+    """The autograd engine runs backward functions with no torch-function mode active, and
+    megatron's activation recompute re-runs layer forwards there (building causal masks with
+    ``device="cuda"``). Run those recomputations under the redirection mode."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def under_mode(fn):
+        def wrapped(*args, **kwargs):
+            with _CpuRedirectMode():
+                return fn(*args, **kwargs)
+        wrapped.__wrapped__ = fn
+        return wrapped
+
+    for cls, name in ((mcore_random.CheckpointFunction, "backward"),
+                      (mcore_random.CheckpointWithoutOutputFunction, "backward")):
+        original = cls.__dict__[name]
+        setattr(cls, name, staticmethod(under_mode(original.__func__)))
+    cls = mcore_random.CheckpointWithoutOutput
+    cls._recompute = under_mode(cls._recompute)
+
+
 def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -135,6 +160,7 @@ def apply() -> bool:
     torch.cuda.synchronize = _noop
     torch.cuda.empty_cache = _noop
     _patch_megatron_rng()
+    _patch_megatron_recompute()
 
     _MODE = _CpuRedirectMode()
     _MODE.__enter__()  # stays on the mode stack for the life of the process

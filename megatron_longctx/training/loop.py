@@ -186,7 +186,7 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
         micro = [to_model_batch(next(loader), cp, cp_rank, cp_group)
                  for _ in range(loader.num_micro_batches)]
         result = forward_backward(chunks, micro, seq_length=stage.seq_length,
-                                  micro_batch_size=stage.micro_batch_size)
+                                  micro_batch_size=stage.micro_batch_size, optimizer=optimizer)
         skipped, grad_norm = False, float("nan")
         if not math.isfinite(result.loss):
             if cfg.training.nan_policy == "halt":

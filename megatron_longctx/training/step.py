@@ -68,13 +68,21 @@ def reduce_loss(losses_reduced: list) -> tuple[float, int]:
 
 
 def forward_backward(model_chunks: list, batches: list[dict], *, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> StepResult:
-    """Runs all micro-batches of one step through megatron's schedule (grads are finalised)."""
+                     micro_batch_size: int, forward_only: bool = False,
+                     optimizer=None) -> StepResult:
+    """Runs all micro-batches of one step through megatron's schedule (grads are finalised).
+
+    Pass the ``optimizer`` when training: like Megatron-LM's train_step, its ``zero_grad()`` must run
+    every step, because megatron's optimizer leaves ``param.grad`` aliased to the DDP ``main_grad``
+    buffer after a step and the next backward would otherwise accumulate twice into it.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in model_chunks:
-        if not forward_only:
+    if not forward_only:
+        for chunk in model_chunks:
             chunk.zero_grad_buffer()
+        if optimizer is not None:
+            optimizer.zero_grad()
     fb = get_forward_backward_func()
     losses = fb(
         forward_step_func=forward_step,

@@ -1,4 +1,4 @@
-"""Ring and all-to-all CP attention on gloo vs a single-process dense reference (fp64, explicit mask).
+"""Ring and all-to-all CP attention on gloo vs a single-process dense reference (fp64, mask).
 
 Each case packs documents (padded per document to a multiple of 2 x CP), splits q/k/v with the
 zigzag-within-documents rule, runs the CP attention on every rank, and reassembles outputs and

@@ -7,8 +7,8 @@ Shape of the pipeline:
 
 At most ``2 x workers + 2`` batches are in flight, so memory is bounded by the batch size, not the
 corpus; the output is byte-identical for any number of workers because results are consumed in input
-order. With ``--on-error fail`` the first bad record (in input order) aborts the run and every temporary
-file is deleted; nothing is renamed to a final name until all outputs are complete.
+order. With ``--on-error fail`` the first bad record (in input order) aborts the run and every
+temporary file is deleted; nothing is renamed to a final name until all outputs are complete.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _batches(files: list[str], batch_bytes: int, progress: Progress) -> Iterator
                 progress.read_bytes = done_bytes + position
                 yield batch
                 batch, size = [], 0
-        done_bytes += os.path.getsize(path)
+        done_bytes += _size(path)
     if batch:
         yield batch
 
@@ -170,8 +170,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     """Runs the whole pipeline (see the module docstring) and returns what it wrote.
 
     Raises:
-        PreprocessError: a bad record with ``on_error="fail"`` (message ``file:line: reason: detail``),
-            or no document survived.
+        PreprocessError: a bad record with ``on_error="fail"`` (the message reads
+            ``file:line: reason: detail``), or no document survived.
         FileNotFoundError / ValueError: bad inputs, tokenizer or flags.
     """
     start = time.perf_counter()
@@ -184,13 +184,16 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         )
     dtype = token_dtype(tokenizer.vocab_size)
     settings = WorkerSettings(
-        config.tokenizer_type, config.tokenizer_model, tuple(config.json_keys),
-        config.append_eod, dtype.name,
+        config.tokenizer_type,
+        config.tokenizer_model,
+        tuple(config.json_keys),
+        config.append_eod,
+        dtype.name,
     )
     out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     paths = {key: output_paths(config.output_prefix, key) for key in config.json_keys}
-    total_bytes = sum(os.path.getsize(p) for p in files)
+    total_bytes = sum(_size(p) for p in files)
     progress = Progress(total_bytes, config.log_interval, enabled=not config.quiet)
 
     writers: dict[str, IndexedDatasetWriter] = {}
@@ -200,8 +203,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     try:
         for key in config.json_keys:
             writers[key] = IndexedDatasetWriter(paths[key]["prefix"], dtype)
-        for result in _ordered_results(_batches(files, config.batch_bytes, progress), settings,
-                                       config.workers):
+        for result in _ordered_results(
+            _batches(files, config.batch_bytes, progress), settings, config.workers
+        ):
             for file_index, line_number, reason, detail in result.bad:
                 where = f"{files[file_index]}:{line_number}"
                 if config.on_error == "fail":
@@ -228,13 +232,18 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         for key, writer in writers.items():
             writer.finalize()
             summary = stats_lib.summarize_lengths(writer.lengths())
-            all_stats[key] = _stats_payload(config, key, files, dtype, summary, skipped, num_blank,
-                                            tokenizer.vocab_size)
+            all_stats[key] = _stats_payload(
+                config, key, files, dtype, summary, skipped, num_blank, tokenizer.vocab_size
+            )
             temp_files.append(stats_lib.write_json_atomic(paths[key]["stats"], all_stats[key]))
             if config.plot:
-                temp_files.append(stats_lib.plot_histogram(
-                    summary["length_histogram"], f"{config.output_prefix} [{key}]",
-                    paths[key]["plot"]))
+                temp_files.append(
+                    stats_lib.plot_histogram(
+                        summary["length_histogram"],
+                        f"{config.output_prefix} [{key}]",
+                        paths[key]["plot"],
+                    )
+                )
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -251,8 +260,16 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     return PreprocessReport(paths, all_stats, skipped, num_blank, time.perf_counter() - start)
 
 
-def _stats_payload(config: PreprocessConfig, key: str, files: list[str], dtype: np.dtype,
-                   summary: dict, skipped: dict[str, int], num_blank: int, vocab_size: int) -> dict:
+def _stats_payload(
+    config: PreprocessConfig,
+    key: str,
+    files: list[str],
+    dtype: np.dtype,
+    summary: dict,
+    skipped: dict[str, int],
+    num_blank: int,
+    vocab_size: int,
+) -> dict:
     return {
         "key": key,
         **summary,
@@ -266,6 +283,10 @@ def _stats_payload(config: PreprocessConfig, key: str, files: list[str], dtype: 
         "vocab_size": vocab_size,
         "inputs": [os.path.abspath(p) for p in files],
     }
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.isfile(path) else 0  # 0 for pipes: no ETA
 
 
 def _format_counts(counts: dict[str, int]) -> str:

@@ -64,9 +64,10 @@ def expand_inputs(spec: str | list[str]) -> list[str]:
             )
             if not found:
                 raise FileNotFoundError(
-                    f"--input directory {item} holds no .jsonl or .jsonl.gz files (searched recursively)"
+                    f"--input directory {item} holds no .jsonl or .jsonl.gz files "
+                    "(searched recursively)"
                 )
-        elif os.path.isfile(item):
+        elif os.path.exists(item):  # a file, or a named pipe fed by another process
             found = [item]
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -93,8 +94,15 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes, int]]:
     """
     with open_binary(path) as f:
         raw = getattr(f, "fileobj", None)  # gzip: the underlying compressed file
+        if raw is not None and not raw.seekable():
+            raw = None
+        compressed = path.endswith(".gz")
+        position = 0
         for line_number, line in enumerate(f, start=1):
-            position = raw.tell() if raw is not None else f.tell()
+            if compressed:
+                position = raw.tell() if raw is not None else 0
+            else:
+                position += len(line)  # counted, not tell(): inputs may be pipes
             yield line_number, line, position
 
 
@@ -109,12 +117,15 @@ def parse_record(line: bytes, json_keys: list[str]) -> list[str] | None:
         One text per key, or ``None`` for a blank line (ignored, counted separately).
 
     Raises:
-        BadRecord: invalid UTF-8, malformed JSON, not an object, missing key, non-string or empty value.
+        BadRecord: invalid UTF-8, malformed JSON, not an object, missing key, non-string or empty
+            value.
     """
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRecord(INVALID_UTF8, f"line is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise BadRecord(
+            INVALID_UTF8, f"line is not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
     if not decoded.strip():
         return None
     try:
@@ -128,11 +139,14 @@ def parse_record(line: bytes, json_keys: list[str]) -> list[str] | None:
         if key not in record:
             present = ", ".join(sorted(record)[:8]) or "none"
             raise BadRecord(
-                MISSING_KEY, f"key {key!r} missing (keys present: {present}); choose with --json-keys"
+                MISSING_KEY,
+                f"key {key!r} missing (keys present: {present}); choose with --json-keys",
             )
         value = record[key]
         if not isinstance(value, str):
-            raise BadRecord(NOT_A_STRING, f"value of {key!r} is {type(value).__name__}, not a string")
+            raise BadRecord(
+                NOT_A_STRING, f"value of {key!r} is {type(value).__name__}, not a string"
+            )
         if not value.strip():
             raise BadRecord(EMPTY_TEXT, f"value of {key!r} is empty or whitespace only")
         texts.append(value)
@@ -140,11 +154,12 @@ def parse_record(line: bytes, json_keys: list[str]) -> list[str] | None:
 
 
 def check_encodable(text: str, key: str) -> None:
-    """Raises ``BadRecord(INVALID_UTF8)`` for text holding lone surrogates (valid JSON escapes such as
-    ``"\\ud800"`` that no tokenizer can encode)."""
+    """Raises ``BadRecord(INVALID_UTF8)`` for text holding lone surrogates (valid JSON escapes such
+    as ``"\\ud800"`` that no tokenizer can encode)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise BadRecord(
-            INVALID_UTF8, f"value of {key!r} holds an unpaired surrogate ({e.reason} at char {e.start})"
+            INVALID_UTF8,
+            f"value of {key!r} holds an unpaired surrogate ({e.reason} at char {e.start})",
         ) from None

@@ -19,22 +19,36 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
-from megatron_longctx.data.long_documents import FILE_HEADER, classify_file, iter_repo_files, write_jsonl
+from megatron_longctx.data.long_documents import (
+    FILE_HEADER,
+    classify_file,
+    iter_repo_files,
+    write_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
-CODE_PACKAGES = ("asyncio", "concurrent", "email", "http", "importlib", "json", "logging",
-                 "multiprocessing", "sqlite3", "unittest", "urllib", "xml", "xmlrpc", "zoneinfo",
-                 "tomllib", "wsgiref", "ctypes", "collections", "re", "dbm")
-TEXTBOOK_MODULES = ("argparse", "typing", "dataclasses", "pathlib", "functools", "inspect",
-                    "subprocess", "threading", "decimal", "fractions", "statistics", "tarfile",
-                    "zipfile", "shutil", "datetime", "enum", "contextlib", "textwrap", "string")
-WEB_MODULES = ("os", "random", "heapq", "bisect", "itertools", "csv", "difflib", "pprint", "socket",
-               "ssl", "tempfile", "glob", "fnmatch", "base64", "hashlib", "hmac", "secrets", "uuid",
-               "calendar", "copy", "pickle", "shlex", "timeit", "trace", "tokenize", "traceback",
-               "warnings", "weakref", "codecs", "locale", "gettext", "getopt", "queue", "sched",
-               "selectors", "smtplib", "ftplib", "imaplib", "poplib", "mailbox", "mimetypes",
-               "ipaddress", "configparser", "plistlib", "gzip", "bz2", "lzma", "zipimport")
+CODE_PACKAGES = tuple(
+    (
+        "asyncio concurrent email http importlib json logging multiprocessing sqlite3 unittest "
+        "urllib xml xmlrpc zoneinfo tomllib wsgiref ctypes collections re dbm"
+    ).split()
+)
+TEXTBOOK_MODULES = tuple(
+    (
+        "argparse typing dataclasses pathlib functools inspect subprocess threading decimal "
+        "fractions statistics tarfile zipfile shutil datetime enum contextlib textwrap string"
+    ).split()
+)
+WEB_MODULES = tuple(
+    (
+        "os random heapq bisect itertools csv difflib pprint socket ssl tempfile glob fnmatch "
+        "base64 hashlib hmac secrets uuid calendar copy pickle shlex timeit trace tokenize "
+        "traceback warnings weakref codecs locale gettext getopt queue sched selectors smtplib "
+        "ftplib imaplib poplib mailbox mimetypes ipaddress configparser plistlib gzip bz2 lzma "
+        "zipimport"
+    ).split()
+)
 DEFAULT_BYTES = {"code": 2_000_000, "books": 1_200_000, "web": 600_000}
 
 
@@ -51,7 +65,7 @@ def iter_code_documents(budget: int, max_repo_bytes: int = 400_000) -> Iterator[
             continue
         parts, size = [], 0
         for path in iter_repo_files(repo):
-            if not path.endswith(".py") or "/test" in path.replace(os.sep, "/")[len(repo):]:
+            if not path.endswith(".py") or "/test" in path.replace(os.sep, "/")[len(repo) :]:
                 continue
             text, _ = classify_file(path, 1 << 20)
             if text is None:
@@ -86,7 +100,8 @@ def _docstrings(module: str) -> Iterator[tuple[str, str]]:
 
 
 def iter_book_documents(budget: int, volume_chars: int = 120_000) -> Iterator[dict]:
-    """Reference-manual volumes, then per-module docstring textbooks, up to ``budget`` characters."""
+    """Reference-manual volumes, then per-module docstring textbooks, up to ``budget``
+    characters."""
     from pydoc_data.topics import topics
 
     used, volume, number = 0, [], 1
@@ -136,7 +151,11 @@ def make_sample_corpus(output_dir: str, scale: float = 1.0) -> dict[str, dict]:
     """
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    builders = {"code": iter_code_documents, "books": iter_book_documents, "web": iter_web_documents}
+    builders = {
+        "code": iter_code_documents,
+        "books": iter_book_documents,
+        "web": iter_web_documents,
+    }
     report = {}
     for domain, build in builders.items():
         path = os.path.join(output_dir, f"{domain}.jsonl")

@@ -1,7 +1,7 @@
 """Document-length statistics and the ``{prefix}_{key}_stats.json`` sidecar.
 
-Lengths are in tokens as stored in the ``.bin`` (EOD included when ``--append-eod``). The histogram has
-power-of-two buckets: key ``"2^k"`` counts documents with ``2^k <= length < 2^(k+1)``.
+Lengths are in tokens as stored in the ``.bin`` (EOD included when ``--append-eod``). The histogram
+has power-of-two buckets: key ``"2^k"`` counts documents with ``2^k <= length < 2^(k+1)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from megatron_longctx.data.preprocess.writer import temp_path
 
 
 def length_histogram(lengths: np.ndarray) -> dict[str, int]:
-    """Power-of-two histogram of positive lengths, keyed ``"1"``, ``"2"``, ``"4"``... (bucket floor)."""
+    """Power-of-two histogram of positive lengths, keyed ``"1"``, ``"2"``, ``"4"``... (bucket
+    floor)."""
     lengths = np.asarray(lengths)
     if lengths.size == 0:
         return {}
@@ -33,8 +34,15 @@ def summarize_lengths(lengths: np.ndarray) -> dict:
     """Documents, tokens, min/median/max/mean length and the power-of-two histogram."""
     lengths = np.asarray(lengths)
     if lengths.size == 0:
-        return {"documents": 0, "tokens": 0, "min_length": None, "median_length": None,
-                "max_length": None, "mean_length": None, "length_histogram": {}}
+        return {
+            "documents": 0,
+            "tokens": 0,
+            "min_length": None,
+            "median_length": None,
+            "max_length": None,
+            "mean_length": None,
+            "length_histogram": {},
+        }
     return {
         "documents": int(lengths.size),
         "tokens": int(lengths.sum(dtype=np.int64)),
@@ -47,7 +55,8 @@ def summarize_lengths(lengths: np.ndarray) -> dict:
 
 
 def write_json_atomic(path: str, payload: dict) -> str:
-    """Writes ``payload`` as JSON under a temporary name and returns that name (rename it to commit)."""
+    """Writes ``payload`` as JSON under a temporary name and returns that name (rename it to
+    commit)."""
     tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2, sort_keys=False)

@@ -1,13 +1,14 @@
-"""One small tokenizer interface over sentencepiece models and Hugging Face ``tokenizer.json`` files.
+"""One small tokenizer interface over sentencepiece models and Hugging Face ``tokenizer.json``
+files.
 
 Every consumer in the project (preprocessing, mixture inspection, evaluation, SFT) goes through
 ``load_tokenizer(tokenizer_type, tokenizer_model)``. The returned object has ``encode(text)``,
 ``encode_batch(texts)``, ``decode(ids)``, ``vocab_size``, ``eod_id`` and ``bos_id``. Nothing is ever
 downloaded: models are local files.
 
-``encode`` never adds special tokens (no BOS/EOS); callers append ``eod_id`` themselves, as Megatron's
-``--append-eod`` does, so ``decode(encode(text)) == text`` for lossless models (sentencepiece with
-identity normalization, byte-level BPE).
+``encode`` never adds special tokens (no BOS/EOS); callers append ``eod_id`` themselves, as
+Megatron's ``--append-eod`` does, so ``decode(encode(text)) == text`` for lossless models
+(sentencepiece with identity normalization, byte-level BPE).
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ class SentencePieceTokenizer:
         eos, bos = int(self._sp.eos_id()), int(self._sp.bos_id())
         self.eod_id: int | None = eos if eos >= 0 else None
         self.bos_id: int | None = bos if bos >= 0 else None
+        self.num_threads: int | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text (one C++ call; no special tokens)."""
-        return self._sp.encode(texts)
+        """Token ids of each text (one C++ call; no special tokens).
+
+        Uses ``self.num_threads`` sentencepiece threads (None: sentencepiece's default, all cores).
+        """
+        return self._sp.encode(texts, num_threads=self.num_threads)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``."""
@@ -70,8 +75,8 @@ class SentencePieceTokenizer:
 class HuggingFaceTokenizer:
     """A Hugging Face fast tokenizer: a ``tokenizer.json`` file or a directory holding one.
 
-    EOS/BOS come from ``tokenizer_config.json`` next to it when present (``eos_token``/``bos_token``),
-    else from common spellings (``<|end_of_text|>``, ``</s>``, ...).
+    EOS/BOS come from ``tokenizer_config.json`` next to it when present
+    (``eos_token``/``bos_token``), else from common spellings (``<|end_of_text|>``, ``</s>``, ...).
 
     Args:
         model_path: ``tokenizer.json`` or a directory containing it (e.g. a Llama 3 checkpoint dir).
@@ -85,9 +90,9 @@ class HuggingFaceTokenizer:
             json_path = os.path.join(model_path, "tokenizer.json")
             if not os.path.isfile(json_path):
                 raise FileNotFoundError(
-                    f"{model_path} is a directory without tokenizer.json: HuggingFaceTokenizer needs a "
-                    "fast-tokenizer file; save one with AutoTokenizer.save_pretrained(dir) or point "
-                    "--tokenizer-model at the tokenizer.json itself"
+                    f"{model_path} is a directory without tokenizer.json: HuggingFaceTokenizer "
+                    "needs a fast-tokenizer file; save one with AutoTokenizer.save_pretrained(dir) "
+                    "or point --tokenizer-model at the tokenizer.json itself"
                 )
         self.model_path = model_path
         self._tok = _HFTokenizer.from_file(json_path)
@@ -132,15 +137,19 @@ def _read_special_tokens(directory: str) -> dict[str, str]:
     return out
 
 
-def load_tokenizer(tokenizer_type: str, tokenizer_model: str) -> SentencePieceTokenizer | HuggingFaceTokenizer:
+def load_tokenizer(
+    tokenizer_type: str, tokenizer_model: str
+) -> SentencePieceTokenizer | HuggingFaceTokenizer:
     """Loads a local tokenizer by Megatron's type name.
 
     Args:
         tokenizer_type: ``"SentencePieceTokenizer"`` or ``"HuggingFaceTokenizer"``.
-        tokenizer_model: path of the sentencepiece ``.model``, or of a ``tokenizer.json`` / directory.
+        tokenizer_model: path of the sentencepiece ``.model``, or of a ``tokenizer.json`` /
+            directory.
 
     Returns:
-        An object with ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, ``eod_id``, ``bos_id``.
+        An object with ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, ``eod_id``,
+        ``bos_id``.
 
     Raises:
         ValueError: unknown ``tokenizer_type``.
@@ -152,14 +161,15 @@ def load_tokenizer(tokenizer_type: str, tokenizer_model: str) -> SentencePieceTo
         )
     if not tokenizer_model or not os.path.exists(tokenizer_model):
         raise FileNotFoundError(
-            f"tokenizer model {tokenizer_model!r} does not exist: pass --tokenizer-model with a local "
-            "sentencepiece .model (train one with tools/train_tokenizer.py) or a tokenizer.json"
+            f"tokenizer model {tokenizer_model!r} does not exist: pass --tokenizer-model with a "
+            "local sentencepiece .model (train one with tools/train_tokenizer.py) or a "
+            "tokenizer.json"
         )
     if tokenizer_type == "SentencePieceTokenizer":
         if os.path.isdir(tokenizer_model):
             raise ValueError(
-                f"{tokenizer_model} is a directory: SentencePieceTokenizer needs the .model file itself "
-                "(or use --tokenizer-type HuggingFaceTokenizer for a tokenizer directory)"
+                f"{tokenizer_model} is a directory: SentencePieceTokenizer needs the .model file "
+                "itself (or use --tokenizer-type HuggingFaceTokenizer for a tokenizer directory)"
             )
         return SentencePieceTokenizer(tokenizer_model)
     return HuggingFaceTokenizer(tokenizer_model)

@@ -1,8 +1,9 @@
 """Train a sentencepiece BPE tokenizer from JSONL, so demos and tests have a real tokenizer offline.
 
-Settings follow Llama 2's tokenizer where it matters for lossless round trips: BPE, byte fallback (no
-unknown tokens), digits split one per token, identity normalization and no whitespace collapsing, so
-``decode(encode(text)) == text``. Newline is a dedicated piece. Ids: unk 0, bos 1, eos (EOD) 2.
+Settings follow Llama 2's tokenizer where it matters for lossless round trips: BPE, byte fallback
+(no unknown tokens), digits split one per token, identity normalization and no whitespace
+collapsing, so ``decode(encode(text)) == text``. Newline is a dedicated piece. Ids: unk 0, bos 1,
+eos (EOD) 2.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ logger = logging.getLogger(__name__)
 _LINES_PER_SENTENCE = 16  # documents are cut into chunks of lines; newlines stay inside the chunks
 
 
-def iter_training_chunks(inputs: str | list[str], json_key: str = "text",
-                         max_chars: int = 8192) -> Iterator[str]:
+def iter_training_chunks(
+    inputs: str | list[str], json_key: str = "text", max_chars: int = 8192
+) -> Iterator[str]:
     """Yields pieces of every document (``max_chars`` at most), newlines kept, bad lines skipped.
 
     Args:
@@ -40,14 +42,20 @@ def iter_training_chunks(inputs: str | list[str], json_key: str = "text",
                     continue
                 lines = text.splitlines(keepends=True)
                 for i in range(0, len(lines), _LINES_PER_SENTENCE):
-                    chunk = "".join(lines[i:i + _LINES_PER_SENTENCE])
+                    chunk = "".join(lines[i : i + _LINES_PER_SENTENCE])
                     for j in range(0, len(chunk), max_chars):
-                        yield chunk[j:j + max_chars]
+                        yield chunk[j : j + max_chars]
 
 
-def train_sentencepiece(inputs: str | list[str], model_prefix: str, vocab_size: int = 8000,
-                        json_key: str = "text", max_sentences: int = 200_000, seed: int = 0,
-                        num_threads: int = 2) -> str:
+def train_sentencepiece(
+    inputs: str | list[str],
+    model_prefix: str,
+    vocab_size: int = 8000,
+    json_key: str = "text",
+    max_sentences: int = 200_000,
+    seed: int = 0,
+    num_threads: int = 2,
+) -> str:
     """Trains a BPE model and writes ``{model_prefix}.model`` and ``.vocab``.
 
     Args:

@@ -1,13 +1,14 @@
 """The tokenizing half of the pipeline: raw JSONL lines in, flat token arrays out.
 
 Runs in worker processes (or in-process with one worker). Each worker loads the tokenizer once, in
-``init_worker``; ``tokenize_batch`` is a pure function of its batch, so the output does not depend on
-how batches are spread over workers.
+``init_worker``; ``tokenize_batch`` is a pure function of its batch, so the output does not depend
+on how batches are spread over workers.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -67,8 +68,13 @@ def init_worker(settings: WorkerSettings, in_child: bool = True) -> None:
         # The parent owns interruption: it aborts the outputs and terminates the pool.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # see below; never touch the caller's env
     _STATE["settings"] = settings
+    # One encoding thread per worker, so --workers N means N cores: the pool fills the cores, and
+    # extra tokenizer threads only oversubscribe them (and make timings erratic on shared machines).
     tokenizer = load_tokenizer(settings.tokenizer_type, settings.tokenizer_model)
+    if hasattr(tokenizer, "num_threads"):
+        tokenizer.num_threads = 1
     _STATE["tokenizer"] = tokenizer
     _STATE["dtype"] = np.dtype(settings.dtype)
     if settings.append_eod and tokenizer.eod_id is None:
@@ -96,12 +102,14 @@ def tokenize_batch(batch: list[RawLine]) -> BatchResult:
         if record is None:
             result.num_blank += 1
             continue
-        for column, text in zip(texts, record):
+        for column, text in zip(texts, record, strict=True):
             column.append(text)
         origins.append((file_index, line_number))
 
-    encoded = [_encode_column(tokenizer, key, column) for key, column in zip(keys, texts)]
-    # A record is dropped (for every key, keeping keys aligned) if any of its texts failed to encode.
+    encoded = [
+        _encode_column(tokenizer, key, column) for key, column in zip(keys, texts, strict=True)
+    ]
+    # A record is dropped for every key (keeping keys aligned) if any of its texts failed.
     failed: dict[int, tuple[str, str]] = {}
     for column in encoded:
         for i, ids in enumerate(column):
@@ -113,7 +121,7 @@ def tokenize_batch(batch: list[RawLine]) -> BatchResult:
         result.bad.sort(key=lambda b: (b[0], b[1]))
 
     eod = [tokenizer.eod_id] if settings.append_eod else []
-    for key, column in zip(keys, encoded):
+    for key, column in zip(keys, encoded, strict=True):
         docs = [ids + eod if eod else ids for i, ids in enumerate(column) if i not in failed]
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
         total = int(lengths.sum(dtype=np.int64))

@@ -8,10 +8,10 @@ document, no sequence modes):
           | uint64 sequence count N | uint64 document count N+1
           | int32 lengths[N] | int64 byte pointers[N] | int64 document indices [0, 1, ..., N]
 
-Memory stays flat however large the corpus: tokens go straight to the ``.bin`` and document lengths are
-spilled to a temporary file; the ``.idx`` is assembled from that file in fixed-size chunks at the end.
-Everything is written under temporary names; ``commit`` renames the ``.bin`` first and the ``.idx``
-last, so a final-named ``.idx`` always describes a complete ``.bin``.
+Memory stays flat however large the corpus: tokens go straight to the ``.bin`` and document lengths
+are spilled to a temporary file; the ``.idx`` is assembled from that file in fixed-size chunks at
+the end. Everything is written under temporary names; ``commit`` renames the ``.bin`` first and the
+``.idx`` last, so a final-named ``.idx`` always describes a complete ``.bin``.
 """
 
 from __future__ import annotations
@@ -75,14 +75,17 @@ class IndexedDatasetWriter:
         if tokens.dtype != self.dtype:
             raise TypeError(f"tokens are {tokens.dtype}, writer expects {self.dtype}")
         if int(lengths.sum()) != tokens.size:
-            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+            raise ValueError(
+                f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given"
+            )
         self._bin.write(tokens.tobytes())
         self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
         self.num_documents += int(lengths.size)
         self.num_tokens += int(tokens.size)
 
     def lengths(self) -> np.ndarray:
-        """Document lengths written so far, memory-mapped from the spill file (call after finalize)."""
+        """Document lengths written so far, memory-mapped from the spill file (call after
+        finalize)."""
         if self.num_documents == 0:
             return np.zeros(0, dtype=np.int32)
         return np.memmap(self._tmp_lengths, dtype=np.int32, mode="r", shape=(self.num_documents,))

@@ -10,8 +10,9 @@ vectors, never as an S x S mask over the whole sequence:
 (padding sits at the end of each document, so a real query never sees a padding key; padding
 queries get output 0). Rows with nothing allowed have lse = -inf and output 0, never NaN.
 
-Shape legend (THD): q ``[tq, hq, d]``, k / v ``[tk, hk, d]`` with hq = g x hk (GQA: the g query heads
-of a group share one K/V head, handled by reshaping q to ``[tq, hk, g, d]``; K/V are never repeated);
+Shape legend (THD): q ``[tq, hq, d]``, k / v ``[tk, hk, d]`` with hq = g x hk (GQA: the g query
+heads of a group share one K/V head, handled by reshaping q to ``[tq, hk, g, d]``; K/V are never
+repeated);
 lse ``[tq, hq]``. Scores are ``[hk, g, tq, tk]`` in fp32.
 """
 
@@ -100,7 +101,8 @@ def merge_blocks(out, lse, block_out, block_lse):
     """Online-softmax merge of a block into the running (out, lse); safe when both are empty."""
     new_lse = torch.logaddexp(lse, block_lse)
     safe = _safe(new_lse)
-    out = out * torch.exp(lse - safe)[..., None] + block_out * torch.exp(block_lse - safe)[..., None]
+    out = (out * torch.exp(lse - safe)[..., None]
+           + block_out * torch.exp(block_lse - safe)[..., None])
     return out, new_lse
 
 
