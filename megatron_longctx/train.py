@@ -32,10 +32,16 @@ def load_config(path: str, overrides: list[str]) -> ExperimentConfig:
     return from_dict(ExperimentConfig, raw)
 
 
-def dry_run(cfg: ExperimentConfig, world_size: int) -> str:
-    """The resolved config and each stage's validated layout, as text."""
+def dry_run(cfg: ExperimentConfig, world_size: int, config_dir: Path | None = None) -> str:
+    """The resolved config and each stage's validated layout and mixture, as text."""
+    from megatron_longctx.training.data import stage_mixture
+
     lines = [yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "", "# parallel layouts"]
     for stage in cfg.stages:
+        if stage.mixture is not None:
+            spec = stage_mixture(stage, config_dir)  # parses and validates weights/buckets
+            lines.append(f"stage {stage.name} mixture: " + ", ".join(
+                f"{c.name} {c.weight:g}" for c in spec.components))
         m = cfg.model_config(stage)
         dp = stage.parallel.validate(
             world_size=world_size, num_layers=m.num_layers,
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         world = args.world_size or int(os.environ.get("WORLD_SIZE")
                                        or os.environ.get("SLURM_NTASKS") or 1)
-        text = dry_run(cfg, world)
+        text = dry_run(cfg, world, Path(args.config).resolve().parent)
     except (ConfigError, LayoutError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -98,13 +98,18 @@ class StageConfig:
 
 @dataclass
 class OptimizerSection:
-    """AdamW settings shared by all stages (ProLong's defaults); the LR is per stage."""
+    """AdamW settings shared by all stages (ProLong's defaults); the LR is per stage.
+
+    ``use_distributed_optimizer`` shards Adam state over DP (megatron's DistributedOptimizer; GPU
+    recipes; its checkpoints fail on megatron's CPU torch-AdamW fallback, so CPU runs refuse it).
+    """
 
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
 
 
 @dataclass
@@ -156,13 +161,15 @@ class TrainingSection:
     """Attributes:
     device: auto, cpu or cuda. backend: model layers, auto | local | te.
     nan_policy: halt (default; nothing is checkpointed after a NaN/inf) or skip the step.
-    peak_flops_per_device: for the MFU estimate (None: from the detected hardware, CPU: 1e12).
+    peak_flops_per_device: for the MFU estimate (None: H100 bf16 dense on GPU, nominal on CPU).
+    bf16: bf16 parameters and activations with fp32 main weights in the optimizer (GPU recipes).
     """
 
     device: str = "auto"
     backend: str = "auto"
     nan_policy: str = "halt"
     peak_flops_per_device: float | None = None
+    bf16: bool = False
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:

@@ -53,9 +53,16 @@ logger = logging.getLogger("megatron_longctx.train")
 CPU_NOMINAL_PEAK_FLOPS = 1e11  # MFU on CPU is indicative only
 
 
-def core_attention_name(stage: StageConfig) -> str:
+def core_attention_name(stage: StageConfig, backend: str = "auto") -> str | None:
+    """The stage's core attention. "auto": Transformer Engine's own THD/CP attention when the TE
+    backend is in use (GPU, untested here), else the project's document-masked attention
+    ("local" for CP 1, "ring" for CP > 1)."""
+    from megatron_longctx.model.specs import resolve_backend
+
     if stage.core_attention != "auto":
         return stage.core_attention
+    if resolve_backend(backend) == "te":
+        return None
     return "local" if stage.parallel.context_parallel_size == 1 else "ring"
 
 
@@ -123,17 +130,24 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed + idx)
     torch.manual_seed(cfg.seed + idx)
     # 2. model and optimizer
+    use_dist_opt = cfg.optimizer.use_distributed_optimizer
+    if use_dist_opt and not torch.cuda.is_available():
+        raise ValueError("optimizer.use_distributed_optimizer=true needs GPUs: megatron's "
+                         "DistributedOptimizer checkpoints fail with its CPU torch-AdamW fallback; "
+                         "set optimizer.use_distributed_optimizer=false for CPU runs")
     model = build_gpt_model(model_cfg, layout, backend=cfg.training.backend,
-                            core_attention=core_attention_name(stage), recompute=stage.recompute,
-                            seq_length=stage.seq_length)
+                            core_attention=core_attention_name(stage, cfg.training.backend), recompute=stage.recompute,
+                            seq_length=stage.seq_length,
+                            params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32)
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
-    chunks = wrap_ddp([model])
+    chunks = wrap_ddp([model], use_distributed_optimizer=use_dist_opt)
     opt_cfg = cfg.optimizer
     settings = OptimizerSettings(lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
                                  weight_decay=opt_cfg.weight_decay, adam_beta1=opt_cfg.adam_beta1,
                                  adam_beta2=opt_cfg.adam_beta2, adam_eps=opt_cfg.adam_eps,
                                  clip_grad=opt_cfg.clip_grad)
-    optimizer = build_optimizer(chunks, settings)
+    optimizer = build_optimizer(chunks, settings, bf16=cfg.training.bf16,
+                                use_distributed_optimizer=use_dist_opt)
     total = stage.num_steps
 
     def new_scheduler():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class OptimizerSettings:
@@ -25,7 +27,8 @@ class OptimizerSettings:
     clip_grad: float = 1.0
 
 
-def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_size: int | None = None):
+def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_size: int | None = None,
+             use_distributed_optimizer: bool = False):
     """Megatron DDP around each chunk; grads land in fp32 ``main_grad`` buffers, summed over DP
     (the per-token loss scaling divides by the global token count later)."""
     from megatron.core.distributed import (
@@ -37,7 +40,7 @@ def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_si
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
         bucket_size=bucket_size,
     )
     wrapped = []
@@ -55,8 +58,10 @@ def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_si
     return wrapped
 
 
-def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False):
-    """megatron-core's optimizer (non-distributed; see MEGATRON_ON_CPU.md for why)."""
+def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False,
+                    use_distributed_optimizer: bool = False):
+    """megatron-core's optimizer. The distributed optimizer is for GPU runs only (untested on GPU):
+    its checkpoints fail with megatron's CPU torch-AdamW fallback (MEGATRON_ON_CPU.md)."""
     from megatron.core.optimizer import (
         OptimizerConfig,
         get_megatron_optimizer,
@@ -73,7 +78,8 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
         bf16=bf16,
-        use_distributed_optimizer=False,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     # Standard Megatron/HF convention: no weight decay on biases and 1-D tensors (norm weights).
     return get_megatron_optimizer(config, model_chunks,
