@@ -7,9 +7,11 @@ The whole pipeline, each step through the same CLI a user runs:
   4. megatron_longctx.train        examples/tiny_cpu.yaml on 2 gloo processes (torchrun): stage 1 at
                                    256 tokens (DP 2), stage 2 at 1,024 tokens (CP 2 ring attention,
                                    new RoPE theta), checkpoints, metrics, loss-curve PNG
-  5. tools/convert_checkpoint.py   final checkpoint -> Hugging Face Llama dir + a generation
-  6. tools/eval_longctx.py         long-context evaluation report of the exported model
-Steps 5 and 6 run when those tools are present. Every artifact's path is printed at the end.
+                                   and, after each stage, an HF export + long-context evaluation
+                                   (needle grid, RULER-style tasks, loss by position) of that stage
+  5. tools/convert_checkpoint.py   final checkpoint -> Hugging Face Llama dir, loaded by
+                                   transformers for a generation (tools/demo_generate.py)
+Every artifact's path is printed at the end.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     corpus, tok, data, run_dir = out / "corpus", out / "tokenizer", out / "data", out / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", LONGCTX_DATA=str(data),
-               LONGCTX_RUN=str(run_dir), WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+               LONGCTX_RUN=str(run_dir), LONGCTX_TOKENIZER=str(tok / "spm.model"),
+               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
 
     run([PY, "tools/make_sample_corpus.py", "--output-dir", corpus])
     run([PY, "tools/train_tokenizer.py", "--input", corpus, "--model-prefix", tok / "spm",
@@ -58,18 +61,16 @@ def main(argv=None) -> int:
     from megatron_longctx.checkpoint.dist import find_latest, iteration_dir
 
     final = iteration_dir(run_dir / "checkpoints", find_latest(run_dir / "checkpoints"))
-    if (ROOT / "tools" / "convert_checkpoint.py").exists():
-        hf = out / "hf"
-        run([PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--load", final, "--save", hf])
-        shutil.copy(tok / "spm.model", hf / "tokenizer.model")
-        run([PY, "tools/demo_generate.py", "--hf-dir", hf, "--tokenizer-model", tok / "spm.model"])
-        artifacts["HF export"] = hf
-        if (ROOT / "tools" / "eval_longctx.py").exists():
-            ev = out / "eval"
-            run([PY, "tools/eval_longctx.py", "--hf-dir", hf, "--output-dir", ev,
-                 "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-                 tok / "spm.model", "--quick"])
-            artifacts["evaluation"] = ev
+    hf = out / "hf"
+    run([PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--load", final, "--save", hf])
+    shutil.copy(tok / "spm.model", hf / "tokenizer.model")
+    run([PY, "tools/demo_generate.py", "--hf-dir", hf, "--tokenizer-model", tok / "spm.model",
+         "--prompt", "The "])
+    artifacts["HF export"] = hf
+    for stage_eval in sorted((run_dir / "eval").glob("*/report.md"), key=lambda p: p.stat().st_mtime):
+        artifacts[f"eval {stage_eval.parent.name}"] = stage_eval
+        print(f"\n== evaluation after stage {stage_eval.parent.name} ({stage_eval})\n")
+        print(stage_eval.read_text())
     print("\n== demo artifacts")
     for name, path in artifacts.items():
         print(f"  {name:<18} {path}")

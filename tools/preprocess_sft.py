@@ -6,8 +6,9 @@ Writes ``{output_prefix}_text_document.bin/.idx`` (tokens, Llama-3-style chat te
 ``prefixes: [..._text_document]`` and ``mask_prefixes: [..._mask_document]`` (see
 ``examples/mixtures/sft_ultrachat.yaml``):
 
-    python tools/preprocess_sft.py --input data/ultrachat.jsonl --output-prefix data/sft/ultrachat \\
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tok/spm.model
+    python tools/preprocess_sft.py --input data/ultrachat.jsonl \\
+        --output-prefix data/sft/ultrachat --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model data/tok/spm.model
 
 Exit status: 0 on success, 1 on a bad record with ``--on-error fail`` (message
 ``file:line: reason: detail``; nothing is written) or no valid conversation, 2 on bad flags.

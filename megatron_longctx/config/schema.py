@@ -40,7 +40,10 @@ class StageConfig:
             initialise the weights from, for the first stage; later stages continue from the previous.
         type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
         core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
-        eval: run the long-context evaluation at the end of the stage.
+        eval: run the long-context evaluation at the end of the stage (rank 0 exports the
+            stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
+        eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,
+            num_samples, tasks, loss_data, ...); lengths beyond seq_length are skipped.
     """
 
     name: str
@@ -63,6 +66,7 @@ class StageConfig:
     type: str = "pretrain"
     core_attention: str = "auto"
     eval: bool = False
+    eval_settings: dict | None = None
 
     def __post_init__(self):
         where = f"stage {self.name!r}"

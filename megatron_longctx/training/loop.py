@@ -222,6 +222,8 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
         interval_due = stage_step % max(1, cfg.checkpoint.interval) == 0
         if stage_step == total:
             save(protected=True)
+            if stage.eval:
+                _evaluate_stage(cfg, stage, iteration_dir(save_dir, iteration), metrics, iteration)
         elif interval_due:
             save()
         if signals.agreed():
@@ -231,6 +233,36 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
                   f"{EXIT_PREEMPTED} so the launcher requeues the job")
             return EXIT_PREEMPTED, iteration
     return 0, iteration
+
+
+def _evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration: int) -> None:
+    """Rank 0 exports the stage's final checkpoint to HF and evaluates it; others wait."""
+    if dist.get_rank() == 0:
+        from megatron_longctx.eval import EvalSettings, evaluate_checkpoint
+
+        settings = EvalSettings.from_dict(expand_env(dict(stage.eval_settings or {})))
+        out = Path(expand_env(cfg.logging.run_dir)) / "eval" / stage.name
+        results = evaluate_checkpoint(str(ckpt_dir), str(out), settings,
+                                      tokenizer_type=expand_env(cfg.data.tokenizer_type or "") or None,
+                                      tokenizer_model=expand_env(cfg.data.tokenizer_model or "")
+                                      or None)
+        summary = {f"eval/{k}": v for k, v in _flat_scores(results).items()}
+        _log0(f"[{stage.name}] evaluation -> {out}: " +
+              ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items()))
+        if metrics.wandb is not None:
+            metrics.wandb.log(summary, step=iteration)
+    dist.barrier()
+
+
+def _flat_scores(results: dict) -> dict[str, float]:
+    """Headline accuracies of an evaluation result (for logs and wandb)."""
+    scores = {}
+    if (results.get("needle") or {}).get("accuracy") is not None:
+        scores["needle"] = results["needle"]["accuracy"]
+    for task, res in (results.get("ruler") or {}).items():
+        if res.get("accuracy") is not None:
+            scores[task] = res["accuracy"]
+    return scores
 
 
 def _record(stage, stage_step, total, iteration, result, optimizer, grad_norm, skipped, micro,

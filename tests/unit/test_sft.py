@@ -1,4 +1,4 @@
-"""SFT data: chat template loss masks vs a hand computation, bad records, and packed loader masks."""
+"""SFT data: chat-template loss masks vs a hand computation, bad records, packed loader masks."""
 
 from __future__ import annotations
 
