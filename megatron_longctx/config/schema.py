@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_longctx.config.loading import ConfigError
+from megatron_longctx.config.loading import ConfigError, from_dict
 from megatron_longctx.model.config import ModelConfig, get_preset
 from megatron_longctx.parallel.layout import ParallelLayout
 
@@ -212,7 +212,8 @@ class ExperimentConfig:
             raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
                               f"allowed: preset, {', '.join(sorted(allowed))}")
         try:
-            cfg = get_preset(preset, **raw) if preset else ModelConfig(**raw)
+            base = get_preset(preset).to_dict() if preset else {}
+            cfg = from_dict(ModelConfig, {**base, **raw}, "model")  # typed: "1.28e8" -> float
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err
         if stage is not None:

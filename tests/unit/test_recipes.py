@@ -9,7 +9,7 @@ from megatron_longctx.train import main
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # recipe -> the world size (GPUs / CPU processes) it is laid out for
 WORLD_SIZES = {"tiny_cpu": 2, "tiny_test": 2, "prolong_64k": 64, "prolong_512k": 128,
-               "llama2_long_32k": 32}
+               "llama2_long_32k": 32, "prolong_sft": 64}
 
 
 def test_every_recipe_is_listed():
