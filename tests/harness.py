@@ -34,8 +34,11 @@ def free_port() -> int:
 
 def _worker(rank, world_size, port, fn, args, workdir, timeout):
     log = open(Path(workdir) / f"rank{rank}.log", "w", buffering=1)
+    # stdout too: children this rank starts (megatron's checkpoint writers, a multiprocessing
+    # manager) must not inherit pytest's pipe, or a leftover child keeps a reader waiting for EOF.
+    os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    sys.stderr = log
+    sys.stdout = sys.stderr = log
     faulthandler.enable(file=log)
     faulthandler.dump_traceback_later(max(timeout - 3, 1), exit=True, file=log)
     result_path = Path(workdir) / f"rank{rank}.result"
@@ -56,6 +59,8 @@ def _worker(rank, world_size, port, fn, args, workdir, timeout):
     except Exception:  # unpicklable result
         result_path.write_bytes(pickle.dumps(("error", traceback.format_exc())))
     log.flush()
+    for child in mp.active_children():  # e.g. dist_checkpointing's results-queue manager
+        child.kill()
     os._exit(0)  # skip atexit/gloo teardown, which can hang when a peer is gone
 
 

@@ -103,6 +103,14 @@ def _merged_model_sd(sd: dict) -> dict:
     return {k: v for key, part in sd.items() if key.startswith("model") for k, v in part.items()}
 
 
+def _save_strategy():
+    """megatron's torch_dist format, written by one forked writer per rank (the default two
+    double the forks per save for no gain on small shards)."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
 def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, optimizer=None,
                     scheduler=None, state: dict | None = None, keep_last: int | None = None,
                     protected: bool = False, before_marker=None) -> Path:
@@ -130,7 +138,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, op
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration)
-    dist_checkpointing.save(sd, str(final))
+    dist_checkpointing.save(sd, str(final), sharded_strategy=_save_strategy())
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                final / "rng" / f"rank{_rank():05d}.pt")

@@ -121,3 +121,28 @@ def test_missing_dataset_is_a_clear_error(tmp_path, data):
     assert p.returncode != 0
     assert "long" in p.stderr and ".bin" in p.stderr
     assert list_checkpoints(tmp_path / "run" / "checkpoints", complete_only=False) == []
+
+
+@pytest.mark.timeout(300)
+def test_trained_checkpoint_exports_to_hf_with_stage_rope(tmp_path, reference):
+    """The curriculum's final checkpoint (stage 2: theta 1.28e8, trained at 256 tokens) exports and
+    loads in transformers with those RoPE settings (the pitfall other converters hit)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--load",
+                           str(reference / "checkpoints"), "--save", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = LlamaConfig.from_pretrained(out, local_files_only=True)
+    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+    assert theta == 1.28e8 and cfg.max_position_embeddings == 256
+    model = LlamaForCausalLM.from_pretrained(out, local_files_only=True)
+    ref = read_model_tensors(iteration_dir(reference / "checkpoints", TOTAL))
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.equal(emb, ref["embedding.word_embeddings.weight"][: emb.shape[0]])
+    logits = model(torch.tensor([[1, 5, 9, 13]])).logits
+    assert torch.isfinite(logits).all()

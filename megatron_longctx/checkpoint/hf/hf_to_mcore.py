@@ -1,0 +1,192 @@
+"""HF Llama dir -> the project's megatron dist checkpoint (``checkpoint.dist``, iteration 0).
+
+How it runs: every rank of a TP x PP (x DP) job builds its own GPTModel chunk and fills each
+parameter from a lazily read HF tensor (one full tensor in memory at a time: read, fuse / pad,
+slice this rank's shard, copy, free), then all ranks call ``checkpoint.dist.save_checkpoint``.
+``hf_to_mcore`` runs that collective directly when ``torch.distributed`` is already initialised
+(e.g. under torchrun), and otherwise spawns TP x PP local gloo processes itself. Conversion runs
+on CPU. Peak memory per process is its model shard plus one full HF tensor.
+
+The checkpoint is written at the TP/PP asked for; megatron dist_checkpointing reshards on load, so
+the trainer loads it at any TP/PP whose padded vocabulary (``ModelConfig.padded_vocab_size``)
+is the same (Megatron's own rule: the vocabulary is padded to a multiple of divisible_by x TP).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from megatron_longctx.checkpoint.hf import keymap
+from megatron_longctx.checkpoint.hf.config_map import ConversionError, model_config_from_hf
+from megatron_longctx.checkpoint.hf.hf_io import HFReader
+from megatron_longctx.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_SUBDIR = "hf_tokenizer"
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def open_hf_checkpoint(hf_dir: str | Path, make_vocab_size_divisible_by: int = 128
+                       ) -> tuple[HFReader, ModelConfig]:
+    """Opens ``hf_dir`` and checks config and tensors (names, shapes) before anything is built.
+
+    Raises:
+        ConversionError: non-Llama config, missing shard or tensor, or a shape the config rules out.
+    """
+    reader = HFReader(hf_dir)
+    cfg = model_config_from_hf(reader.config, source=str(Path(hf_dir) / "config.json"),
+                               make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    wanted = keymap.hf_names(cfg)
+    missing = [n for n in wanted if n not in reader]
+    if missing:
+        raise ConversionError(f"{hf_dir}: {len(missing)} tensor(s) required by config.json are "
+                              f"missing, e.g. {missing[:3]}; the checkpoint is incomplete")
+    bad = [f"{n}: {reader.shape(n)} != {keymap.expected_hf_shape(n, cfg)}" for n in wanted
+           if reader.shape(n) != keymap.expected_hf_shape(n, cfg)]
+    if bad:
+        raise ConversionError(f"{hf_dir}: tensor shapes do not match config.json "
+                              f"(checkpoint vs config): {bad[:3]}; fix config.json or the weights")
+    return reader, cfg
+
+
+class _LazyFullTensors(Mapping):
+    """megatron full name -> full tensor, built from HF tensors only when looked up."""
+
+    def __init__(self, reader: HFReader, cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype):
+        self.reader, self.cfg, self.padded, self.dtype = reader, cfg, padded_vocab, dtype
+        self.names = keymap.mcore_names(cfg)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        parts = [self.reader.get(n).to(self.dtype) for n in keymap.hf_sources(name)]
+        return keymap.to_mcore(name, parts, self.cfg, self.padded)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def hf_to_mcore_collective(hf_dir: str | Path, save_dir: str | Path,
+                           tensor_model_parallel_size: int, pipeline_model_parallel_size: int, *,
+                           params_dtype: torch.dtype = torch.float32,
+                           make_vocab_size_divisible_by: int = 128) -> Path:
+    """Collective (every rank calls it; torch.distributed initialised). Returns the checkpoint dir.
+
+    Sets up megatron's TP/PP groups for the given sizes (DP = world / (TP x PP)).
+    """
+    import torch.distributed as dist
+    from megatron.core import tensor_parallel
+
+    from megatron_longctx.checkpoint.dist import save_checkpoint
+    from megatron_longctx.model.build import build_gpt_model
+    from megatron_longctx.model.full_state import load_full
+    from megatron_longctx.parallel.layout import ParallelLayout
+    from megatron_longctx.runtime.distributed import initialize_model_parallel
+
+    reader, cfg = open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)
+    layout = ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size, 1)
+    layout.validate(world_size=dist.get_world_size(), num_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_attention_heads,
+                    num_query_groups=cfg.num_query_groups)
+    initialize_model_parallel(layout)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    # Conversion needs no fused kernels; the local spec's checkpoint keys equal the TE spec's.
+    model = build_gpt_model(cfg, layout, backend="local", params_dtype=params_dtype)
+    padded = cfg.padded_vocab_size(tensor_model_parallel_size)
+    load_full(model, _LazyFullTensors(reader, cfg, padded, params_dtype))
+    copied = []
+    if dist.get_rank() == 0:
+        copied = reader.copy_tokenizer(Path(save_dir) / TOKENIZER_SUBDIR)
+    hf_dtype = _SAFETENSORS_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "float32")
+    state = {"model": cfg.to_dict(), "source": "hf", "hf_dir": str(Path(hf_dir).resolve()),
+             "hf_config": reader.config, "hf_dtype": hf_dtype, "tokenizer_files": copied,
+             "tensor_model_parallel_size": tensor_model_parallel_size,
+             "pipeline_model_parallel_size": pipeline_model_parallel_size}
+    return save_checkpoint(save_dir, 0, [model], state=state)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank: int, world: int, port: int, args: tuple, kwargs: dict, errors) -> None:
+    try:
+        torch.set_num_threads(1)
+        from megatron_longctx.runtime.distributed import DistEnv, init_process_group
+
+        init_process_group(DistEnv(rank, world, rank, "127.0.0.1", port), device="cpu")
+        hf_to_mcore_collective(*args, **kwargs)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which kills the other ranks
+        errors.put((rank, traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path, tensor_model_parallel_size: int = 1,
+                pipeline_model_parallel_size: int = 1, *, params_dtype: torch.dtype = torch.float32,
+                make_vocab_size_divisible_by: int = 128, overwrite: bool = False) -> Path:
+    """Converts ``hf_dir`` to a megatron checkpoint under ``save_dir`` (see module docstring).
+
+    Args:
+        hf_dir: HF Llama directory (config.json + safetensors).
+        save_dir: checkpoint root; the checkpoint lands in ``save_dir/iter_0000000``.
+        tensor_model_parallel_size / pipeline_model_parallel_size: the layout it is written at.
+        params_dtype: dtype of the stored parameters (fp32 keeps any HF dtype exactly).
+        make_vocab_size_divisible_by: Megatron's vocabulary padding multiple (times TP).
+        overwrite: replace checkpoints already present in ``save_dir``.
+
+    Returns:
+        The checkpoint directory.
+    """
+    from megatron_longctx.checkpoint.dist import iteration_dir, list_checkpoints
+
+    kwargs = dict(params_dtype=params_dtype,
+                  make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    args = (str(hf_dir), str(save_dir), tensor_model_parallel_size, pipeline_model_parallel_size)
+    open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)  # fail fast, before any process
+    existing = list_checkpoints(save_dir, complete_only=False)
+    if existing and not overwrite:
+        raise ConversionError(f"{save_dir} already holds checkpoint(s) at iterations {existing}; "
+                              "pass --overwrite to replace them, or choose another --save")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank checked --save before any rank writes into it
+        return hf_to_mcore_collective(*args, **kwargs)
+    world = tensor_model_parallel_size * pipeline_model_parallel_size
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, kwargs, errors))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    failed = None
+    while any(p.is_alive() for p in procs) and failed is None:
+        for p in procs:
+            p.join(0.2)
+            if p.exitcode not in (None, 0):
+                failed = p
+    for p in procs:  # one rank failed: the others would wait in a collective forever
+        if failed is not None and p.is_alive():
+            p.kill()
+        p.join()
+    if failed is not None or any(p.exitcode != 0 for p in procs):
+        details = "\n".join(f"--- rank {r}:\n{tb}" for r, tb in _drain(errors))
+        raise RuntimeError(f"hf-to-mcore failed on a spawned rank:\n{details or '(no traceback)'}")
+    return iteration_dir(save_dir, 0)
+
+
+def _drain(queue) -> list:
+    items = []
+    while not queue.empty():
+        items.append(queue.get())
+    return items
