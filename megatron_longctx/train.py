@@ -76,9 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(text)
         return 0
+    from megatron_longctx.checkpoint.dist import CheckpointError
+    from megatron_longctx.data.mixture import MixtureError
     from megatron_longctx.training.loop import train
 
-    return train(cfg, to_dict(cfg), config_dir=Path(args.config).resolve().parent)
+    try:
+        return train(cfg, to_dict(cfg), config_dir=Path(args.config).resolve().parent)
+    except (CheckpointError, MixtureError, LayoutError, ConfigError) as err:
+        # Bad input found before (or instead of) a step: one clear line, no traceback; nothing
+        # already written is touched.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

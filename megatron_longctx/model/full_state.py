@@ -65,9 +65,10 @@ def _tp_gather(tensor: torch.Tensor, param, name: str, model) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def gather_full(model, kind: str = "param") -> dict[str, torch.Tensor]:
-    """Full tensors of every parameter (``kind='param'``) or gradient (``'grad'``: ``main_grad`` under
-    megatron DDP, else ``.grad``), identical on every rank of the TP and PP groups."""
+def gather_full(model, kind: str = "param", optimizer=None) -> dict[str, torch.Tensor]:
+    """Full tensors of every parameter (``kind='param'``), gradient (``'grad'``: ``main_grad`` under
+    megatron DDP, else ``.grad``) or Adam moment (``'exp_avg'`` / ``'exp_avg_sq'`` of megatron's
+    ``optimizer``), identical on every rank of the TP and PP groups."""
     from megatron.core import parallel_state
 
     module = _unwrap(model)
@@ -78,6 +79,8 @@ def gather_full(model, kind: str = "param") -> dict[str, torch.Tensor]:
             continue
         if kind == "param":
             tensor = param.data
+        elif kind in ("exp_avg", "exp_avg_sq"):
+            tensor = optimizer.optimizer.state[getattr(param, "main_param", param)][kind]
         else:
             tensor = getattr(param, "main_grad", None)
             if tensor is None:

@@ -146,3 +146,15 @@ def test_trained_checkpoint_exports_to_hf_with_stage_rope(tmp_path, reference):
     assert torch.equal(emb, ref["embedding.word_embeddings.weight"][: emb.shape[0]])
     logits = model(torch.tensor([[1, 5, 9, 13]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.timeout(200)
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path, data, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    shutil.rmtree(iteration_dir(run / "checkpoints", TOTAL))  # resume at the stage transition
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    p = launch(CONFIG, run, data, "model.hidden_size=32", "model.ffn_hidden_size=64")
+    assert p.returncode != 0
+    assert "is for another model shape" in p.stderr and "hidden_size" in p.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing lost
