@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean reproduce
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ test: install
 
 demo: install
 	$(PY) tools/demo.py
+
+# Issue 11: the papers' context-extension findings at tiny scale (~15 min on 2 CPU cores).
+reproduce: install
+	$(PY) examples/reproduce_longctx.py
 
 lint: install
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check megatron_longctx tools tests benchmarks

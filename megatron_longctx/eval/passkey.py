@@ -109,7 +109,7 @@ def _free_port() -> int:
 
 
 def init_single_process() -> None:
-    """torch.distributed (gloo, world 1) + megatron groups for a TP = PP = CP = 1 model. Idempotent."""
+    """torch.distributed (gloo, world 1) + megatron groups for TP = PP = CP = 1. Idempotent."""
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_longctx.parallel.layout import ParallelLayout
