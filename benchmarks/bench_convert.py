@@ -39,8 +39,9 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     """Runs ``cmd``; returns (seconds, peak PSS of the process tree in bytes)."""
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -83,31 +84,61 @@ def main() -> None:
     from megatron_longctx.checkpoint.hf.hf_io import parse_size
     from megatron_longctx.model.config import ModelConfig
 
-    cfg = ModelConfig(hidden_size=args.hidden, ffn_hidden_size=args.hidden * 11 // 4,
-                      num_layers=args.layers, num_attention_heads=args.hidden // 128,
-                      num_query_groups=max(1, args.hidden // 256), vocab_size=32000,
-                      rope_theta=1.28e8, max_position_embeddings=65536)
+    cfg = ModelConfig(
+        hidden_size=args.hidden,
+        ffn_hidden_size=args.hidden * 11 // 4,
+        num_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_query_groups=max(1, args.hidden // 256),
+        vocab_size=32000,
+        rope_theta=1.28e8,
+        max_position_embeddings=65536,
+    )
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
     hf_dir, ckpt, out, base_out = (os.path.join(work, d) for d in ("hf", "ckpt", "out", "base"))
     shard = write_synthetic_hf(hf_dir, cfg, parse_size(args.shard_size))
-    print(f"model: {cfg.num_parameters() / 1e9:.2f}B parameters (bf16 HF, largest shard "
-          f"{shard / 1e9:.2f} GB), workdir {work}")
+    print(
+        f"model: {cfg.num_parameters() / 1e9:.2f}B parameters (bf16 HF, largest shard "
+        f"{shard / 1e9:.2f} GB), workdir {work}"
+    )
     tool = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py")]
     rows = [
-        ("baseline from_pretrained+save", measure(
-            [sys.executable, "-c", BASELINE, hf_dir, base_out, args.shard_size])),
-        ("hf-to-mcore (TP1 PP1, fp32)", measure(
-            [*tool, "hf-to-mcore", "--hf-dir", hf_dir, "--save", ckpt])),
-        ("mcore-to-hf (bf16)", measure(
-            [*tool, "mcore-to-hf", "--load", ckpt, "--save", out, "--dtype", "bf16",
-             "--max-shard-size", args.shard_size])),
+        (
+            "baseline from_pretrained+save",
+            measure([sys.executable, "-c", BASELINE, hf_dir, base_out, args.shard_size]),
+        ),
+        (
+            "hf-to-mcore (TP1 PP1, fp32)",
+            measure([*tool, "hf-to-mcore", "--hf-dir", hf_dir, "--save", ckpt]),
+        ),
+        (
+            "mcore-to-hf (bf16)",
+            measure(
+                [
+                    *tool,
+                    "mcore-to-hf",
+                    "--load",
+                    ckpt,
+                    "--save",
+                    out,
+                    "--dtype",
+                    "bf16",
+                    "--max-shard-size",
+                    args.shard_size,
+                ]
+            ),
+        ),
     ]
     base_t, base_rss = rows[0][1]
-    print(f"{'conversion':32s} {'time s':>8s} {'x base':>7s} {'peak PSS GB':>12s} "
-          f"{'x shard':>8s} {'x base':>7s}")
+    print(
+        f"{'conversion':32s} {'time s':>8s} {'x base':>7s} {'peak PSS GB':>12s} "
+        f"{'x shard':>8s} {'x base':>7s}"
+    )
     for name, (t, rss) in rows:
-        print(f"{name:32s} {t:8.1f} {t / base_t:7.2f} {rss / 1e9:12.2f} {rss / shard:8.2f} "
-              f"{rss / base_rss:7.2f}")
+        print(
+            f"{name:32s} {t:8.1f} {t / base_t:7.2f} {rss / 1e9:12.2f} {rss / shard:8.2f} "
+            f"{rss / base_rss:7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,25 +53,38 @@ def sample_lengths(kind: str, rng, seq: int = 524_288) -> list[int]:
 
 def balance_report(num_samples: int) -> None:
     print("\n== attention-work balance: max/min across CP ranks (median over samples) ==")
-    print(f"{'mix':18s} {'CP':>3s} {'seq zigzag':>11s} {'doc zigzag':>11s} "
-          f"{'seq+lin':>8s} {'doc+lin':>8s} {'padding':>8s}")
+    print(
+        f"{'mix':18s} {'CP':>3s} {'seq zigzag':>11s} {'doc zigzag':>11s} "
+        f"{'seq+lin':>8s} {'doc+lin':>8s} {'padding':>8s}"
+    )
     for kind in ("64k_docs+filler", "one_512k_doc", "short_only"):
         for cp in (8, 16, 32):
             rng = np.random.default_rng(cp)
             rows = []
             for _ in range(num_samples):
                 lengths = sample_lengths(kind, rng)
-                rows.append([
-                    imbalance(attention_work_per_rank(lengths, cp, "sequence_zigzag")),
-                    imbalance(attention_work_per_rank(lengths, cp, "document_zigzag")),
-                    imbalance(attention_work_per_rank(lengths, cp, "sequence_zigzag",
-                                                      LINEAR_PAIRS_PER_TOKEN)),
-                    imbalance(attention_work_per_rank(lengths, cp, "document_zigzag",
-                                                      LINEAR_PAIRS_PER_TOKEN)),
-                    padding_fraction(lengths, cp)])
+                rows.append(
+                    [
+                        imbalance(attention_work_per_rank(lengths, cp, "sequence_zigzag")),
+                        imbalance(attention_work_per_rank(lengths, cp, "document_zigzag")),
+                        imbalance(
+                            attention_work_per_rank(
+                                lengths, cp, "sequence_zigzag", LINEAR_PAIRS_PER_TOKEN
+                            )
+                        ),
+                        imbalance(
+                            attention_work_per_rank(
+                                lengths, cp, "document_zigzag", LINEAR_PAIRS_PER_TOKEN
+                            )
+                        ),
+                        padding_fraction(lengths, cp),
+                    ]
+                )
             med = [statistics.median(col) for col in zip(*rows)]
-            print(f"{kind:18s} {cp:3d} {med[0]:11.3f} {med[1]:11.3f} {med[2]:8.3f} "
-                  f"{med[3]:8.3f} {med[4] * 100:7.2f}%")
+            print(
+                f"{kind:18s} {cp:3d} {med[0]:11.3f} {med[1]:11.3f} {med[2]:8.3f} "
+                f"{med[3]:8.3f} {med[4] * 100:7.2f}%"
+            )
 
 
 def _comm_worker(rank, world, seq, repeats):
@@ -101,10 +114,18 @@ def _comm_worker(rank, world, seq, repeats):
                 dist.barrier()
             start = time.perf_counter()
             if mode == "ring":
-                y = ring.ring_attention(q, k, v, metas, lays[rank].early, lays[rank].late,
-                                        D ** -0.5, dist.group.WORLD if world > 1 else None)
+                y = ring.ring_attention(
+                    q,
+                    k,
+                    v,
+                    metas,
+                    lays[rank].early,
+                    lays[rank].late,
+                    D**-0.5,
+                    dist.group.WORLD if world > 1 else None,
+                )
             else:
-                y = a2a.a2a_attention(q, k, v, metas, D ** -0.5, dist.group.WORLD)
+                y = a2a.a2a_attention(q, k, v, metas, D**-0.5, dist.group.WORLD)
             y.sum().backward()
             times.append(time.perf_counter() - start)
         sent = {**ring.COMM_BYTES, **a2a.COMM_BYTES}
@@ -115,8 +136,9 @@ def _comm_worker(rank, world, seq, repeats):
 def comm_report(seq: int = 1024) -> None:
     from tests.harness import run_distributed
 
-    print(f"\n== bytes sent per rank per layer (fp32, S={seq}, {HQ} q heads, {HK} kv heads, "
-          f"d={D}) ==")
+    print(
+        f"\n== bytes sent per rank per layer (fp32, S={seq}, {HQ} q heads, {HK} kv heads, d={D}) =="
+    )
     for cp in (2, 4):
         res = run_distributed(_comm_worker, cp, args=(seq, 1), timeout=300)[0]
         t = seq // cp
@@ -128,14 +150,20 @@ def comm_report(seq: int = 1024) -> None:
         a2a_fwd, a2a_bwd = a2a_sent["a2a_fwd"], a2a_sent["a2a_bwd"]
         ring_min_fwd, ring_min_bwd = (cp - 1) * kv, 2 * (cp - 1) * kv
         a2a_min = qkvo * (cp - 1) // cp
-        print(f"CP {cp} ring fwd {ring_fwd:>9d} B (min {ring_min_fwd:>9d}, ratio "
-              f"{ring_fwd / ring_min_fwd:.2f}) | bwd {ring_bwd:>9d} B (min {ring_min_bwd:>9d}, "
-              f"ratio {ring_bwd / ring_min_bwd:.2f})")
-        print(f"CP {cp} a2a  fwd {a2a_fwd:>9d} B (min {a2a_min:>9d}, ratio "
-              f"{a2a_fwd / a2a_min:.2f}) | bwd {a2a_bwd:>9d} B (min {a2a_min:>9d}, "
-              f"ratio {a2a_bwd / a2a_min:.2f})")
-    print("ring minimum: every rank's K/V must reach the other CP-1 ranks (fwd), and again plus "
-          "their dK/dV back (bwd); a2a minimum: (CP-1)/CP of q, k, v and out leave the rank.")
+        print(
+            f"CP {cp} ring fwd {ring_fwd:>9d} B (min {ring_min_fwd:>9d}, ratio "
+            f"{ring_fwd / ring_min_fwd:.2f}) | bwd {ring_bwd:>9d} B (min {ring_min_bwd:>9d}, "
+            f"ratio {ring_bwd / ring_min_bwd:.2f})"
+        )
+        print(
+            f"CP {cp} a2a  fwd {a2a_fwd:>9d} B (min {a2a_min:>9d}, ratio "
+            f"{a2a_fwd / a2a_min:.2f}) | bwd {a2a_bwd:>9d} B (min {a2a_min:>9d}, "
+            f"ratio {a2a_bwd / a2a_min:.2f})"
+        )
+    print(
+        "ring minimum: every rank's K/V must reach the other CP-1 ranks (fwd), and again plus "
+        "their dK/dV back (bwd); a2a minimum: (CP-1)/CP of q, k, v and out leave the rank."
+    )
 
 
 def time_report(seq: int = 2048) -> None:
@@ -144,8 +172,10 @@ def time_report(seq: int = 2048) -> None:
     print(f"\n== CPU time, ring attention fwd+bwd, S={seq} (one document), fp32, median of 3 ==")
     t1 = run_distributed(_comm_worker, 1, args=(seq, 3), timeout=300)[0]["ring"][1]
     t2 = run_distributed(_comm_worker, 2, args=(seq, 3), timeout=300)[0]["ring"][1]
-    print(f"CP 1: {t1 * 1e3:.0f} ms   CP 2: {t2 * 1e3:.0f} ms per rank   speed-up {t1 / t2:.2f}x "
-          f"(2 CPU cores shared; for information)")
+    print(
+        f"CP 1: {t1 * 1e3:.0f} ms   CP 2: {t2 * 1e3:.0f} ms per rank   speed-up {t1 / t2:.2f}x "
+        f"(2 CPU cores shared; for information)"
+    )
 
 
 def main() -> None:

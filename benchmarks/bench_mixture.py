@@ -69,17 +69,26 @@ class _Tokenizer:
 
 def bench_megatron(prefixes, weights, seq_length, num_samples):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     config = GPTDatasetConfig(
-        random_seed=1234, sequence_length=seq_length,
-        blend=([str(p) for p in prefixes], weights), split="100,0,0", path_to_cache=None,
-        tokenizer=_Tokenizer(), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False)
+        random_seed=1234,
+        sequence_length=seq_length,
+        blend=([str(p) for p in prefixes], weights),
+        split="100,0,0",
+        path_to_cache=None,
+        tokenizer=_Tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
     start = time.perf_counter()
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True,
-                                                config).build()
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, 0, 0], lambda: True, config
+    ).build()
     return time.perf_counter() - start, train
 
 
@@ -105,11 +114,16 @@ def main() -> None:
     total = int(long.sum() + short.sum())
     S = args.seq_length
     num_samples = total // S
-    print(f"data: {len(long) + len(short):,} documents ({len(long):,} long), {total / 1e9:.2f}B "
-          f"tokens; S={S:,}; {num_samples:,} samples; weights long 0.6 / short 0.4")
-    spec = MixtureSpec([
-        MixtureComponent("long", [str(prefixes[0])], 0.6, min_tokens=65536),
-        MixtureComponent("short", [str(prefixes[1])], 0.4, max_tokens=65536)])
+    print(
+        f"data: {len(long) + len(short):,} documents ({len(long):,} long), {total / 1e9:.2f}B "
+        f"tokens; S={S:,}; {num_samples:,} samples; weights long 0.6 / short 0.4"
+    )
+    spec = MixtureSpec(
+        [
+            MixtureComponent("long", [str(prefixes[0])], 0.6, min_tokens=65536),
+            MixtureComponent("short", [str(prefixes[1])], 0.4, max_tokens=65536),
+        ]
+    )
     ours_cache = workdir / "ours_cache"
     for stale in (ours_cache, *prefixes):  # megatron's default cache is {prefix}/cache/
         shutil.rmtree(stale, ignore_errors=True)  # both build from scratch and write a cache
@@ -123,8 +137,10 @@ def main() -> None:
     build_mixture_index(spec, S, num_samples, vocab_size=128256, cache_dir=ours_cache)
     cached = time.perf_counter() - start
     theirs, blended = bench_megatron(prefixes, [0.6, 0.4], S, num_samples)
-    print(f"index build + cache write: ours {ours:6.2f} s   megatron GPTDataset+Blended "
-          f"{theirs:6.2f} s   speed-up {theirs / ours:5.2f}x   (target <= 5 s and >= 2x)")
+    print(
+        f"index build + cache write: ours {ours:6.2f} s   megatron GPTDataset+Blended "
+        f"{theirs:6.2f} s   speed-up {theirs / ours:5.2f}x   (target <= 5 s and >= 2x)"
+    )
     print(f"ours without cache {in_memory:.2f} s; cached index load (memory-mapped) {cached:.3f} s")
 
     loader = MixtureLoader(index, 64, 1, 0, 1)
@@ -139,13 +155,17 @@ def main() -> None:
     for i in range(1, n + 1):
         blended[i]
     theirs_tp = n / (time.perf_counter() - start)
-    print(f"loader        ours {ours_tp:7.1f} samples/s   megatron {theirs_tp:7.1f} samples/s   "
-          f"ratio {ours_tp / theirs_tp:5.2f}x   ({S:,}-token samples, 1 process, "
-          f"{docs / n:.1f} documents/sample; target >= 50/s per core)")
+    print(
+        f"loader        ours {ours_tp:7.1f} samples/s   megatron {theirs_tp:7.1f} samples/s   "
+        f"ratio {ours_tp / theirs_tp:5.2f}x   ({S:,}-token samples, 1 process, "
+        f"{docs / n:.1f} documents/sample; target >= 50/s per core)"
+    )
     for st in index.stats["components"]:
-        print(f"  {st['name']:6s} samples {st['samples']:,} epochs {st['epochs_started']} "
-              f"carried {st['docs_carried_across_samples']:,} dropped "
-              f"{st['docs_dropped_below_min'] + st['docs_dropped_above_max']:,}")
+        print(
+            f"  {st['name']:6s} samples {st['samples']:,} epochs {st['epochs_started']} "
+            f"carried {st['docs_carried_across_samples']:,} dropped "
+            f"{st['docs_dropped_below_min'] + st['docs_dropped_above_max']:,}"
+        )
     if args.workdir is None:
         for p in workdir.rglob("*"):
             if p.is_file():

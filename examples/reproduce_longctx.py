@@ -40,14 +40,25 @@ STAGE0_LENGTHS = (32, 64, 128, 256)
 EVAL_LENGTHS = (256, 512, 1024, 2048)
 EXT_LENGTH = 1024
 VOCAB = 128
-MODEL = {"preset": "tiny", "hidden_size": 128, "ffn_hidden_size": 344, "num_layers": 2,
-         "num_attention_heads": 4, "num_query_groups": 4, "vocab_size": VOCAB,
-         "make_vocab_size_divisible_by": 16, "rope_theta": 1e4}
+MODEL = {
+    "preset": "tiny",
+    "hidden_size": 128,
+    "ffn_hidden_size": 344,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_query_groups": 4,
+    "vocab_size": VOCAB,
+    "make_vocab_size_divisible_by": 16,
+    "rope_theta": 1e4,
+}
 # name -> (label, stage overrides, long-document token share)
 ARMS = {
     "unchanged": ("extended, theta unchanged", {"rope_theta": 1e4}, 1.0),
-    "pi4": ("extended, position interpolation x4",
-            {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, 1.0),
+    "pi4": (
+        "extended, position interpolation x4",
+        {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+        1.0,
+    ),
     "abf": ("extended, ABF theta 5e5", {"rope_theta": 5e5}, 1.0),
     "abf_short": ("extended, ABF + 50% short documents", {"rope_theta": 5e5}, 0.5),
 }
@@ -59,22 +70,34 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage0-steps", type=int, default=800)
     p.add_argument("--stage0-batch", type=int, default=8, help="samples of 256 tokens per step")
-    p.add_argument("--stage0-micro", type=int, default=4,
-                   help="micro-batch size (samples per forward; fewer forwards, denser attention)")
-    p.add_argument("--stage0-weights", default="0.4,0.3,0.2,0.1",
-                   help="token shares of the 32/64/128/256-token documents in stage 0")
+    p.add_argument(
+        "--stage0-micro",
+        type=int,
+        default=4,
+        help="micro-batch size (samples per forward; fewer forwards, denser attention)",
+    )
+    p.add_argument(
+        "--stage0-weights",
+        default="0.4,0.3,0.2,0.1",
+        help="token shares of the 32/64/128/256-token documents in stage 0",
+    )
     p.add_argument("--stage0-lr", type=float, default=2e-3)
     p.add_argument("--ext-steps", type=int, default=100)
     p.add_argument("--ext-batch", type=int, default=4, help="samples of 1,024 tokens per step")
     p.add_argument("--ext-lr", type=float, default=1e-3)
     p.add_argument("--clip-grad", type=float, default=0.0, help="0 disables clipping")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-interval", type=int, default=25,
-                   help="extension checkpoints every N steps are evaluated at 1,024")
+    p.add_argument(
+        "--eval-interval",
+        type=int,
+        default=25,
+        help="extension checkpoints every N steps are evaluated at 1,024",
+    )
     p.add_argument("--eval-samples", type=int, default=100, help="prompts per (model, length)")
     p.add_argument("--curve-samples", type=int, default=50, help="prompts per intermediate point")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " +
-                   ",".join(ARMS))
+    p.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS)
+    )
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per training launch")
     return p.parse_args(argv)
@@ -92,11 +115,13 @@ def write_data(data_dir: Path, args) -> dict[str, tuple[str, str]]:
     out = {}
     for i, (n, w) in enumerate(zip(STAGE0_LENGTHS, weights(args))):  # its share (+ margin)
         count = max(8, int(1.1 * max(stage0_tokens * w, ext_tokens / 8) / n) + 8)
-        out[f"p{n}"] = write_passkey_dataset(data_dir / f"passkey_{n}", [n] * count, VOCAB,
-                                             seed=1000 * args.seed + i)
+        out[f"p{n}"] = write_passkey_dataset(
+            data_dir / f"passkey_{n}", [n] * count, VOCAB, seed=1000 * args.seed + i
+        )
     count = int(1.1 * ext_tokens / EXT_LENGTH) + 8
-    out["p1024"] = write_passkey_dataset(data_dir / f"passkey_{EXT_LENGTH}", [EXT_LENGTH] * count,
-                                         VOCAB, seed=1000 * args.seed + 99)
+    out["p1024"] = write_passkey_dataset(
+        data_dir / f"passkey_{EXT_LENGTH}", [EXT_LENGTH] * count, VOCAB, seed=1000 * args.seed + 99
+    )
     return out
 
 
@@ -117,14 +142,26 @@ def weights(args) -> list[float]:
 
 def stage0(args, data) -> dict:
     return {
-        "name": "s0", "seq_length": 256, "rope_theta": 1e4,
-        "global_batch_size": args.stage0_batch, "micro_batch_size": args.stage0_micro,
-        "lr": args.stage0_lr, "steps": args.stage0_steps, "warmup_ratio": 0.05,
+        "name": "s0",
+        "seq_length": 256,
+        "rope_theta": 1e4,
+        "global_batch_size": args.stage0_batch,
+        "micro_batch_size": args.stage0_micro,
+        "lr": args.stage0_lr,
+        "steps": args.stage0_steps,
+        "warmup_ratio": 0.05,
         "min_lr_ratio": 0.1,
-        "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                     "context_parallel_size": 1},
-        "mixture": {"seed": args.seed, "components": [
-            _component(f"p{n}", data, w) for n, w in zip(STAGE0_LENGTHS, weights(args))]},
+        "parallel": {
+            "tensor_model_parallel_size": 1,
+            "pipeline_model_parallel_size": 1,
+            "context_parallel_size": 1,
+        },
+        "mixture": {
+            "seed": args.seed,
+            "components": [
+                _component(f"p{n}", data, w) for n, w in zip(STAGE0_LENGTHS, weights(args))
+            ],
+        },
     }
 
 
@@ -135,25 +172,39 @@ def extension(args, data, arm: str) -> dict:
         short = (1 - long_share) / len(STAGE0_LENGTHS)
         comps += [_component(f"p{n}", data, short) for n in STAGE0_LENGTHS]
     return {
-        "name": f"ext_{arm}", "seq_length": EXT_LENGTH, **rope,
-        "global_batch_size": args.ext_batch, "micro_batch_size": 1,
-        "lr": args.ext_lr, "steps": args.ext_steps, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
-        "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                     "context_parallel_size": 2},
+        "name": f"ext_{arm}",
+        "seq_length": EXT_LENGTH,
+        **rope,
+        "global_batch_size": args.ext_batch,
+        "micro_batch_size": 1,
+        "lr": args.ext_lr,
+        "steps": args.ext_steps,
+        "warmup_ratio": 0.1,
+        "min_lr_ratio": 0.1,
+        "parallel": {
+            "tensor_model_parallel_size": 1,
+            "pipeline_model_parallel_size": 1,
+            "context_parallel_size": 2,
+        },
         "mixture": {"seed": args.seed + 1, "components": comps},
     }
 
 
 def recipe(args, name: str, run_dir: Path, stages: list[dict], interval: int) -> dict:
     return {
-        "name": name, "seed": args.seed, "model": MODEL,
+        "name": name,
+        "seed": args.seed,
+        "model": MODEL,
         # Like the plain-PyTorch reference: no gradient clipping and no weight decay. With the
         # loss on 5 answer digits per document, gradient norms are 30-60 and a clip at 1.0 shrinks
         # every update ~40x (measured: the extension then barely moves).
         "optimizer": {"clip_grad": args.clip_grad, "weight_decay": args.weight_decay},
         "data": {"cache_dir": str(run_dir / "cache"), "vocab_size": VOCAB},
-        "checkpoint": {"save_dir": str(run_dir / "checkpoints"), "interval": interval,
-                       "keep_last": 1000},
+        "checkpoint": {
+            "save_dir": str(run_dir / "checkpoints"),
+            "interval": interval,
+            "keep_last": 1000,
+        },
         "logging": {"run_dir": str(run_dir), "interval": 10, "wandb_mode": "disabled"},
         "training": {"device": "cpu", "backend": "local", "nan_policy": "halt"},
         "stages": stages,
@@ -165,14 +216,29 @@ def launch(cfg: dict, run_dir: Path, args) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", WANDB_MODE="disabled",
-               TORCHELASTIC_ERROR_FILE="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.nproc}", "-m", "megatron_longctx.train", "--config", str(path)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        LONGCTX_DEVICE="cpu",
+        WANDB_MODE="disabled",
+        TORCHELASTIC_ERROR_FILE="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "megatron_longctx.train",
+        "--config",
+        str(path),
+    ]
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=args.timeout).returncode
+        rc = subprocess.run(
+            cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
+        ).returncode
     if rc:
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise SystemExit(f"training {run_dir.name} failed (exit {rc}); log tail:\n{tail}")
@@ -220,56 +286,84 @@ def conclusion(grid: dict) -> list[str]:
         extends = acc(abf, 2048) > max(acc(same, 2048), acc(s0, 2048)) + 0.1
         lines.append(
             f"- ABF (theta 1e4 -> 5e5) {'reaches' if ok else 'does not reach'} the issue's bar "
-            f"(>= 0.9 at 1,024 and >= 0.8 at 2,048): {acc(abf, 1024):.2f} / {acc(abf, 2048):.2f}.")
+            f"(>= 0.9 at 1,024 and >= 0.8 at 2,048): {acc(abf, 1024):.2f} / {acc(abf, 2048):.2f}."
+        )
         lines.append(
             f"- Generalisation beyond the training length (2,048 = 2x the extension length): ABF "
             f"{acc(abf, 2048):.2f} vs theta unchanged {acc(same, 2048):.2f} and stage 0 "
             f"{acc(s0, 2048):.2f}; the Llama 2 Long claim that raising the base frequency "
             f"extends the usable context is "
-            f"{'supported in direction' if extends else 'not supported'} at this scale.")
+            f"{'supported in direction' if extends else 'not supported'} at this scale."
+        )
     if pi in grid and abf in grid:
         better = acc(abf, 1024) > acc(pi, 1024)
         lines.append(
             f"- ABF vs position interpolation x4 at 1,024: {acc(abf, 1024):.2f} vs "
             f"{acc(pi, 1024):.2f}; the claim that ABF beats PI is "
-            f"{'supported' if better else 'not supported'} at this scale.")
+            f"{'supported' if better else 'not supported'} at this scale."
+        )
     if "abf_short" in grid and abf in grid:
         d = [acc("abf_short", n) - acc(abf, n) for n in EVAL_LENGTHS]
         lines.append(
             f"- ABF + 50% short documents vs ABF: differences {', '.join(f'{x:+.2f}' for x in d)} "
             f"at {', '.join(str(n) for n in EVAL_LENGTHS)}; ProLong's claim that long data must "
             "be mixed with short data is "
-            + ("supported here" if min(d) > 0.05 else "not separated from ABF alone here") + ".")
+            + ("supported here" if min(d) > 0.05 else "not separated from ABF alone here")
+            + "."
+        )
     if s0 in grid:
         lines.append(
             f"- Stage 0 (trained at <= 256) scores {acc(s0, 256):.2f} at 256 and "
             f"{acc(s0, 2048):.2f} at 2,048: RoPE at theta 1e4 does not extrapolate without "
-            "training.")
+            "training."
+        )
     return lines
 
 
 def write_report(out: Path, results: dict) -> None:
     grid, labels = results["final"], results["labels"]
-    head = "| model (seed %d) | " % results["seed"] + " | ".join(f"@{n}" for n in EVAL_LENGTHS) + \
-        " | RoPE |"
+    head = (
+        "| model (seed %d) | " % results["seed"]
+        + " | ".join(f"@{n}" for n in EVAL_LENGTHS)
+        + " | RoPE |"
+    )
     rows = [head, "|---|" + "---|" * (len(EVAL_LENGTHS) + 1)]
     for name, r in grid.items():
         scaling = r["rope_scaling"]
         rope = f"theta {r['rope_theta']:g}" + (f", {scaling}" if scaling else "")
-        rows.append(f"| {labels[name]} | " + " | ".join(
-            f"{r['accuracy'][n]:.2f}" for n in EVAL_LENGTHS) + f" | {rope} |")
-    curve = ["", f"Accuracy at {EXT_LENGTH} vs extension step "
-             f"({results['settings']['curve_samples']} prompts per point):", "",
-             "| arm | " + " | ".join(str(s) for s, _ in next(iter(results["curves"].values()), []))
-             + " |"]
+        rows.append(
+            f"| {labels[name]} | "
+            + " | ".join(f"{r['accuracy'][n]:.2f}" for n in EVAL_LENGTHS)
+            + f" | {rope} |"
+        )
+    curve = [
+        "",
+        f"Accuracy at {EXT_LENGTH} vs extension step "
+        f"({results['settings']['curve_samples']} prompts per point):",
+        "",
+        "| arm | "
+        + " | ".join(str(s) for s, _ in next(iter(results["curves"].values()), []))
+        + " |",
+    ]
     curve.append("|---|" + "---|" * len(next(iter(results["curves"].values()), [])))
     for name, pts in results["curves"].items():
         curve.append(f"| {labels[name]} | " + " | ".join(f"{a:.2f}" for _, a in pts) + " |")
-    text = ["# Passkey retrieval after context extension (issue 11)", "",
-            f"Seed {results['seed']}; {results['settings']['eval_samples']} prompts per cell, "
-            "greedy exact match of the 5 digits. Times: " + ", ".join(
-                f"{k} {v:.0f}s" for k, v in results["seconds"].items()) + ".", "", *rows, *curve,
-            "", "## Conclusion", "", *conclusion(grid), ""]
+    text = [
+        "# Passkey retrieval after context extension (issue 11)",
+        "",
+        f"Seed {results['seed']}; {results['settings']['eval_samples']} prompts per cell, "
+        "greedy exact match of the 5 digits. Times: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items())
+        + ".",
+        "",
+        *rows,
+        *curve,
+        "",
+        "## Conclusion",
+        "",
+        *conclusion(grid),
+        "",
+    ]
     (out / "results.md").write_text("\n".join(text))
 
 
@@ -281,20 +375,37 @@ def plot(out: Path, results: dict) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results["final"].items():
-        a.plot(EVAL_LENGTHS, [r["accuracy"][n] for n in EVAL_LENGTHS], marker="o",
-               label=results["labels"][name])
+        a.plot(
+            EVAL_LENGTHS,
+            [r["accuracy"][n] for n in EVAL_LENGTHS],
+            marker="o",
+            label=results["labels"][name],
+        )
     a.set_xscale("log", base=2)
     a.set_xticks(EVAL_LENGTHS, [str(n) for n in EVAL_LENGTHS])
     a.axvline(EXT_LENGTH, color="grey", ls=":", lw=1)
-    a.set(xlabel="context length (tokens)", ylabel="passkey accuracy", ylim=(-0.03, 1.03),
-          title=f"accuracy vs length (seed {results['seed']})")
+    a.set(
+        xlabel="context length (tokens)",
+        ylabel="passkey accuracy",
+        ylim=(-0.03, 1.03),
+        title=f"accuracy vs length (seed {results['seed']})",
+    )
     a.legend(fontsize=8)
     for name, pts in results["curves"].items():
         color = f"C{list(results['final']).index(name)}"  # the same colour as on the left
-        b.plot([s for s, _ in pts], [x for _, x in pts], marker="o", color=color,
-               label=results["labels"][name])
-    b.set(xlabel="extension step", ylabel=f"accuracy at {EXT_LENGTH}", ylim=(-0.03, 1.03),
-          title="learning speed at the extension length")
+        b.plot(
+            [s for s, _ in pts],
+            [x for _, x in pts],
+            marker="o",
+            color=color,
+            label=results["labels"][name],
+        )
+    b.set(
+        xlabel="extension step",
+        ylabel=f"accuracy at {EXT_LENGTH}",
+        ylim=(-0.03, 1.03),
+        title="learning speed at the extension length",
+    )
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
@@ -326,16 +437,22 @@ def main(argv=None) -> dict:
     run0 = out / "stage0"
     seconds["stage0"] = launch(recipe(args, "stage0", run0, [s0], args.stage0_steps), run0, args)
     ckpt0 = checkpoints(run0 / "checkpoints")[-1][1]
-    print(f"[reproduce] stage 0: {args.stage0_steps} steps in {seconds['stage0']:.0f}s, "
-          f"loss {final_loss(run0):.3f}", flush=True)
+    print(
+        f"[reproduce] stage 0: {args.stage0_steps} steps in {seconds['stage0']:.0f}s, "
+        f"loss {final_loss(run0):.3f}",
+        flush=True,
+    )
 
     for arm in arms:
         run = out / arm
         copy_checkpoint(ckpt0, run / "checkpoints")
         cfg = recipe(args, arm, run, [s0, extension(args, data, arm)], args.eval_interval)
         seconds[arm] = launch(cfg, run, args)
-        print(f"[reproduce] {arm}: {args.ext_steps} steps in {seconds[arm]:.0f}s, "
-              f"loss {final_loss(run):.3f}", flush=True)
+        print(
+            f"[reproduce] {arm}: {args.ext_steps} steps in {seconds[arm]:.0f}s, "
+            f"loss {final_loss(run):.3f}",
+            flush=True,
+        )
 
     from megatron_longctx.eval.passkey import accuracy_grid
 
@@ -351,15 +468,25 @@ def main(argv=None) -> dict:
             r = accuracy_grid(d, [EXT_LENGTH], args.curve_samples, args.seed)
             curves[arm].append((it - step0, r["accuracy"][EXT_LENGTH]))
         curves[arm].append((ckpts[-1][0] - step0, final[arm]["accuracy"][EXT_LENGTH]))
-        print(f"[reproduce] {arm}: " + ", ".join(
-            f"@{n} {a:.2f}" for n, a in final[arm]["accuracy"].items()), flush=True)
+        print(
+            f"[reproduce] {arm}: "
+            + ", ".join(f"@{n} {a:.2f}" for n, a in final[arm]["accuracy"].items()),
+            flush=True,
+        )
     seconds["eval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
     labels = {"stage0": "stage 0", **{a: ARMS[a][0] for a in arms}}
-    results = {"seed": args.seed, "settings": vars(args), "model": MODEL, "labels": labels,
-               "final": final, "curves": curves, "seconds": seconds,
-               "losses": {k: final_loss(out / k) for k in ["stage0", *arms]}}
+    results = {
+        "seed": args.seed,
+        "settings": vars(args),
+        "model": MODEL,
+        "labels": labels,
+        "final": final,
+        "curves": curves,
+        "seconds": seconds,
+        "losses": {k: final_loss(out / k) for k in ["stage0", *arms]},
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(out, results)
     plot(out, results)

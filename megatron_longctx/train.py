@@ -40,20 +40,27 @@ def dry_run(cfg: ExperimentConfig, world_size: int, config_dir: Path | None = No
     for stage in cfg.stages:
         if stage.mixture is not None:
             spec = stage_mixture(stage, config_dir)  # parses and validates weights/buckets
-            lines.append(f"stage {stage.name} mixture: " + ", ".join(
-                f"{c.name} {c.weight:g}" for c in spec.components))
+            lines.append(
+                f"stage {stage.name} mixture: "
+                + ", ".join(f"{c.name} {c.weight:g}" for c in spec.components)
+            )
         m = cfg.model_config(stage)
         dp = stage.parallel.validate(
-            world_size=world_size, num_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-            seq_length=stage.seq_length, micro_batch_size=stage.micro_batch_size,
-            global_batch_size=stage.samples_per_step)
+            world_size=world_size,
+            num_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups,
+            seq_length=stage.seq_length,
+            micro_batch_size=stage.micro_batch_size,
+            global_batch_size=stage.samples_per_step,
+        )
         lines.append(
             f"stage {stage.name}: world {world_size} = {stage.parallel.describe(dp)}; "
             f"S={stage.seq_length}, {stage.samples_per_step} samples/step "
             f"({stage.samples_per_step * stage.seq_length} tokens), {stage.num_steps} steps, "
             f"micro-batches/rank {stage.samples_per_step // (stage.micro_batch_size * dp)}, "
-            f"rope_theta {m.rope_theta:g}")
+            f"rope_theta {m.rope_theta:g}"
+        )
     return "\n".join(lines)
 
 
@@ -61,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="long-context curriculum trainer")
     p.add_argument("--config", required=True, help="recipe YAML (see examples/)")
     p.add_argument("--dry-run", action="store_true", help="print resolved config + layouts, exit")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: the world size to validate against (default: from env)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: the world size to validate against (default: from env)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=2e-5")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        world = args.world_size or int(os.environ.get("WORLD_SIZE")
-                                       or os.environ.get("SLURM_NTASKS") or 1)
+        world = args.world_size or int(
+            os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1
+        )
         text = dry_run(cfg, world, Path(args.config).resolve().parent)
     except (ConfigError, LayoutError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)

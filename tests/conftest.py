@@ -18,8 +18,11 @@ def pytest_sessionfinish(session, exitstatus):
     for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
-            if (proc.info["ppid"] == 1 and "multiprocessing" in cmd
-                    and os.getsid(proc.info["pid"]) == sid):
+            if (
+                proc.info["ppid"] == 1
+                and "multiprocessing" in cmd
+                and os.getsid(proc.info["pid"]) == sid
+            ):
                 os.kill(proc.info["pid"], signal.SIGKILL)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue

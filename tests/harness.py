@@ -48,8 +48,9 @@ def _worker(rank, world_size, port, fn, args, workdir, timeout):
         torch.set_num_threads(1)
         from megatron_longctx.runtime.distributed import DistEnv, init_process_group
 
-        init_process_group(DistEnv(rank, world_size, rank, "127.0.0.1", port), device="cpu",
-                           timeout_s=timeout)
+        init_process_group(
+            DistEnv(rank, world_size, rank, "127.0.0.1", port), device="cpu", timeout_s=timeout
+        )
         out = fn(rank, world_size, *args)
         payload = ("ok", out)
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -74,7 +75,9 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     procs = []
     try:
         for rank in range(world_size):
-            p = ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, workdir, timeout))
+            p = ctx.Process(
+                target=_worker, args=(rank, world_size, port, fn, args, workdir, timeout)
+            )
             p.start()
             procs.append(p)
     finally:
@@ -97,8 +100,10 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         log_path = Path(workdir) / f"rank{rank}.log"
         log = log_path.read_text(errors="replace")[-6000:] if log_path.exists() else "(no log)"
         if not path.exists():
-            errors.append(f"--- rank {rank}: no result (hung={rank in hung}, "
-                          f"exitcode={procs[rank].exitcode}); log tail:\n{log}")
+            errors.append(
+                f"--- rank {rank}: no result (hung={rank in hung}, "
+                f"exitcode={procs[rank].exitcode}); log tail:\n{log}"
+            )
             results.append(None)
             continue
         status, value = pickle.loads(path.read_bytes())

@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_attention.py needs CUDA GPUs (run it under torchrun on a GPU node); "
-              "no CUDA device found", file=sys.stderr)
+        print(
+            "bench_attention.py needs CUDA GPUs (run it under torchrun on a GPU node); "
+            "no CUDA device found",
+            file=sys.stderr,
+        )
         return 2
     try:
         from megatron_longctx.model.attention.ring import ring_attention
@@ -55,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 
     metas = [TokenMeta(lay.doc, lay.pos, lay.valid) for lay in layouts]
     t = s // cp
-    q = torch.randn(t, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16,
-                    requires_grad=True)
-    k, v = (torch.randn(t, args.kv_heads, args.head_dim, device=dev, dtype=torch.bfloat16,
-                        requires_grad=True) for _ in range(2))
+    q = torch.randn(
+        t, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True
+    )
+    k, v = (
+        torch.randn(
+            t, args.kv_heads, args.head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True
+        )
+        for _ in range(2)
+    )
     group = dist.group.WORLD if cp > 1 else None
-    scale = args.head_dim ** -0.5
+    scale = args.head_dim**-0.5
 
     def step():
         out = ring_attention(q, k, v, metas, layouts[rank].early, layouts[rank].late, scale, group)
@@ -75,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     per_iter = (time.perf_counter() - start) / args.iters
     flops = 6 * s * s / 2 * 2 * args.heads * args.head_dim / cp
     if rank == 0:
-        print(f"S={s:,} CP={cp}: {per_iter * 1e3:.1f} ms per layer fwd+bwd, "
-              f"{flops / per_iter / 1e12:.1f} attention TFLOP/s per GPU")
+        print(
+            f"S={s:,} CP={cp}: {per_iter * 1e3:.1f} ms per layer fwd+bwd, "
+            f"{flops / per_iter / 1e12:.1f} attention TFLOP/s per GPU"
+        )
     dist.destroy_process_group()
     return 0
 

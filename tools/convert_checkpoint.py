@@ -35,17 +35,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--tensor-model-parallel-size", type=int, default=1)
     a.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    a.add_argument("--params-dtype", choices=sorted(DTYPES), default="fp32",
-                   help="dtype of the stored parameters (fp32 keeps bf16/fp16 weights exactly)")
+    a.add_argument(
+        "--params-dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="dtype of the stored parameters (fp32 keeps bf16/fp16 weights exactly)",
+    )
     a.add_argument("--overwrite", action="store_true", help="replace checkpoints in --save")
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF Llama dir")
     b.add_argument("--load", required=True, help="checkpoint root (latest complete) or iter_* dir")
     b.add_argument("--save", required=True, help="HF output directory")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: the dtype of the HF model it came from, else the stored dtype")
+    b.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: the dtype of the HF model it came from, else the stored dtype",
+    )
     b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 200MB; shards + index above")
-    b.add_argument("--tokenizer-dir", default=None,
-                   help="copy tokenizer files from here (default: <load>/hf_tokenizer if present)")
+    b.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="copy tokenizer files from here (default: <load>/hf_tokenizer if present)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace a model already in --save")
     return parser.parse_args(argv)
 
@@ -64,16 +75,24 @@ def main(argv: list[str] | None = None) -> int:
 
                 init_process_group(device="cpu")  # under torchrun: run in these processes
             path = hf_to_mcore(
-                args.hf_dir, args.save, args.tensor_model_parallel_size,
+                args.hf_dir,
+                args.save,
+                args.tensor_model_parallel_size,
                 args.pipeline_model_parallel_size,
                 params_dtype=getattr(torch, DTYPES[args.params_dtype]),
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite,
+            )
             print(json.dumps({"checkpoint": str(path)}))
         else:
-            summary = mcore_to_hf(args.load, args.save, dtype=args.dtype, overwrite=args.overwrite,
-                                  max_shard_size=args.max_shard_size,
-                                  tokenizer_dir=args.tokenizer_dir)
+            summary = mcore_to_hf(
+                args.load,
+                args.save,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                max_shard_size=args.max_shard_size,
+                tokenizer_dir=args.tokenizer_dir,
+            )
             print(json.dumps(summary))
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -39,24 +39,72 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     corpus, tok, data, run_dir = out / "corpus", out / "tokenizer", out / "data", out / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", LONGCTX_DATA=str(data),
-               LONGCTX_RUN=str(run_dir), LONGCTX_TOKENIZER=str(tok / "spm.model"),
-               WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        LONGCTX_DEVICE="cpu",
+        LONGCTX_DATA=str(data),
+        LONGCTX_RUN=str(run_dir),
+        LONGCTX_TOKENIZER=str(tok / "spm.model"),
+        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+    )
 
     run([PY, "tools/make_sample_corpus.py", "--output-dir", corpus])
-    run([PY, "tools/train_tokenizer.py", "--input", corpus, "--model-prefix", tok / "spm",
-         "--vocab-size", "512"])
+    run(
+        [
+            PY,
+            "tools/train_tokenizer.py",
+            "--input",
+            corpus,
+            "--model-prefix",
+            tok / "spm",
+            "--vocab-size",
+            "512",
+        ]
+    )
     for domain in ("code", "books", "web"):
-        run([PY, "tools/preprocess_data.py", "--input", corpus / f"{domain}.jsonl",
-             "--output-prefix", data / domain, "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", tok / "spm.model", "--append-eod", "--workers", "2", "--plot"])
-    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "megatron_longctx.train", "--config", "examples/tiny_cpu.yaml"], env=env)
+        run(
+            [
+                PY,
+                "tools/preprocess_data.py",
+                "--input",
+                corpus / f"{domain}.jsonl",
+                "--output-prefix",
+                data / domain,
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                tok / "spm.model",
+                "--append-eod",
+                "--workers",
+                "2",
+                "--plot",
+            ]
+        )
+    run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "megatron_longctx.train",
+            "--config",
+            "examples/tiny_cpu.yaml",
+        ],
+        env=env,
+    )
 
     artifacts = {
-        "corpus": corpus, "tokenizer": tok / "spm.model", "indexed datasets": data,
-        "checkpoints": run_dir / "checkpoints", "metrics": run_dir / "metrics.jsonl",
-        "loss curve": run_dir / "loss_curve.png", "wandb (offline)": run_dir / "wandb",
+        "corpus": corpus,
+        "tokenizer": tok / "spm.model",
+        "indexed datasets": data,
+        "checkpoints": run_dir / "checkpoints",
+        "metrics": run_dir / "metrics.jsonl",
+        "loss curve": run_dir / "loss_curve.png",
+        "wandb (offline)": run_dir / "wandb",
     }
     from megatron_longctx.checkpoint.dist import find_latest, iteration_dir
 
@@ -64,10 +112,22 @@ def main(argv=None) -> int:
     hf = out / "hf"
     run([PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--load", final, "--save", hf])
     shutil.copy(tok / "spm.model", hf / "tokenizer.model")
-    run([PY, "tools/demo_generate.py", "--hf-dir", hf, "--tokenizer-model", tok / "spm.model",
-         "--prompt", "The "])
+    run(
+        [
+            PY,
+            "tools/demo_generate.py",
+            "--hf-dir",
+            hf,
+            "--tokenizer-model",
+            tok / "spm.model",
+            "--prompt",
+            "The ",
+        ]
+    )
     artifacts["HF export"] = hf
-    for stage_eval in sorted((run_dir / "eval").glob("*/report.md"), key=lambda p: p.stat().st_mtime):
+    for stage_eval in sorted(
+        (run_dir / "eval").glob("*/report.md"), key=lambda p: p.stat().st_mtime
+    ):
         artifacts[f"eval {stage_eval.parent.name}"] = stage_eval
         print(f"\n== evaluation after stage {stage_eval.parent.name} ({stage_eval})\n")
         print(stage_eval.read_text())

@@ -1,6 +1,6 @@
 """Greedy generation from an exported HF Llama directory with transformers (offline).
 
-    python tools/demo_generate.py --hf-dir demo_out/hf --tokenizer-model demo_out/tokenizer/spm.model
+python tools/demo_generate.py --hf-dir demo_out/hf --tokenizer-model demo_out/tokenizer/spm.model
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def main(argv=None) -> None:
     ids = torch.tensor([tok.encode(args.prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(f"HF model: {args.hf_dir} (rope_theta {theta}, max_position_embeddings "
-          f"{cfg.get('max_position_embeddings')})")
+    print(
+        f"HF model: {args.hf_dir} (rope_theta {theta}, max_position_embeddings "
+        f"{cfg.get('max_position_embeddings')})"
+    )
     print(f"prompt: {args.prompt!r}\ngeneration: {tok.decode(out[0].tolist())!r}")
 
 

@@ -43,8 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-lengths", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--num-samples", type=int, default=4, help="samples per cell")
-    p.add_argument("--tasks", nargs="+", default=None, choices=["needle", "ruler", "loss"],
-                   help="default: needle ruler (+ loss when --loss-data is given)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=["needle", "ruler", "loss"],
+        help="default: needle ruler (+ loss when --loss-data is given)",
+    )
     p.add_argument("--ruler-tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
     p.add_argument("--loss-data", nargs="+", default=[], help="held-out indexed-dataset prefixes")
     p.add_argument("--loss-length", type=int, default=None)
@@ -63,11 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks or (["needle", "ruler"] + (["loss"] if args.loss_data else []))
     try:
         settings = EvalSettings(
-            context_lengths=args.context_lengths, depths=args.depths,
-            num_samples=args.num_samples, tasks=tasks, ruler_tasks=args.ruler_tasks,
-            seed=args.seed, batch_size=args.batch_size, loss_data=args.loss_data,
-            loss_length=args.loss_length, loss_num_documents=args.loss_num_documents,
-            num_position_buckets=args.num_position_buckets, plots=not args.no_plots)
+            context_lengths=args.context_lengths,
+            depths=args.depths,
+            num_samples=args.num_samples,
+            tasks=tasks,
+            ruler_tasks=args.ruler_tasks,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            loss_data=args.loss_data,
+            loss_length=args.loss_length,
+            loss_num_documents=args.loss_num_documents,
+            num_position_buckets=args.num_position_buckets,
+            plots=not args.no_plots,
+        )
         kw = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model}
         if args.hf_dir:
             results = evaluate(args.hf_dir, args.output_dir, settings, **kw)

@@ -48,25 +48,34 @@ def realized_shares(index, num_samples: int) -> tuple[np.ndarray, np.ndarray, np
 
 def format_report(index, per_comp, per_bin, docs) -> str:
     total = per_comp.sum()
-    lines = [f"{'component':18s} {'bucket':20s} {'weight':>8s} {'realized':>9s} {'diff':>8s}  "
-             + " ".join(f"{b:>9s}" for b in BIN_LABELS)]
+    lines = [
+        f"{'component':18s} {'bucket':20s} {'weight':>8s} {'realized':>9s} {'diff':>8s}  "
+        + " ".join(f"{b:>9s}" for b in BIN_LABELS)
+    ]
     for c, comp in enumerate(index.spec.components):
         shares = per_bin[c] / total
-        lines.append(f"{comp.name:18s} {comp.bucket_label():20s} {comp.weight:8.4f} "
-                     f"{per_comp[c] / total:9.4f} {per_comp[c] / total - comp.weight:+8.4f}  "
-                     + " ".join(f"{x:9.4f}" for x in shares))
-    lines.append(f"{'all':18s} {'':20s} {1.0:8.4f} {1.0:9.4f} {'':8s}  "
-                 + " ".join(f"{x:9.4f}" for x in per_bin.sum(0) / total))
+        lines.append(
+            f"{comp.name:18s} {comp.bucket_label():20s} {comp.weight:8.4f} "
+            f"{per_comp[c] / total:9.4f} {per_comp[c] / total - comp.weight:+8.4f}  "
+            + " ".join(f"{x:9.4f}" for x in shares)
+        )
+    lines.append(
+        f"{'all':18s} {'':20s} {1.0:8.4f} {1.0:9.4f} {'':8s}  "
+        + " ".join(f"{x:9.4f}" for x in per_bin.sum(0) / total)
+    )
     q = np.percentile(docs, [0, 50, 90, 99, 100])
-    lines.append(f"\ndocuments per sample over {len(docs)} samples: mean {docs.mean():.1f}, "
-                 f"min {q[0]:.0f}, p50 {q[1]:.0f}, p90 {q[2]:.0f}, p99 {q[3]:.0f}, max {q[4]:.0f}")
+    lines.append(
+        f"\ndocuments per sample over {len(docs)} samples: mean {docs.mean():.1f}, "
+        f"min {q[0]:.0f}, p50 {q[1]:.0f}, p90 {q[2]:.0f}, p99 {q[3]:.0f}, max {q[4]:.0f}"
+    )
     lines.append("\nindex counts (whole stage):")
     for st in index.stats["components"]:
         lines.append(
             f"  {st['name']:18s} kept {st['docs_kept']:,} docs / {st['tokens_kept']:,} tokens; "
             f"dropped {st['docs_dropped_below_min']:,} below min, {st['docs_dropped_above_max']:,}"
             f" above max; carried {st['docs_carried_across_samples']:,}; "
-            f"epochs {st['epochs_started']} (restarted {st['epochs_restarted']})")
+            f"epochs {st['epochs_started']} (restarted {st['epochs_restarted']})"
+        )
     return "\n".join(lines)
 
 
@@ -85,8 +94,15 @@ def plot(index, per_comp, per_bin, docs, path: Path) -> None:
         if share.any():
             ax1.bar(x, share, bottom=bottom, label=f"docs {label}")
             bottom += share
-    ax1.scatter(x, [c.weight for c in index.spec.components], color="k", marker="_", s=400,
-                label="weight", zorder=3)
+    ax1.scatter(
+        x,
+        [c.weight for c in index.spec.components],
+        color="k",
+        marker="_",
+        s=400,
+        label="weight",
+        zorder=3,
+    )
     ax1.set_xticks(x, names, rotation=45, ha="right")
     ax1.set_ylabel("share of training tokens")
     ax1.set_title(f"realized vs weight over {len(docs)} samples of {index.seq_length:,}")
@@ -105,8 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mixture", required=True, help="mixture YAML (examples/mixtures/)")
     parser.add_argument("--seq-length", type=int, required=True)
     parser.add_argument("--num-samples", type=int, default=1000, help="samples to inspect")
-    parser.add_argument("--index-samples", type=int, default=None,
-                        help="samples the index is built for (default: --num-samples)")
+    parser.add_argument(
+        "--index-samples",
+        type=int,
+        default=None,
+        help="samples the index is built for (default: --num-samples)",
+    )
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--context-parallel-size", type=int, default=1)
     parser.add_argument("--cache-dir", default=None)
@@ -116,9 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_longctx.data.mixture import load_mixture_yaml
 
     spec = load_mixture_yaml(args.mixture)
-    index = build_mixture_index(spec, args.seq_length, args.index_samples or args.num_samples,
-                                vocab_size=args.vocab_size, cp_size=args.context_parallel_size,
-                                cache_dir=args.cache_dir)
+    index = build_mixture_index(
+        spec,
+        args.seq_length,
+        args.index_samples or args.num_samples,
+        vocab_size=args.vocab_size,
+        cp_size=args.context_parallel_size,
+        cache_dir=args.cache_dir,
+    )
     n = min(args.num_samples, index.num_samples)
     per_comp, per_bin, docs = realized_shares(index, n)
     print(format_report(index, per_comp, per_bin, docs))

@@ -26,15 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--num-gpus", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="GPU memory in GB (1e9 bytes); default the hardware preset's")
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="GPU memory in GB (1e9 bytes); default the hardware preset's",
+    )
     p.add_argument("--global-batch-tokens", type=int, default=DEFAULT_GLOBAL_BATCH_TOKENS)
     p.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
-    p.add_argument("--doc-length", type=int, default=None,
-                   help="typical document length for the document-masked attention FLOPs "
-                        "(sequences of seq-length / doc-length equal documents); default one")
-    p.add_argument("--loss-chunk-tokens", type=int, default=None,
-                   help="chunked loss block (e.g. 2048); default Megatron's unchunked loss")
+    p.add_argument(
+        "--doc-length",
+        type=int,
+        default=None,
+        help="typical document length for the document-masked attention FLOPs "
+        "(sequences of seq-length / doc-length equal documents); default one",
+    )
+    p.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=None,
+        help="chunked loss block (e.g. 2048); default Megatron's unchunked loss",
+    )
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--stage", type=int, default=0, help="curriculum stage index for overrides")
     args = p.parse_args(argv)
@@ -42,23 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     docs = None
     if args.doc_length:
         if args.seq_length % args.doc_length:
-            p.error(f"--seq-length {args.seq_length} is not a multiple of --doc-length "
-                    f"{args.doc_length}")
+            p.error(
+                f"--seq-length {args.seq_length} is not a multiple of --doc-length "
+                f"{args.doc_length}"
+            )
         docs = (args.doc_length,) * (args.seq_length // args.doc_length)
     try:
-        req = PlanRequest(get_preset(args.model), args.seq_length, args.num_gpus,
-                          args.gpus_per_node, get_hardware(args.hardware, args.gpu_memory_gb),
-                          args.global_batch_tokens, docs, args.loss_chunk_tokens)
+        req = PlanRequest(
+            get_preset(args.model),
+            args.seq_length,
+            args.num_gpus,
+            args.gpus_per_node,
+            get_hardware(args.hardware, args.gpu_memory_gb),
+            args.global_batch_tokens,
+            docs,
+            args.loss_chunk_tokens,
+        )
     except (ValueError, KeyError) as err:
         p.error(str(err))
     plans = enumerate_plans(req)
     fitting = sorted((q for q in plans if q.fits), key=lambda q: (q.step_time_s, q.memory.total))
     hw = req.hardware
-    print(f"{args.model}, S={args.seq_length:,}, {args.num_gpus} x {hw.name} "
-          f"({hw.memory_bytes / 1e9:.0f} GB, {args.gpus_per_node}/node), "
-          f"{req.global_batch_size} samples = {req.global_batch_tokens:,} tokens per step")
-    print(f"{len(plans)} valid layouts, {len(fitting)} fit in "
-          f"{req.usable_memory_fraction:.0%} of memory")
+    print(
+        f"{args.model}, S={args.seq_length:,}, {args.num_gpus} x {hw.name} "
+        f"({hw.memory_bytes / 1e9:.0f} GB, {args.gpus_per_node}/node), "
+        f"{req.global_batch_size} samples = {req.global_batch_tokens:,} tokens per step"
+    )
+    print(
+        f"{len(plans)} valid layouts, {len(fitting)} fit in "
+        f"{req.usable_memory_fraction:.0%} of memory"
+    )
     if not fitting:
         closest = min(plans, key=lambda q: q.memory.total, default=None)
         if closest is not None:
@@ -68,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n#{rank} {q.describe()}")
         print(f"   memory {q.memory.summary()}")
         c = q.comm
-        print(f"   comm/step: TP {c.tp_bytes / 1e9:.1f} GB ({c.tp_s:.2f} s), CP "
-              f"{c.cp_bytes / 1e9:.1f} GB ({c.cp_s:.2f} s, overlapped), DP {c.dp_bytes / 1e9:.1f} "
-              f"GB ({c.dp_s:.2f} s), PP {c.pp_bytes / 1e9:.1f} GB ({c.pp_s:.2f} s)")
+        print(
+            f"   comm/step: TP {c.tp_bytes / 1e9:.1f} GB ({c.tp_s:.2f} s), CP "
+            f"{c.cp_bytes / 1e9:.1f} GB ({c.cp_s:.2f} s, overlapped), DP {c.dp_bytes / 1e9:.1f} "
+            f"GB ({c.dp_s:.2f} s), PP {c.pp_bytes / 1e9:.1f} GB ({c.pp_s:.2f} s)"
+        )
         if q.distributed_optimizer:
             print("   distributed optimizer: on (Megatron's use_distributed_optimizer)")
         print("   " + " ".join(q.overrides(args.stage)))

@@ -30,10 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, nargs="+", help="chat .jsonl/.jsonl.gz, globs or dirs")
     p.add_argument("--output-prefix", required=True, help="prefix of the output files")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    p.add_argument("--tokenizer-model", required=True,
-                   help="sentencepiece .model, or tokenizer.json / a directory holding one")
-    p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="fail",
-                   help="fail: stop at the first bad record, write nothing; skip: count and skip")
+    p.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="sentencepiece .model, or tokenizer.json / a directory holding one",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=ON_ERROR_CHOICES,
+        default="fail",
+        help="fail: stop at the first bad record, write nothing; skip: count and skip",
+    )
     return p.parse_args(argv)
 
 
@@ -42,14 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        report = preprocess_sft(SFTConfig(args.input, args.output_prefix, args.tokenizer_type,
-                                          args.tokenizer_model, args.on_error))
+        report = preprocess_sft(
+            SFTConfig(
+                args.input,
+                args.output_prefix,
+                args.tokenizer_type,
+                args.tokenizer_model,
+                args.on_error,
+            )
+        )
     except (SFTError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
-    print(f"{report.num_conversations:,} conversations, {report.num_tokens:,} tokens, "
-          f"{report.num_assistant_tokens:,} assistant (trained) tokens; skipped: {skipped}")
+    print(
+        f"{report.num_conversations:,} conversations, {report.num_tokens:,} tokens, "
+        f"{report.num_assistant_tokens:,} assistant (trained) tokens; skipped: {skipped}"
+    )
     print(f"-> {report.text_prefix}.bin/.idx and {report.mask_prefix}.bin/.idx")
     return 0
 

@@ -22,8 +22,12 @@ def synthetic_batch(g: torch.Generator, micro: int, seq: int, vocab: int) -> dic
     for _ in range(seq):
         toks.append((toks[-1] * pick[:, :1] + pick[:, 1:]) % vocab)
     t = torch.cat(toks, dim=1)
-    return dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(micro, seq),
-                position_ids=torch.arange(seq).expand(micro, seq))
+    return dict(
+        tokens=t[:, :-1],
+        labels=t[:, 1:],
+        loss_mask=torch.ones(micro, seq),
+        position_ids=torch.arange(seq).expand(micro, seq),
+    )
 
 
 def main(argv=None) -> None:
@@ -54,9 +58,13 @@ def main(argv=None) -> None:
     cfg = get_preset("tiny")
     initialize(layout)  # process group (gloo on CPU) + megatron groups + seeds
     world = torch.distributed.get_world_size()
-    dp = layout.validate(world_size=world, num_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_attention_heads,
-                         num_query_groups=cfg.num_query_groups, seq_length=args.seq_length)
+    dp = layout.validate(
+        world_size=world,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        seq_length=args.seq_length,
+    )
     chunks = wrap_ddp([build_gpt_model(cfg, layout, seq_length=args.seq_length)])
     settings = OptimizerSettings(lr=args.lr, min_lr=args.lr / 10)
     opt = build_optimizer(chunks, settings)
@@ -66,16 +74,26 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(1000 + parallel_state.get_data_parallel_rank())
     rank = torch.distributed.get_rank()
     for step in range(1, args.steps + 1):
-        batches = [synthetic_batch(g, args.micro_batch_size, args.seq_length, cfg.vocab_size)
-                   for _ in range(args.num_micro_batches)]
-        res = forward_backward(chunks, batches, seq_length=args.seq_length,
-                               micro_batch_size=args.micro_batch_size, optimizer=opt)
+        batches = [
+            synthetic_batch(g, args.micro_batch_size, args.seq_length, cfg.vocab_size)
+            for _ in range(args.num_micro_batches)
+        ]
+        res = forward_backward(
+            chunks,
+            batches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            optimizer=opt,
+        )
         _, grad_norm, _ = opt.step()
         sched.step(1)
         if rank == world - 1:
-            print(f"step {step:3d}  loss {res.loss:.4f}  grad_norm {grad_norm:.3f}  "
-                  f"lr {opt.param_groups[0]['lr']:.2e}  (TP {layout.tensor_model_parallel_size}, "
-                  f"DP {dp}, tokens {res.num_tokens})", flush=True)
+            print(
+                f"step {step:3d}  loss {res.loss:.4f}  grad_norm {grad_norm:.3f}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  (TP {layout.tensor_model_parallel_size}, "
+                f"DP {dp}, tokens {res.num_tokens})",
+                flush=True,
+            )
     torch.distributed.destroy_process_group()
 
 

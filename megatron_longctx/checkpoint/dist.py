@@ -111,9 +111,17 @@ def _save_strategy():
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
 
 
-def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, optimizer=None,
-                    scheduler=None, state: dict | None = None, keep_last: int | None = None,
-                    protected: bool = False, before_marker=None) -> Path:
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: list,
+    optimizer=None,
+    scheduler=None,
+    state: dict | None = None,
+    keep_last: int | None = None,
+    protected: bool = False,
+    before_marker=None,
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     Args:
@@ -139,9 +147,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model_chunks: list, op
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration)
     dist_checkpointing.save(sd, str(final), sharded_strategy=_save_strategy())
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               final / "rng" / f"rank{_rank():05d}.pt")
+    torch.save(
+        {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        final / "rng" / f"rank{_rank():05d}.pt",
+    )
     _barrier()  # every rank's files are written
     if before_marker is not None:
         before_marker(iteration)
@@ -158,8 +170,11 @@ def _apply_retention(save_dir: str | Path, newest: int, keep_last: int) -> None:
     complete = list_checkpoints(save_dir)
     keep = set(complete[-keep_last:]) | {it for it in complete if _is_protected(save_dir, it)}
     doomed = [it for it in complete if it not in keep and it < newest]
-    doomed += [it for it in list_checkpoints(save_dir, complete_only=False)
-               if it not in complete and it < newest]  # torn saves of earlier attempts
+    doomed += [
+        it
+        for it in list_checkpoints(save_dir, complete_only=False)
+        if it not in complete and it < newest
+    ]  # torn saves of earlier attempts
     for it in doomed:
         shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
         logger.info("retention: removed checkpoint iteration %d", it)
@@ -167,8 +182,9 @@ def _apply_retention(save_dir: str | Path, newest: int, keep_last: int) -> None:
 
 def _is_protected(save_dir: str | Path, iteration: int) -> bool:
     try:
-        return bool(json.loads((iteration_dir(save_dir, iteration) / MARKER).read_text())
-                    .get("protected"))
+        return bool(
+            json.loads((iteration_dir(save_dir, iteration) / MARKER).read_text()).get("protected")
+        )
     except (OSError, ValueError):
         return False
 
@@ -181,13 +197,20 @@ def read_state(ckpt_dir: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path} has no {MARKER}: it was interrupted while being "
-                              "written; resume from an earlier complete checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} has no {MARKER}: it was interrupted while being "
+            "written; resume from an earlier complete checkpoint"
+        )
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def load_checkpoint(ckpt_dir: str | Path, model_chunks: list, optimizer=None, scheduler=None,
-                    expect_model: dict | None = None) -> dict:
+def load_checkpoint(
+    ckpt_dir: str | Path,
+    model_chunks: list,
+    optimizer=None,
+    scheduler=None,
+    expect_model: dict | None = None,
+) -> dict:
     """Collective. Loads model (and optimizer/scheduler when given) in place; returns ``state``.
 
     Args:
@@ -199,14 +222,25 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks: list, optimizer=None, sc
     common = read_state(ckpt_dir)
     state = common.get("state", {})
     if expect_model is not None and state.get("model") is not None:
-        keys = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-                "num_query_groups", "vocab_size")
-        diff = {k: (state["model"].get(k), expect_model.get(k)) for k in keys
-                if state["model"].get(k) != expect_model.get(k)}
+        keys = (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+        )
+        diff = {
+            k: (state["model"].get(k), expect_model.get(k))
+            for k in keys
+            if state["model"].get(k) != expect_model.get(k)
+        }
         if diff:
-            raise CheckpointError(f"checkpoint {ckpt_dir} is for another model shape "
-                                  f"(checkpoint vs config): {diff}; point the run at a matching "
-                                  "checkpoint or fix the model config")
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} is for another model shape "
+                f"(checkpoint vs config): {diff}; point the run at a matching "
+                "checkpoint or fix the model config"
+            )
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True)

@@ -44,8 +44,10 @@ def _build(tp, value, path: str):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path or 'config'}: expected a mapping for {tp.__name__}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{path or 'config'}: expected a mapping for {tp.__name__}, "
+                f"got {type(value).__name__} {value!r}"
+            )
         return from_dict(tp, value, path)
     origin = typing.get_origin(tp)
     if origin is list:
@@ -74,10 +76,13 @@ def from_dict(cls, raw: dict, path: str = ""):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                          f"allowed under {path or 'the top level'}: {', '.join(sorted(fields))}")
-    kwargs = {name: _build(hints[name], raw[name], f"{path}.{name}" if path else name)
-              for name in raw}
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"allowed under {path or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {
+        name: _build(hints[name], raw[name], f"{path}.{name}" if path else name) for name in raw
+    }
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -124,8 +129,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             last = i == len(keys) - 1
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise ConfigError(f"override {dotted}: {'.'.join(keys[:i])} has "
-                                      f"{len(node)} items, no index {key}")
+                    raise ConfigError(
+                        f"override {dotted}: {'.'.join(keys[:i])} has "
+                        f"{len(node)} items, no index {key}"
+                    )
                 if last:
                     node[int(key)] = value
                 else:

@@ -73,11 +73,14 @@ class StageConfig:
         if (self.steps is None) == (self.tokens is None):
             raise ConfigError(f"{where}: give exactly one of steps or tokens")
         if (self.global_batch_tokens is None) == (self.global_batch_size is None):
-            raise ConfigError(f"{where}: give exactly one of global_batch_tokens or "
-                              "global_batch_size")
+            raise ConfigError(
+                f"{where}: give exactly one of global_batch_tokens or global_batch_size"
+            )
         if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_length:
-            raise ConfigError(f"{where}: global_batch_tokens {self.global_batch_tokens} is not a "
-                              f"multiple of seq_length {self.seq_length}")
+            raise ConfigError(
+                f"{where}: global_batch_tokens {self.global_batch_tokens} is not a "
+                f"multiple of seq_length {self.seq_length}"
+            )
         if self.type not in STAGE_TYPES:
             raise ConfigError(f"{where}: type must be one of {STAGE_TYPES}, got {self.type!r}")
         if self.recompute not in (None, "selective", "full"):
@@ -209,8 +212,10 @@ class ExperimentConfig:
         allowed = set(ModelConfig.__dataclass_fields__)
         unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
-                              f"allowed: preset, {', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
+                f"allowed: preset, {', '.join(sorted(allowed))}"
+            )
         try:
             base = get_preset(preset).to_dict() if preset else {}
             cfg = from_dict(ModelConfig, {**base, **raw}, "model")  # typed: "1.28e8" -> float
@@ -220,5 +225,6 @@ class ExperimentConfig:
             cfg = cfg.with_updates(
                 rope_theta=stage.rope_theta if stage.rope_theta is not None else cfg.rope_theta,
                 rope_scaling=stage.rope_scaling,
-                max_position_embeddings=stage.seq_length)
+                max_position_embeddings=stage.seq_length,
+            )
         return cfg

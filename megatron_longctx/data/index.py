@@ -30,8 +30,14 @@ logger = logging.getLogger(__name__)
 
 #: Bumped whenever the index layout or the rules above change (invalidates caches).
 INDEX_VERSION = 2
-COMPONENT_FIELDS = ("doc_dataset", "doc_offset", "doc_length", "stream_doc", "stream_cum",
-                    "epoch_starts")
+COMPONENT_FIELDS = (
+    "doc_dataset",
+    "doc_offset",
+    "doc_length",
+    "stream_doc",
+    "stream_cum",
+    "epoch_starts",
+)
 
 
 @dataclass
@@ -87,16 +93,26 @@ class MixtureIndex:
     prefixes: list[list[str]] = field(default_factory=list)
 
     @classmethod
-    def from_document_lengths(cls, spec: MixtureSpec, lengths: list[list[np.ndarray]],
-                              seq_length: int, num_samples: int) -> MixtureIndex:
+    def from_document_lengths(
+        cls, spec: MixtureSpec, lengths: list[list[np.ndarray]], seq_length: int, num_samples: int
+    ) -> MixtureIndex:
         """Builds an index from document-length arrays (one list of arrays per component).
 
         The same code path as files, for benchmarks and tests: document offsets are the running
         sums of the lengths, as if each array were one ``.bin`` file.
         """
-        tables = [[DocumentTable("synthetic", np.dtype(np.int32), np.asarray(a, dtype=np.int64),
-                                 _exclusive_cumsum(np.asarray(a, dtype=np.int64)))
-                   for a in per_comp] for per_comp in lengths]
+        tables = [
+            [
+                DocumentTable(
+                    "synthetic",
+                    np.dtype(np.int32),
+                    np.asarray(a, dtype=np.int64),
+                    _exclusive_cumsum(np.asarray(a, dtype=np.int64)),
+                )
+                for a in per_comp
+            ]
+            for per_comp in lengths
+        ]
         return build_index(spec, tables, seq_length, num_samples)
 
     def docs_per_sample(self) -> np.ndarray:
@@ -157,8 +173,9 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _epoch_order(seed: int, c: int, epoch: int, doc_length: np.ndarray,
-                 tokens_needed: int | None) -> np.ndarray:
+def _epoch_order(
+    seed: int, c: int, epoch: int, doc_length: np.ndarray, tokens_needed: int | None
+) -> np.ndarray:
     """Shuffled eligible-document ids (int32) of one epoch.
 
     A full permutation, except for the last epoch when it is needed only for a small part
@@ -179,13 +196,19 @@ def _epoch_order(seed: int, c: int, epoch: int, doc_length: np.ndarray,
         k = min(n, 2 * k)
 
 
-def _component_stream(spec: MixtureSpec, c: int, tables: list[DocumentTable], num_local: int,
-                      seq_length: int) -> tuple[ComponentIndex, dict]:
+def _component_stream(
+    spec: MixtureSpec, c: int, tables: list[DocumentTable], num_local: int, seq_length: int
+) -> tuple[ComponentIndex, dict]:
     comp = spec.components[c]
     lengths = _concat([t.doc_lengths for t in tables])
     offsets = _concat([t.doc_offsets for t in tables])
-    dataset = (np.zeros(len(lengths), dtype=np.int16) if len(tables) == 1 else np.concatenate(
-        [np.full(len(t.doc_lengths), i, dtype=np.int16) for i, t in enumerate(tables)]))
+    dataset = (
+        np.zeros(len(lengths), dtype=np.int16)
+        if len(tables) == 1
+        else np.concatenate(
+            [np.full(len(t.doc_lengths), i, dtype=np.int16) for i, t in enumerate(tables)]
+        )
+    )
     below = lengths < comp.min_tokens
     above = (lengths >= comp.max_tokens) if comp.max_tokens is not None else np.zeros_like(below)
     dropped = below | above
@@ -195,20 +218,30 @@ def _component_stream(spec: MixtureSpec, c: int, tables: list[DocumentTable], nu
     tokens_below = int(lengths[below].sum(dtype=np.int64))
     tokens_above = int(lengths[above].sum(dtype=np.int64))
     stats = {
-        "name": comp.name, "weight": comp.weight, "bucket": comp.bucket_label(),
-        "docs_total": int(len(lengths)), "tokens_total": tokens_total,
-        "docs_kept": num_eligible, "tokens_kept": tokens_total - tokens_below - tokens_above,
-        "docs_dropped_below_min": int(below.sum()), "tokens_dropped_below_min": tokens_below,
-        "docs_dropped_above_max": int(above.sum()), "tokens_dropped_above_max": tokens_above,
+        "name": comp.name,
+        "weight": comp.weight,
+        "bucket": comp.bucket_label(),
+        "docs_total": int(len(lengths)),
+        "tokens_total": tokens_total,
+        "docs_kept": num_eligible,
+        "tokens_kept": tokens_total - tokens_below - tokens_above,
+        "docs_dropped_below_min": int(below.sum()),
+        "tokens_dropped_below_min": tokens_below,
+        "docs_dropped_above_max": int(above.sum()),
+        "tokens_dropped_above_max": tokens_above,
     }
     if num_eligible == 0:
-        seen = (f"document lengths in its data range from {int(lengths.min())} to "
-                f"{int(lengths.max())} tokens over {len(lengths)} documents" if len(lengths)
-                else "its data holds no documents")
+        seen = (
+            f"document lengths in its data range from {int(lengths.min())} to "
+            f"{int(lengths.max())} tokens over {len(lengths)} documents"
+            if len(lengths)
+            else "its data holds no documents"
+        )
         raise MixtureError(
             f"component {comp.name!r}: no document falls in its length bucket "
             f"{comp.bucket_label()}; {seen}. Widen the bucket, point it at longer/shorter data, "
-            f"or remove the component")
+            f"or remove the component"
+        )
     if num_eligible == len(lengths):  # common case: no copies
         doc_length, doc_offset, doc_dataset = lengths, offsets, dataset
     else:
@@ -218,8 +251,10 @@ def _component_stream(spec: MixtureSpec, c: int, tables: list[DocumentTable], nu
     need = num_local * seq_length + 1 if num_local else 0
     num_epochs = max(1, math.ceil(need / epoch_tokens))
     rest = need - (num_epochs - 1) * epoch_tokens  # tokens needed from the last epoch
-    perms = [_epoch_order(spec.seed, c, e, doc_length, rest if e == num_epochs - 1 else None)
-             for e in range(num_epochs)]
+    perms = [
+        _epoch_order(spec.seed, c, e, doc_length, rest if e == num_epochs - 1 else None)
+        for e in range(num_epochs)
+    ]
     stream_doc = perms[0] if len(perms) == 1 else np.concatenate(perms)
     stream_cum = np.zeros(len(stream_doc) + 1, dtype=np.int64)
     np.cumsum(doc_length[stream_doc], out=stream_cum[1:])
@@ -228,22 +263,33 @@ def _component_stream(spec: MixtureSpec, c: int, tables: list[DocumentTable], nu
     pos = np.searchsorted(stream_cum, boundaries, side="right") - 1
     carried = int(np.count_nonzero(stream_cum[pos] != boundaries))
     used = need - 1 if num_local else 0
-    stats.update({
-        "samples": int(num_local), "tokens_trained": int(num_local * seq_length),
-        "epoch_tokens": epoch_tokens, "epochs_started": num_epochs if num_local else 0,
-        "epochs_restarted": max(num_epochs - 1, 0) if num_local else 0,
-        "docs_carried_across_samples": carried,
-        "tokens_left_in_last_epoch": int(num_epochs * epoch_tokens - used) if num_local else 0,
-    })
+    stats.update(
+        {
+            "samples": int(num_local),
+            "tokens_trained": int(num_local * seq_length),
+            "epoch_tokens": epoch_tokens,
+            "epochs_started": num_epochs if num_local else 0,
+            "epochs_restarted": max(num_epochs - 1, 0) if num_local else 0,
+            "docs_carried_across_samples": carried,
+            "tokens_left_in_last_epoch": int(num_epochs * epoch_tokens - used) if num_local else 0,
+        }
+    )
     if num_epochs > 1:
-        logger.info("component %s: %d epochs over %d eligible documents (%d tokens per epoch)",
-                    comp.name, num_epochs, num_eligible, epoch_tokens)
-    return ComponentIndex(doc_dataset, doc_offset, doc_length, stream_doc, stream_cum,
-                          epoch_starts), stats
+        logger.info(
+            "component %s: %d epochs over %d eligible documents (%d tokens per epoch)",
+            comp.name,
+            num_epochs,
+            num_eligible,
+            epoch_tokens,
+        )
+    return ComponentIndex(
+        doc_dataset, doc_offset, doc_length, stream_doc, stream_cum, epoch_starts
+    ), stats
 
 
-def build_index(spec: MixtureSpec, tables: list[list[DocumentTable]], seq_length: int,
-                num_samples: int) -> MixtureIndex:
+def build_index(
+    spec: MixtureSpec, tables: list[list[DocumentTable]], seq_length: int, num_samples: int
+) -> MixtureIndex:
     """Builds the sample index from per-component document tables (no caching; see ``build.py``).
 
     Args:
@@ -253,8 +299,10 @@ def build_index(spec: MixtureSpec, tables: list[list[DocumentTable]], seq_length
         num_samples: Global samples to index (train iterations x global batch size).
     """
     if len(tables) != len(spec.components):
-        raise MixtureError(f"got document tables for {len(tables)} components, the mixture has "
-                           f"{len(spec.components)}")
+        raise MixtureError(
+            f"got document tables for {len(tables)} components, the mixture has "
+            f"{len(spec.components)}"
+        )
     if not isinstance(seq_length, int) or seq_length < 1:
         raise MixtureError(f"seq_length must be a positive integer, got {seq_length!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -270,6 +318,13 @@ def build_index(spec: MixtureSpec, tables: list[list[DocumentTable]], seq_length
         comp, st = _component_stream(spec, c, tables[c], int(counts[c]), seq_length)
         components.append(comp)
         stats.append(st)
-    return MixtureIndex(spec, seq_length, num_samples, sample_component, sample_local,
-                        components, {"components": stats},
-                        prefixes=[[t.prefix for t in per] for per in tables])
+    return MixtureIndex(
+        spec,
+        seq_length,
+        num_samples,
+        sample_component,
+        sample_local,
+        components,
+        {"components": stats},
+        prefixes=[[t.prefix for t in per] for per in tables],
+    )

@@ -27,11 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_longctx.data.index import (COMPONENT_FIELDS, INDEX_VERSION, ComponentIndex,
-                                         MixtureIndex, build_index)
+from megatron_longctx.data.index import (
+    COMPONENT_FIELDS,
+    INDEX_VERSION,
+    ComponentIndex,
+    MixtureIndex,
+    build_index,
+)
 from megatron_longctx.data.mixture import MixtureError, MixtureSpec
-from megatron_longctx.data.sources import (check_mask_source, check_source, file_identity,
-                                           read_document_table)
+from megatron_longctx.data.sources import (
+    check_mask_source,
+    check_source,
+    file_identity,
+    read_document_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +59,29 @@ def validate_sequence_length(seq_length: int, cp_size: int = 1) -> None:
             f"seq_length {seq_length} is not divisible by 2 x context_parallel_size = "
             f"{2 * cp_size} (zigzag CP cuts each sequence into 2 x CP chunks): {seq_length} % "
             f"{2 * cp_size} = {seq_length % (2 * cp_size)}; pick a multiple such as "
-            f"{(seq_length // (2 * cp_size) + 1) * 2 * cp_size}")
+            f"{(seq_length // (2 * cp_size) + 1) * 2 * cp_size}"
+        )
 
 
 def index_config(spec: MixtureSpec, seq_length: int, num_samples: int) -> dict:
     """The inputs that determine the index (hashed into the cache key)."""
     return {
-        "version": INDEX_VERSION, "seq_length": seq_length, "num_samples": num_samples,
+        "version": INDEX_VERSION,
+        "seq_length": seq_length,
+        "num_samples": num_samples,
         "seed": spec.seed,
         "components": [_component_config(c) for c in spec.components],
     }
 
 
 def _component_config(c) -> dict:
-    out = {"name": c.name, "weight": c.weight, "min_tokens": c.min_tokens,
-           "max_tokens": c.max_tokens, "files": [file_identity(p) for p in c.prefixes]}
+    out = {
+        "name": c.name,
+        "weight": c.weight,
+        "min_tokens": c.min_tokens,
+        "max_tokens": c.max_tokens,
+        "files": [file_identity(p) for p in c.prefixes],
+    }
     if c.mask_prefixes:  # only present for SFT components, so pretraining keys are unchanged
         out["mask_files"] = [file_identity(p) for p in c.mask_prefixes]
     return out
@@ -90,10 +107,18 @@ def save_index(index: MixtureIndex, directory: Path, config: dict) -> None:
     for name, arr in _array_items(index).items():
         path = directory / f"{name}.npy"
         np.save(path, np.ascontiguousarray(arr))
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
-                        "bytes": path.stat().st_size}
-    meta = {"key": index.key, "config": config, "stats": index.stats, "arrays": arrays,
-            "prefixes": index.prefixes}
+        arrays[name] = {
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "bytes": path.stat().st_size,
+        }
+    meta = {
+        "key": index.key,
+        "config": config,
+        "stats": index.stats,
+        "arrays": arrays,
+        "prefixes": index.prefixes,
+    }
     tmp = directory / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, directory / "meta.json")
@@ -123,17 +148,33 @@ def load_index(directory: Path, spec: MixtureSpec, key: str, config: dict) -> Mi
         arrays[name] = arr
     num = len(spec.components)
     try:
-        comps = [ComponentIndex(**{f: arrays[f"c{c}_{f}"] for f in COMPONENT_FIELDS})
-                 for c in range(num)]
-        return MixtureIndex(spec, config["seq_length"], config["num_samples"],
-                            arrays["sample_component"], arrays["sample_local"], comps,
-                            meta["stats"], key, meta["prefixes"])
+        comps = [
+            ComponentIndex(**{f: arrays[f"c{c}_{f}"] for f in COMPONENT_FIELDS}) for c in range(num)
+        ]
+        return MixtureIndex(
+            spec,
+            config["seq_length"],
+            config["num_samples"],
+            arrays["sample_component"],
+            arrays["sample_local"],
+            comps,
+            meta["stats"],
+            key,
+            meta["prefixes"],
+        )
     except KeyError:
         return None
 
 
-def _get_or_build(spec: MixtureSpec, seq_length: int, num_samples: int, vocab_size: int | None,
-                  cache_dir: Path, config: dict, key: str) -> MixtureIndex:
+def _get_or_build(
+    spec: MixtureSpec,
+    seq_length: int,
+    num_samples: int,
+    vocab_size: int | None,
+    cache_dir: Path,
+    config: dict,
+    key: str,
+) -> MixtureIndex:
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"mixture-{key}"
     with open(cache_dir / f"mixture-{key}.lock", "w") as lock:
@@ -159,20 +200,29 @@ def _get_or_build(spec: MixtureSpec, seq_length: int, num_samples: int, vocab_si
             fcntl.flock(lock, fcntl.LOCK_UN)
     loaded = load_index(final, spec, key, config)
     if loaded is None:
-        raise MixtureError(f"mixture cache {final} was written but cannot be read back; check the "
-                           f"file system (free space, a shared cache_dir on every node)")
+        raise MixtureError(
+            f"mixture cache {final} was written but cannot be read back; check the "
+            f"file system (free space, a shared cache_dir on every node)"
+        )
     return loaded
 
 
-def _build(spec: MixtureSpec, seq_length: int, num_samples: int,
-           vocab_size: int | None) -> MixtureIndex:
+def _build(
+    spec: MixtureSpec, seq_length: int, num_samples: int, vocab_size: int | None
+) -> MixtureIndex:
     tables = [[read_document_table(p, vocab_size) for p in c.prefixes] for c in spec.components]
     return build_index(spec, tables, seq_length, num_samples)
 
 
-def build_mixture_index(spec: MixtureSpec, seq_length: int, num_samples: int, *,
-                        vocab_size: int | None = None, cp_size: int = 1,
-                        cache_dir: str | Path | None = None) -> MixtureIndex:
+def build_mixture_index(
+    spec: MixtureSpec,
+    seq_length: int,
+    num_samples: int,
+    *,
+    vocab_size: int | None = None,
+    cp_size: int = 1,
+    cache_dir: str | Path | None = None,
+) -> MixtureIndex:
     """Validates a stage's data and returns its sample index (cached when ``cache_dir`` is set).
 
     Call it on every rank before training; all checks run here, so bad data fails before step 0.
@@ -210,4 +260,3 @@ def build_mixture_index(spec: MixtureSpec, seq_length: int, num_samples: int, *,
     if not distributed or dist.get_rank() != 0:
         index = _get_or_build(spec, seq_length, num_samples, vocab_size, cache_dir, config, key)
     return index
-

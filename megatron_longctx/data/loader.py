@@ -34,9 +34,16 @@ from megatron_longctx.data.packing import SamplePacker
 class MixtureLoader:
     """Yields this DP rank's micro-batches of a mixture index, starting at ``consumed_samples``."""
 
-    def __init__(self, index: MixtureIndex, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, consumed_samples: int = 0,
-                 packer: SamplePacker | None = None):
+    def __init__(
+        self,
+        index: MixtureIndex,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+        packer: SamplePacker | None = None,
+    ):
         """Checks the batch arithmetic and positions the loader.
 
         Args:
@@ -51,8 +58,11 @@ class MixtureLoader:
         Raises:
             MixtureError: inconsistent sizes, with the arithmetic in the message.
         """
-        for name, value in (("global_batch_size", global_batch_size),
-                            ("micro_batch_size", micro_batch_size), ("dp_size", dp_size)):
+        for name, value in (
+            ("global_batch_size", global_batch_size),
+            ("micro_batch_size", micro_batch_size),
+            ("dp_size", dp_size),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise MixtureError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
@@ -61,7 +71,8 @@ class MixtureLoader:
         if global_batch_size % step:
             raise MixtureError(
                 f"global_batch_size {global_batch_size} is not micro_batch_size {micro_batch_size}"
-                f" x DP {dp_size} x micro-batches: {global_batch_size} is not divisible by {step}")
+                f" x DP {dp_size} x micro-batches: {global_batch_size} is not divisible by {step}"
+            )
         self.index = index
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -86,26 +97,37 @@ class MixtureLoader:
         if not isinstance(consumed, int) or consumed < 0 or consumed % step:
             raise MixtureError(
                 f"consumed_samples {consumed!r} must be a non-negative multiple of micro_batch_size"
-                f" {self.micro_batch_size} x DP {self.dp_size} = {step} (a micro-step boundary)")
+                f" {self.micro_batch_size} x DP {self.dp_size} = {step} (a micro-step boundary)"
+            )
         if consumed > self.index.num_samples:
-            raise MixtureError(f"consumed_samples {consumed} is past the index's "
-                               f"{self.index.num_samples} samples; rebuild it with more samples")
+            raise MixtureError(
+                f"consumed_samples {consumed} is past the index's "
+                f"{self.index.num_samples} samples; rebuild it with more samples"
+            )
         self._consumed = consumed
 
     def state_dict(self) -> dict:
         """The loader's state: consumed samples plus what identifies the index (for checks)."""
-        return {"consumed_samples": self._consumed, "index_key": self.index.key,
-                "seq_length": self.index.seq_length, "global_batch_size": self.global_batch_size}
+        return {
+            "consumed_samples": self._consumed,
+            "index_key": self.index.key,
+            "seq_length": self.index.seq_length,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores ``consumed_samples``; refuses a state saved for a different index."""
         if state.get("seq_length", self.index.seq_length) != self.index.seq_length:
-            raise MixtureError(f"loader state is for seq_length {state['seq_length']}, this index "
-                               f"has {self.index.seq_length}")
+            raise MixtureError(
+                f"loader state is for seq_length {state['seq_length']}, this index "
+                f"has {self.index.seq_length}"
+            )
         key = state.get("index_key", "")
         if key and self.index.key and key != self.index.key:
-            raise MixtureError(f"loader state was saved for mixture index {key}, this one is "
-                               f"{self.index.key}: the mixture, data or num_samples changed")
+            raise MixtureError(
+                f"loader state was saved for mixture index {key}, this one is "
+                f"{self.index.key}: the mixture, data or num_samples changed"
+            )
         self._set_consumed(int(state["consumed_samples"]))
 
     def __iter__(self) -> Iterator[dict]:
@@ -124,8 +146,10 @@ class MixtureLoader:
 def collate(samples: list[dict]) -> dict:
     """Stacks packed samples into a micro-batch (THD ``cu_seqlens`` over the flattened tokens)."""
     seq = len(samples[0]["tokens"])
-    out = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
-           for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out = {
+        k: torch.from_numpy(np.stack([s[k] for s in samples]))
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
     cus = [samples[0]["cu_seqlens"][:1]]
     for i, s in enumerate(samples):
         cus.append(s["cu_seqlens"][1:] + i * seq)

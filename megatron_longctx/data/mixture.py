@@ -57,32 +57,44 @@ class MixtureComponent:
         if not self.prefixes or not all(isinstance(p, str) and p for p in self.prefixes):
             raise MixtureError(
                 f"component {self.name!r}: prefixes must be a non-empty list of path prefixes "
-                f"(without .bin/.idx), got {self.prefixes!r}")
+                f"(without .bin/.idx), got {self.prefixes!r}"
+            )
         self.prefixes = list(self.prefixes)
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
-                or not math.isfinite(self.weight) or self.weight <= 0:
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not math.isfinite(self.weight)
+            or self.weight <= 0
+        ):
             raise MixtureError(
                 f"component {self.name!r}: weight must be a positive fraction of training tokens, "
-                f"got {self.weight!r}; remove the component instead of giving it weight 0")
+                f"got {self.weight!r}; remove the component instead of giving it weight 0"
+            )
         self.weight = float(self.weight)
         if not isinstance(self.min_tokens, int) or self.min_tokens < 1:
-            raise MixtureError(f"component {self.name!r}: min_tokens must be an integer >= 1, "
-                               f"got {self.min_tokens!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens <= self.min_tokens):
+            raise MixtureError(
+                f"component {self.name!r}: min_tokens must be an integer >= 1, "
+                f"got {self.min_tokens!r}"
+            )
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens <= self.min_tokens
+        ):
             raise MixtureError(
                 f"component {self.name!r}: bucket [min_tokens, max_tokens) = "
                 f"[{self.min_tokens}, {self.max_tokens}) is empty; max_tokens must be an integer "
-                f"> min_tokens, or null for no upper limit")
+                f"> min_tokens, or null for no upper limit"
+            )
         if self.mask_prefixes is not None:
             if isinstance(self.mask_prefixes, str):
                 self.mask_prefixes = [self.mask_prefixes]
             if len(self.mask_prefixes) != len(self.prefixes) or not all(
-                    isinstance(p, str) and p for p in self.mask_prefixes):
+                isinstance(p, str) and p for p in self.mask_prefixes
+            ):
                 raise MixtureError(
                     f"component {self.name!r}: mask_prefixes must list one loss-mask prefix per "
                     f"entry of prefixes ({len(self.prefixes)}), in the same order, got "
-                    f"{self.mask_prefixes!r}")
+                    f"{self.mask_prefixes!r}"
+                )
             self.mask_prefixes = list(self.mask_prefixes)
 
     def bucket_label(self) -> str:
@@ -108,8 +120,10 @@ class MixtureSpec:
     reset_position_ids: bool = False
 
     def __post_init__(self):
-        self.components = [c if isinstance(c, MixtureComponent) else _component_from_dict(c)
-                           for c in (self.components or [])]
+        self.components = [
+            c if isinstance(c, MixtureComponent) else _component_from_dict(c)
+            for c in (self.components or [])
+        ]
         if not self.components:
             raise MixtureError("mixture has no components; add at least one under 'components:'")
         names = [c.name for c in self.components]
@@ -121,7 +135,8 @@ class MixtureSpec:
             listing = " + ".join(f"{c.name} {c.weight:g}" for c in self.components)
             raise MixtureError(
                 f"mixture weights must sum to 1 (they are fractions of training tokens): {listing} "
-                f"= {total:.6g}; fix the weights (they are not renormalised silently)")
+                f"= {total:.6g}; fix the weights (they are not renormalised silently)"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise MixtureError(f"mixture seed must be a non-negative integer, got {self.seed!r}")
 
@@ -133,12 +148,15 @@ class MixtureSpec:
 
 def _component_from_dict(raw: Any) -> MixtureComponent:
     if not isinstance(raw, dict):
-        raise MixtureError(f"each component must be a mapping with name/prefixes/weight, got {raw!r}")
+        raise MixtureError(
+            f"each component must be a mapping with name/prefixes/weight, got {raw!r}"
+        )
     known = {"name", "prefixes", "weight", "min_tokens", "max_tokens", "mask_prefixes"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise MixtureError(f"component {raw.get('name')!r}: unknown keys {unknown}; "
-                           f"allowed: {sorted(known)}")
+        raise MixtureError(
+            f"component {raw.get('name')!r}: unknown keys {unknown}; allowed: {sorted(known)}"
+        )
     missing = sorted({"name", "prefixes", "weight"} - set(raw))
     if missing:
         raise MixtureError(f"component {raw.get('name')!r}: missing required keys {missing}")
@@ -150,7 +168,9 @@ def mixture_from_dict(raw: dict[str, Any]) -> MixtureSpec:
     if isinstance(raw, dict) and "mixture" in raw and isinstance(raw["mixture"], dict):
         raw = raw["mixture"]
     if not isinstance(raw, dict):
-        raise MixtureError(f"a mixture must be a mapping with 'components:', got {type(raw).__name__}")
+        raise MixtureError(
+            f"a mixture must be a mapping with 'components:', got {type(raw).__name__}"
+        )
     known = {"components", "seed", "reset_position_ids"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -175,7 +195,9 @@ def load_mixture_yaml(path: str | Path) -> MixtureSpec:
 
     path = Path(path)
     if not path.is_file():
-        raise MixtureError(f"mixture file {path} does not exist; see examples/mixtures/ for recipes")
+        raise MixtureError(
+            f"mixture file {path} does not exist; see examples/mixtures/ for recipes"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -186,5 +208,10 @@ def load_mixture_yaml(path: str | Path) -> MixtureSpec:
         raise MixtureError(f"{path}: {exc}") from exc
 
 
-__all__ = ["MixtureComponent", "MixtureError", "MixtureSpec", "load_mixture_yaml",
-           "mixture_from_dict"]
+__all__ = [
+    "MixtureComponent",
+    "MixtureError",
+    "MixtureSpec",
+    "load_mixture_yaml",
+    "mixture_from_dict",
+]

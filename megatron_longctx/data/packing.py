@@ -55,8 +55,10 @@ def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int
         a contiguous run of one document, in order, lengths summing to S + 1.
     """
     if not 0 <= sample < index.num_samples:
-        raise IndexError(f"sample {sample} is outside the index (0..{index.num_samples - 1}); "
-                         f"build the index with more num_samples")
+        raise IndexError(
+            f"sample {sample} is outside the index (0..{index.num_samples - 1}); "
+            f"build the index with more num_samples"
+        )
     c = int(index.sample_component[sample])
     comp = index.components[c]
     start = int(index.sample_local[sample]) * index.seq_length
@@ -75,8 +77,12 @@ def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int
     return c, pieces
 
 
-def sample_fields(tokens: np.ndarray, piece_lengths: list[int], reset_position_ids: bool,
-                  token_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def sample_fields(
+    tokens: np.ndarray,
+    piece_lengths: list[int],
+    reset_position_ids: bool,
+    token_mask: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Builds the training fields of one sample from its S + 1 tokens and document pieces.
 
     Args:
@@ -101,8 +107,13 @@ def sample_fields(tokens: np.ndarray, piece_lengths: list[int], reset_position_i
     else:
         position_ids = np.arange(seq, dtype=np.int64)
     tokens = tokens.astype(np.int64)
-    return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": loss_mask,
-            "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+    return {
+        "tokens": tokens[:-1],
+        "labels": tokens[1:],
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "cu_seqlens": cu_seqlens,
+    }
 
 
 class SamplePacker:
@@ -117,8 +128,9 @@ class SamplePacker:
         """
         self.index = index
         self.readers = readers or [TokenReader(p) for p in index.prefixes]
-        self.mask_readers = [TokenReader(c.mask_prefixes) if c.mask_prefixes else None
-                             for c in index.spec.components]
+        self.mask_readers = [
+            TokenReader(c.mask_prefixes) if c.mask_prefixes else None for c in index.spec.components
+        ]
 
     def get(self, sample: int) -> dict[str, np.ndarray | int]:
         """Returns the sample's fields (see module docstring) plus ``component`` and ``sample``."""
@@ -126,10 +138,14 @@ class SamplePacker:
         reader = self.readers[c]
         tokens = np.concatenate([reader.read(ds, off, n) for _, ds, off, n in pieces])
         masks = self.mask_readers[c] if c < len(self.mask_readers) else None
-        token_mask = None if masks is None else np.concatenate(
-            [masks.read(ds, off, n) for _, ds, off, n in pieces])
-        out = sample_fields(tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids,
-                            token_mask)
+        token_mask = (
+            None
+            if masks is None
+            else np.concatenate([masks.read(ds, off, n) for _, ds, off, n in pieces])
+        )
+        out = sample_fields(
+            tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids, token_mask
+        )
         out["component"] = c
         out["sample"] = sample
         return out

@@ -72,11 +72,15 @@ class ChatTemplate:
         elif tokenizer.eod_id is not None:
             self.eot_id = int(tokenizer.eod_id)
         else:
-            raise SFTError("the tokenizer has neither <|eot_id|> nor an EOD token to end turns; "
-                           "use a tokenizer with an EOS/EOD token")
+            raise SFTError(
+                "the tokenizer has neither <|eot_id|> nor an EOD token to end turns; "
+                "use a tokenizer with an EOS/EOD token"
+            )
         self.bos = [int(tokenizer.bos_id)] if tokenizer.bos_id is not None else []
-        self._headers = {r: [int(t) for t in tokenizer.encode(
-            f"<|start_header_id|>{r}<|end_header_id|>\n\n")] for r in ROLES}
+        self._headers = {
+            r: [int(t) for t in tokenizer.encode(f"<|start_header_id|>{r}<|end_header_id|>\n\n")]
+            for r in ROLES
+        }
 
     def header(self, role: str) -> list[int]:
         """Token ids of the header that opens a turn of ``role``."""
@@ -125,27 +129,40 @@ def parse_conversation(line: bytes) -> list[dict] | None:
         raise BadRecord(NOT_AN_OBJECT, f"expected a JSON object, got {type(record).__name__}")
     messages = record.get("messages")
     if not isinstance(messages, list):
-        raise BadRecord(NO_MESSAGES, "expected a 'messages' list of {role, content} objects, got "
-                        f"{type(messages).__name__ if 'messages' in record else 'no such key'}")
+        raise BadRecord(
+            NO_MESSAGES,
+            "expected a 'messages' list of {role, content} objects, got "
+            f"{type(messages).__name__ if 'messages' in record else 'no such key'}",
+        )
     if not messages:
         raise BadRecord(EMPTY_CONVERSATION, "'messages' is empty; drop the record")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
-                or not isinstance(m.get("role"), str):
-            raise BadRecord(BAD_MESSAGE, f"message {i} must be an object with string 'role' and "
-                            f"'content', got {json.dumps(m)[:80]}")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or not isinstance(m.get("role"), str)
+        ):
+            raise BadRecord(
+                BAD_MESSAGE,
+                f"message {i} must be an object with string 'role' and "
+                f"'content', got {json.dumps(m)[:80]}",
+            )
         if m["role"] not in ROLES:
-            raise BadRecord(UNKNOWN_ROLE, f"message {i} has role {m['role']!r}; allowed roles: "
-                            f"{', '.join(ROLES)}")
+            raise BadRecord(
+                UNKNOWN_ROLE,
+                f"message {i} has role {m['role']!r}; allowed roles: {', '.join(ROLES)}",
+            )
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError:
             raise BadRecord(INVALID_UTF8, f"message {i} holds an unpaired surrogate") from None
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
-        raise BadRecord(NO_ASSISTANT, "the conversation has no assistant turn, so nothing to "
-                        "train on; drop the record")
+        raise BadRecord(
+            NO_ASSISTANT,
+            "the conversation has no assistant turn, so nothing to train on; drop the record",
+        )
     return out
 
 
@@ -194,11 +211,15 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
     files = expand_inputs(config.input)
     tok = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
     template = ChatTemplate(tok)
-    report = SFTReport(text_prefix=f"{config.output_prefix}_text_document",
-                       mask_prefix=f"{config.output_prefix}_mask_document")
+    report = SFTReport(
+        text_prefix=f"{config.output_prefix}_text_document",
+        mask_prefix=f"{config.output_prefix}_mask_document",
+    )
     dtype = token_dtype(tok.vocab_size)
-    writers = [IndexedDatasetWriter(report.text_prefix, dtype),
-               IndexedDatasetWriter(report.mask_prefix, np.uint16)]
+    writers = [
+        IndexedDatasetWriter(report.text_prefix, dtype),
+        IndexedDatasetWriter(report.mask_prefix, np.uint16),
+    ]
     try:
         for path in files:
             for line_number, raw, _ in iter_lines(path):
@@ -207,8 +228,9 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
                 except BadRecord as e:
                     where = f"{path}:{line_number}: {e}"
                     if config.on_error == "fail":
-                        raise SFTError(f"{where} (fix the record or pass --on-error skip)") \
-                            from None
+                        raise SFTError(
+                            f"{where} (fix the record or pass --on-error skip)"
+                        ) from None
                     report.skipped[e.reason] = report.skipped.get(e.reason, 0) + 1
                     if sum(report.skipped.values()) <= 10:
                         logger.warning("skipping %s", where)
@@ -223,8 +245,10 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
                 report.num_tokens += len(tokens)
                 report.num_assistant_tokens += int(mask.sum())
         if report.num_conversations == 0:
-            raise SFTError(f"no valid conversation in {', '.join(files)} (skipped: "
-                           f"{report.skipped or 'none'}); nothing written")
+            raise SFTError(
+                f"no valid conversation in {', '.join(files)} (skipped: "
+                f"{report.skipped or 'none'}); nothing written"
+            )
         for w in writers:
             w.finalize()
         for w in writers:
@@ -234,7 +258,16 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
             w.abort()
         raise
     with open(f"{config.output_prefix}_sft_stats.json", "w", encoding="utf-8") as f:
-        json.dump({"conversations": report.num_conversations, "tokens": report.num_tokens,
-                   "assistant_tokens": report.num_assistant_tokens, "skipped": report.skipped,
-                   "inputs": files, "tokenizer_model": config.tokenizer_model}, f, indent=1)
+        json.dump(
+            {
+                "conversations": report.num_conversations,
+                "tokens": report.num_tokens,
+                "assistant_tokens": report.num_assistant_tokens,
+                "skipped": report.skipped,
+                "inputs": files,
+                "tokenizer_model": config.tokenizer_model,
+            },
+            f,
+            indent=1,
+        )
     return report

@@ -21,8 +21,16 @@ from megatron_longctx.data.mixture import MixtureError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 #: megatron-core's DType codes (indexed_dataset.DType).
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
-               7: np.float32, 8: np.uint16}
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 
 
@@ -37,10 +45,13 @@ def resolve_prefix(prefix: str) -> str:
     if left:
         raise DataSourceError(
             f"data prefix {prefix!r} still holds the placeholder(s) {left}: export "
-            f"{'/'.join(left)} or replace it in the mixture recipe with the real path prefix")
+            f"{'/'.join(left)} or replace it in the mixture recipe with the real path prefix"
+        )
     if expanded.endswith((".bin", ".idx")):
-        raise DataSourceError(f"data prefix {prefix!r} must not end in .bin/.idx; give the prefix "
-                              f"(e.g. {expanded[:-4]!r})")
+        raise DataSourceError(
+            f"data prefix {prefix!r} must not end in .bin/.idx; give the prefix "
+            f"(e.g. {expanded[:-4]!r})"
+        )
     return os.path.abspath(expanded)
 
 
@@ -66,8 +77,9 @@ def check_source(prefix: str, vocab_size: int | None = None) -> None:
     read_document_table(prefix, vocab_size, check_only=True)
 
 
-def read_document_table(prefix: str, vocab_size: int | None = None,
-                        check_only: bool = False) -> DocumentTable | None:
+def read_document_table(
+    prefix: str, vocab_size: int | None = None, check_only: bool = False
+) -> DocumentTable | None:
     """Reads and checks one indexed dataset's index.
 
     Args:
@@ -83,14 +95,18 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
     idx_path, bin_path = path + ".idx", path + ".bin"
     for p in (idx_path, bin_path):
         if not os.path.isfile(p):
-            raise DataSourceError(f"{p} is missing: run tools/preprocess_data.py to write "
-                                  f"{path}.bin/.idx or fix the prefix {prefix!r} in the mixture")
+            raise DataSourceError(
+                f"{p} is missing: run tools/preprocess_data.py to write "
+                f"{path}.bin/.idx or fix the prefix {prefix!r} in the mixture"
+            )
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         header = f.read(_HEADER_BYTES)
     if len(header) < _HEADER_BYTES or header[:9] != INDEX_MAGIC:
-        raise DataSourceError(f"{idx_path} is not a megatron indexed-dataset index (bad magic or "
-                              f"shorter than the header); re-run preprocessing")
+        raise DataSourceError(
+            f"{idx_path} is not a megatron indexed-dataset index (bad magic or "
+            f"shorter than the header); re-run preprocessing"
+        )
     version = int.from_bytes(header[9:17], "little")
     code = header[17]
     num_seqs = int.from_bytes(header[18:26], "little")
@@ -101,7 +117,8 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
     if idx_size < expected:
         raise DataSourceError(
             f"{idx_path} is truncated: {idx_size} bytes, the header promises {num_seqs} sequences "
-            f"and {num_docs_plus} document indices = {expected} bytes; re-run preprocessing")
+            f"and {num_docs_plus} document indices = {expected} bytes; re-run preprocessing"
+        )
     dtype = np.dtype(DTYPE_CODES[code])
     if vocab_size is not None:
         if not np.issubdtype(dtype, np.integer) or vocab_size - 1 > np.iinfo(dtype).max:
@@ -109,7 +126,8 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
                 f"{path}: tokens are stored as {dtype.name} (max id "
                 f"{np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 'n/a'}) but the "
                 f"vocabulary has {vocab_size} ids; re-run preprocessing with int32 tokens "
-                f"(needed for vocabularies above 65,535 such as Llama 3's 128,256)")
+                f"(needed for vocabularies above 65,535 such as Llama 3's 128,256)"
+            )
     mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
     off = _HEADER_BYTES
     seq_lengths = np.frombuffer(mm, dtype=np.int32, count=num_seqs, offset=off)
@@ -118,15 +136,18 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
     off += num_seqs * 8
     doc_index = np.frombuffer(mm, dtype=np.int64, count=num_docs_plus, offset=off)
     if num_docs_plus < 1 or doc_index[0] != 0 or doc_index[-1] != num_seqs:
-        raise DataSourceError(f"{idx_path}: document indices do not cover the {num_seqs} "
-                              f"sequences; the index is corrupt, re-run preprocessing")
+        raise DataSourceError(
+            f"{idx_path}: document indices do not cover the {num_seqs} "
+            f"sequences; the index is corrupt, re-run preprocessing"
+        )
     bin_size = os.path.getsize(bin_path)
     if num_seqs:
         need = int(seq_pointers[-1]) + int(seq_lengths[-1]) * dtype.itemsize
         if bin_size < need:
             raise DataSourceError(
                 f"{bin_path} is truncated: {bin_size} bytes but the index points to {need} bytes "
-                f"({num_seqs} sequences of {dtype.name}); re-run preprocessing")
+                f"({num_seqs} sequences of {dtype.name}); re-run preprocessing"
+            )
     if check_only:
         return None
     if num_docs_plus == num_seqs + 1 and np.array_equal(doc_index, np.arange(num_docs_plus)):
@@ -137,8 +158,9 @@ def read_document_table(prefix: str, vocab_size: int | None = None,
         np.cumsum(seq_lengths, out=cum[1:])
         doc_lengths = cum[doc_index[1:]] - cum[doc_index[:-1]]
         first = np.minimum(doc_index[:-1], max(num_seqs - 1, 0))
-        doc_offsets = (seq_pointers[first] // dtype.itemsize if num_seqs
-                       else np.zeros(0, dtype=np.int64)).astype(np.int64)
+        doc_offsets = (
+            seq_pointers[first] // dtype.itemsize if num_seqs else np.zeros(0, dtype=np.int64)
+        ).astype(np.int64)
     return DocumentTable(path, dtype, doc_lengths, doc_offsets)
 
 
@@ -156,7 +178,8 @@ def check_mask_source(prefix: str, mask_prefix: str) -> None:
             f"loss mask {mask.prefix} does not match tokens {tokens.prefix}: {n_m} vs {n_t} "
             f"documents, {int(mask.doc_lengths.sum())} vs {int(tokens.doc_lengths.sum())} tokens; "
             f"write both with the same tools/preprocess_sft.py run and list them in the same "
-            f"order under prefixes/mask_prefixes")
+            f"order under prefixes/mask_prefixes"
+        )
 
 
 def file_identity(prefix: str) -> dict:
@@ -194,8 +217,10 @@ class TokenReader:
         size = self._dtypes[dataset].itemsize
         raw = os.pread(fd, length * size, start * size)
         if len(raw) != length * size:
-            raise DataSourceError(f"{self._prefixes[dataset]}.bin ended early reading tokens "
-                                  f"[{start}, {start + length}); was it truncated after indexing?")
+            raise DataSourceError(
+                f"{self._prefixes[dataset]}.bin ended early reading tokens "
+                f"[{start}, {start + length}); was it truncated after indexing?"
+            )
         return np.frombuffer(raw, dtype=self._dtypes[dataset])
 
     def __del__(self):

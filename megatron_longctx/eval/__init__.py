@@ -4,7 +4,12 @@
 checkpoint (exports it first). CLI: ``tools/eval_longctx.py``.
 """
 
-from megatron_longctx.eval.runner import (EvalSettings, evaluate, evaluate_checkpoint,
-                                          evaluate_model, format_report)
+from megatron_longctx.eval.runner import (
+    EvalSettings,
+    evaluate,
+    evaluate_checkpoint,
+    evaluate_model,
+    format_report,
+)
 
 __all__ = ["EvalSettings", "evaluate", "evaluate_checkpoint", "evaluate_model", "format_report"]

@@ -37,8 +37,9 @@ def bucket_edges(length: int, num_buckets: int, spacing: str = "log") -> list[in
     return sorted({int(e) for e in edges})
 
 
-def held_out_windows(prefixes: list[str], length: int, num_documents: int,
-                     seed: int) -> tuple[list[list[int]], list[dict]]:
+def held_out_windows(
+    prefixes: list[str], length: int, num_documents: int, seed: int
+) -> tuple[list[list[int]], list[dict]]:
     """Chooses documents of at least ``length + 1`` tokens and returns their first ``length``.
 
     Raises:
@@ -52,8 +53,10 @@ def held_out_windows(prefixes: list[str], length: int, num_documents: int,
         for i in np.flatnonzero(lengths >= length + 1):
             candidates.append((d, int(i), int(table.doc_offsets[i])))
     if not candidates:
-        raise ValueError(f"no held-out document has {length + 1}+ tokens in {prefixes} (longest: "
-                         f"{longest}); lower loss_length or point loss_data at longer documents")
+        raise ValueError(
+            f"no held-out document has {length + 1}+ tokens in {prefixes} (longest: "
+            f"{longest}); lower loss_length or point loss_data at longer documents"
+        )
     order = np.random.default_rng(seed).permutation(len(candidates))[:num_documents]
     reader = TokenReader(prefixes)
     windows, sources = [], []
@@ -64,8 +67,16 @@ def held_out_windows(prefixes: list[str], length: int, num_documents: int,
     return windows, sources
 
 
-def loss_by_position(model, prefixes: list[str], length: int, num_documents: int, seed: int,
-                     num_buckets: int = 8, batch_size: int = 4, spacing: str = "log") -> dict:
+def loss_by_position(
+    model,
+    prefixes: list[str],
+    length: int,
+    num_documents: int,
+    seed: int,
+    num_buckets: int = 8,
+    batch_size: int = 4,
+    spacing: str = "log",
+) -> dict:
     """Mean NLL per position bucket over held-out documents.
 
     Returns:
@@ -74,14 +85,21 @@ def loss_by_position(model, prefixes: list[str], length: int, num_documents: int
     """
     windows, sources = held_out_windows(prefixes, length, num_documents, seed)
     if max(max(w) for w in windows) >= model.tokenizer.vocab_size:
-        raise ValueError("held-out data holds token ids beyond the tokenizer's vocabulary: it was "
-                         "tokenized with another tokenizer; re-run preprocessing with the model's")
+        raise ValueError(
+            "held-out data holds token ids beyond the tokenizer's vocabulary: it was "
+            "tokenized with another tokenizer; re-run preprocessing with the model's"
+        )
     losses = []
     for start in range(0, len(windows), batch_size):
-        losses += model.token_losses(windows[start:start + batch_size])
+        losses += model.token_losses(windows[start : start + batch_size])
     per_position = np.mean(np.stack(losses), axis=0)
     edges = bucket_edges(length, num_buckets, spacing)
     buckets = [float(per_position[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
-    return {"length": length, "documents": sources, "bucket_edges": edges,
-            "bucket_loss": buckets, "mean_loss": float(per_position.mean()),
-            "per_position": [float(x) for x in per_position]}
+    return {
+        "length": length,
+        "documents": sources,
+        "bucket_edges": edges,
+        "bucket_loss": buckets,
+        "mean_loss": float(per_position.mean()),
+        "per_position": [float(x) for x in per_position],
+    }

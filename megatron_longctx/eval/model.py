@@ -36,8 +36,9 @@ class EvalModel(Protocol):
     def token_losses(self, sequences: list[list[int]]) -> list[np.ndarray]: ...
 
 
-def load_eval_tokenizer(model_dir: str, tokenizer_type: str | None = None,
-                        tokenizer_model: str | None = None):
+def load_eval_tokenizer(
+    model_dir: str, tokenizer_type: str | None = None, tokenizer_model: str | None = None
+):
     """The tokenizer of an HF export: explicit type/model, else ``tokenizer.json`` in the dir (or
     its ``hf_tokenizer/`` subdir).
 
@@ -46,15 +47,18 @@ def load_eval_tokenizer(model_dir: str, tokenizer_type: str | None = None,
     """
     if tokenizer_type or tokenizer_model:
         if not (tokenizer_type and tokenizer_model):
-            raise ValueError("pass both --tokenizer-type and --tokenizer-model (or neither, to "
-                             "use tokenizer.json from the model directory)")
+            raise ValueError(
+                "pass both --tokenizer-type and --tokenizer-model (or neither, to "
+                "use tokenizer.json from the model directory)"
+            )
         return load_tokenizer(tokenizer_type, tokenizer_model)
     for d in (model_dir, os.path.join(model_dir, "hf_tokenizer")):
         if os.path.isfile(os.path.join(d, "tokenizer.json")):
             return HuggingFaceTokenizer(d)
     raise FileNotFoundError(
         f"{model_dir} holds no tokenizer.json: pass --tokenizer-type and --tokenizer-model (e.g. "
-        "SentencePieceTokenizer data/tok/spm.model), the tokenizer the model was trained with")
+        "SentencePieceTokenizer data/tok/spm.model), the tokenizer the model was trained with"
+    )
 
 
 class HFEvalModel:
@@ -67,41 +71,51 @@ class HFEvalModel:
         device: torch device string.
     """
 
-    def __init__(self, model_dir: str, tokenizer, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, model_dir: str, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(
                 f"{model_dir} has no config.json: give an HF export directory (write one with "
-                "tools/convert_checkpoint.py mcore-to-hf --load CKPT --save DIR)")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                          local_files_only=True).to(device).eval()
+                "tools/convert_checkpoint.py mcore-to-hf --load CKPT --save DIR)"
+            )
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+            .to(device)
+            .eval()
+        )
         self.device = device
         self.tokenizer = tokenizer
         cfg = self.model.config
         self.max_length = int(cfg.max_position_embeddings)
         vocab = int(cfg.vocab_size)
         if tokenizer.vocab_size > vocab:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
-                             f"is {vocab}: pass the tokenizer the model was trained with")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+                f"is {vocab}: pass the tokenizer the model was trained with"
+            )
         self.pad_id = int(tokenizer.eod_id if tokenizer.eod_id is not None else 0)
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
         rope = raw.get("rope_parameters") or {}
-        self.info = {"model_dir": os.path.abspath(model_dir),
-                     "architectures": raw.get("architectures"),
-                     "max_position_embeddings": self.max_length, "vocab_size": vocab,
-                     "rope_theta": rope.get("rope_theta", raw.get("rope_theta")),
-                     "num_parameters": int(sum(p.numel() for p in self.model.parameters()))}
+        self.info = {
+            "model_dir": os.path.abspath(model_dir),
+            "architectures": raw.get("architectures"),
+            "max_position_embeddings": self.max_length,
+            "vocab_size": vocab,
+            "rope_theta": rope.get("rope_theta", raw.get("rope_theta")),
+            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+        }
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
@@ -122,8 +136,13 @@ class HFEvalModel:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=past, use_cache=True)
+            out = self.model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=True,
+            )
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
         return gen
 
@@ -133,6 +152,7 @@ class HFEvalModel:
         ids, mask = self._pad(sequences)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
-                                                reduction="none")
-        return [nll[i, ids.shape[1] - len(s):].cpu().numpy() for i, s in enumerate(sequences)]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        )
+        return [nll[i, ids.shape[1] - len(s) :].cpu().numpy() for i, s in enumerate(sequences)]

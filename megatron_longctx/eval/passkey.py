@@ -39,8 +39,9 @@ NUM_DIGITS = 5
 MIN_LENGTH = 2 * NUM_DIGITS + 3
 
 
-def passkey_document(rng: np.random.Generator, length: int, vocab_size: int,
-                     depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def passkey_document(
+    rng: np.random.Generator, length: int, vocab_size: int, depth: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One passkey document and its loss mask.
 
     Args:
@@ -64,8 +65,9 @@ def passkey_document(rng: np.random.Generator, length: int, vocab_size: int,
     return tokens.astype(np.int64), mask
 
 
-def write_passkey_dataset(prefix: str | Path, lengths: list[int], vocab_size: int,
-                          seed: int) -> tuple[str, str]:
+def write_passkey_dataset(
+    prefix: str | Path, lengths: list[int], vocab_size: int, seed: int
+) -> tuple[str, str]:
     """Writes passkey documents of the given lengths as indexed datasets (megatron's builder).
 
     Returns:
@@ -88,8 +90,9 @@ def write_passkey_dataset(prefix: str | Path, lengths: list[int], vocab_size: in
     return prefix, mask_prefix
 
 
-def eval_prompts(length: int, num_samples: int, vocab_size: int,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_prompts(
+    length: int, num_samples: int, vocab_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_samples`` documents of ``length`` tokens with depths evenly spread over [0, 1].
 
     Returns:
@@ -144,36 +147,48 @@ def load_model(ckpt_dir: str | Path, attention: str = "megatron"):
     init_single_process()
     raw = dict(read_state(ckpt_dir)["state"]["model"])
     cfg = ModelConfig(**raw)
-    model = build_gpt_model(cfg, ParallelLayout(), backend="local",
-                            core_attention=None if attention == "megatron" else "local",
-                            seq_length=cfg.max_position_embeddings)
+    model = build_gpt_model(
+        cfg,
+        ParallelLayout(),
+        backend="local",
+        core_attention=None if attention == "megatron" else "local",
+        seq_length=cfg.max_position_embeddings,
+    )
     load_checkpoint(ckpt_dir, [model], expect_model=cfg.to_dict())
     return model.eval(), cfg
 
 
 @torch.no_grad()
-def passkey_accuracy(model, vocab_size: int, length: int, num_samples: int, seed: int = 0,
-                     batch_size: int = 8) -> float:
+def passkey_accuracy(
+    model, vocab_size: int, length: int, num_samples: int, seed: int = 0, batch_size: int = 8
+) -> float:
     """Greedy exact-match accuracy of the 5 digits over ``num_samples`` prompts of ``length``."""
     tokens, answers = eval_prompts(length, num_samples, vocab_size, seed)
     correct = 0
     for start in range(0, num_samples, batch_size):
-        x = tokens[start:start + batch_size]
+        x = tokens[start : start + batch_size]
         b = x.shape[0]
         pos = torch.arange(length).expand(b, length)
         logits = model(input_ids=x, position_ids=pos, attention_mask=None)
         # the prediction of answer digit i sits one position before it
-        at = logits[:, length - NUM_DIGITS - 1:length - 1, :vocab_size]
+        at = logits[:, length - NUM_DIGITS - 1 : length - 1, :vocab_size]
         pred = at.argmax(dim=-1)
-        correct += int((pred == answers[start:start + b]).all(dim=1).sum())
+        correct += int((pred == answers[start : start + b]).all(dim=1).sum())
     return correct / num_samples
 
 
-def accuracy_grid(ckpt_dir: str | Path, lengths: list[int], num_samples: int, seed: int = 0,
-                  batch_size: int = 8) -> dict:
+def accuracy_grid(
+    ckpt_dir: str | Path, lengths: list[int], num_samples: int, seed: int = 0, batch_size: int = 8
+) -> dict:
     """Accuracy per length for one checkpoint, plus the RoPE it was evaluated with."""
     model, cfg = load_model(ckpt_dir)
-    acc = {int(n): passkey_accuracy(model, cfg.vocab_size, int(n), num_samples, seed, batch_size)
-           for n in lengths}
-    return {"checkpoint": str(ckpt_dir), "rope_theta": cfg.rope_theta,
-            "rope_scaling": cfg.rope_scaling, "accuracy": acc}
+    acc = {
+        int(n): passkey_accuracy(model, cfg.vocab_size, int(n), num_samples, seed, batch_size)
+        for n in lengths
+    }
+    return {
+        "checkpoint": str(ckpt_dir),
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "accuracy": acc,
+    }

@@ -14,8 +14,13 @@ def _pyplot():
     return plt
 
 
-def needle_heatmap(grid: list[list[float | None]], lengths: list[int], depths: list[float],
-                   path: str, title: str = "needle in a haystack") -> None:
+def needle_heatmap(
+    grid: list[list[float | None]],
+    lengths: list[int],
+    depths: list[float],
+    path: str,
+    title: str = "needle in a haystack",
+) -> None:
     """Accuracy heatmap: rows are depths, columns context lengths; skipped cells are grey."""
     plt = _pyplot()
     data = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
@@ -42,8 +47,13 @@ def loss_plot(result: dict, path: str, title: str = "loss by position") -> None:
     window = max(1, len(per) // 64)
     smooth = np.convolve(per, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(np.arange(len(smooth)) + 1 + (window - 1) / 2, smooth, lw=1, alpha=0.6,
-            label=f"per position (mean of {window})")
+    ax.plot(
+        np.arange(len(smooth)) + 1 + (window - 1) / 2,
+        smooth,
+        lw=1,
+        alpha=0.6,
+        label=f"per position (mean of {window})",
+    )
     edges = result["bucket_edges"]
     mids = [(a + b) / 2 + 1 for a, b in zip(edges[:-1], edges[1:])]
     ax.plot(mids, result["bucket_loss"], "o-", label="bucket mean")

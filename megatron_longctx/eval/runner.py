@@ -72,8 +72,10 @@ class EvalSettings:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if "loss" in self.tasks and not self.loss_data:
-            raise ValueError("the loss task needs held-out data: set loss_data to indexed-dataset "
-                             "prefixes (or drop 'loss' from tasks)")
+            raise ValueError(
+                "the loss task needs held-out data: set loss_data to indexed-dataset "
+                "prefixes (or drop 'loss' from tasks)"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> EvalSettings:
@@ -103,14 +105,24 @@ def _build_samples(make, keys: list[tuple], too_short: list[dict], task: str) ->
 def _run_generation(model, samples: list[Sample], batch_size: int) -> list[dict]:
     rows = []
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+        batch = samples[start : start + batch_size]
         outs = model.generate([s.prompt for s in batch], max(s.max_new_tokens for s in batch))
         for s, out in zip(batch, outs):
-            pred = model.tokenizer.decode(out[:s.max_new_tokens])
+            pred = model.tokenizer.decode(out[: s.max_new_tokens])
             frac = score(pred, s.answers)
-            rows.append({"task": s.task, "length": s.length, "depth": s.depth, "index": s.index,
-                         "prompt_tokens": len(s.prompt), "answers": s.answers,
-                         "prediction": pred, "score": frac, "exact": float(frac == 1.0)})
+            rows.append(
+                {
+                    "task": s.task,
+                    "length": s.length,
+                    "depth": s.depth,
+                    "index": s.index,
+                    "prompt_tokens": len(s.prompt),
+                    "answers": s.answers,
+                    "prediction": pred,
+                    "score": frac,
+                    "exact": float(frac == 1.0),
+                }
+            )
     return rows
 
 
@@ -118,8 +130,12 @@ def _split_lengths(settings: EvalSettings, max_length: int) -> tuple[list[int], 
     ok, skipped = [], []
     for length in sorted({int(x) for x in settings.context_lengths}):
         if length > max_length:
-            skipped.append({"length": length, "reason": f"beyond the model's "
-                            f"max_position_embeddings {max_length}"})
+            skipped.append(
+                {
+                    "length": length,
+                    "reason": f"beyond the model's max_position_embeddings {max_length}",
+                }
+            )
         else:
             ok.append(length)
     return ok, skipped
@@ -139,21 +155,43 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
     for s in skipped:
         logger.warning("skipping length %d: %s", s["length"], s["reason"])
     builder = TaskBuilder(model.tokenizer)
-    results: dict = {"model": model.info, "settings": dataclasses.asdict(settings),
-                     "seed": settings.seed, "lengths": {"evaluated": lengths, "skipped": skipped}}
+    results: dict = {
+        "model": model.info,
+        "settings": dataclasses.asdict(settings),
+        "seed": settings.seed,
+        "lengths": {"evaluated": lengths, "skipped": skipped},
+    }
     too_short: list[dict] = []
     results["lengths"]["too_short_for_task"] = too_short
     plots = {}
     if "needle" in settings.tasks and lengths:
-        samples = _build_samples(builder.needle, [(L, d, settings.seed, i) for d in settings.depths
-                                 for L in lengths for i in range(settings.num_samples)],
-                                 too_short, "needle")
+        samples = _build_samples(
+            builder.needle,
+            [
+                (L, d, settings.seed, i)
+                for d in settings.depths
+                for L in lengths
+                for i in range(settings.num_samples)
+            ],
+            too_short,
+            "needle",
+        )
         rows = _run_generation(model, samples, settings.batch_size)
         all_lengths = sorted({int(x) for x in settings.context_lengths})
-        grid = [[_mean([r["exact"] for r in rows if r["depth"] == d and r["length"] == L])
-                 for L in all_lengths] for d in settings.depths]
-        results["needle"] = {"lengths": all_lengths, "depths": settings.depths, "grid": grid,
-                             "accuracy": _mean([r["exact"] for r in rows]), "samples": rows}
+        grid = [
+            [
+                _mean([r["exact"] for r in rows if r["depth"] == d and r["length"] == L])
+                for L in all_lengths
+            ]
+            for d in settings.depths
+        ]
+        results["needle"] = {
+            "lengths": all_lengths,
+            "depths": settings.depths,
+            "grid": grid,
+            "accuracy": _mean([r["exact"] for r in rows]),
+            "samples": rows,
+        }
         if settings.plots:
             plots["needle_heatmap"] = os.path.join(out_dir, "needle_heatmap.png")
             from megatron_longctx.eval.plots import needle_heatmap
@@ -164,22 +202,37 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
         for task in settings.ruler_tasks:
             samples = _build_samples(
                 lambda L, i, t=task: builder.build(t, L, settings.seed, i),
-                [(L, i) for L in lengths for i in range(settings.num_samples)], too_short, task)
+                [(L, i) for L in lengths for i in range(settings.num_samples)],
+                too_short,
+                task,
+            )
             rows = _run_generation(model, samples, settings.batch_size)
-            ruler[task] = {"by_length": {str(L): _mean([r["exact"] for r in rows
-                                                        if r["length"] == L]) for L in lengths},
-                           "accuracy": _mean([r["exact"] for r in rows]),
-                           "partial": _mean([r["score"] for r in rows]), "samples": rows}
+            ruler[task] = {
+                "by_length": {
+                    str(L): _mean([r["exact"] for r in rows if r["length"] == L]) for L in lengths
+                },
+                "accuracy": _mean([r["exact"] for r in rows]),
+                "partial": _mean([r["score"] for r in rows]),
+                "samples": rows,
+            }
         results["ruler"] = ruler
     if "loss" in settings.tasks:
         length = settings.loss_length or (max(lengths) if lengths else model.max_length)
         if length > model.max_length:
-            results["loss_by_position"] = {"skipped": f"loss_length {length} is beyond the "
-                                           f"model's max_position_embeddings {model.max_length}"}
+            results["loss_by_position"] = {
+                "skipped": f"loss_length {length} is beyond the "
+                f"model's max_position_embeddings {model.max_length}"
+            }
         else:
-            res = loss_by_position(model, settings.loss_data, length, settings.loss_num_documents,
-                                   settings.seed, settings.num_position_buckets,
-                                   settings.batch_size)
+            res = loss_by_position(
+                model,
+                settings.loss_data,
+                length,
+                settings.loss_num_documents,
+                settings.seed,
+                settings.num_position_buckets,
+                settings.batch_size,
+            )
             results["loss_by_position"] = res
             if settings.plots:
                 from megatron_longctx.eval.plots import loss_plot
@@ -202,32 +255,52 @@ def _mean(values: list[float]) -> float | None:
 def format_report(results: dict) -> str:
     """A markdown table of the results (exact match per task and length, loss by bucket)."""
     lengths = results["lengths"]["evaluated"]
-    lines = [f"# Long-context evaluation: {results['model'].get('model_dir', '?')}", "",
-             f"max_position_embeddings {results['model'].get('max_position_embeddings')}, "
-             f"seed {results['seed']}", "", "| task | " + " | ".join(map(str, lengths)) + " |",
-             "|---|" + "---|" * len(lengths)]
+    lines = [
+        f"# Long-context evaluation: {results['model'].get('model_dir', '?')}",
+        "",
+        f"max_position_embeddings {results['model'].get('max_position_embeddings')}, "
+        f"seed {results['seed']}",
+        "",
+        "| task | " + " | ".join(map(str, lengths)) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     if "needle" in results:
-        by_len = {L: _mean([r["exact"] for r in results["needle"]["samples"] if r["length"] == L])
-                  for L in lengths}
+        by_len = {
+            L: _mean([r["exact"] for r in results["needle"]["samples"] if r["length"] == L])
+            for L in lengths
+        }
         lines.append("| needle | " + " | ".join(fmt(by_len[L]) for L in lengths) + " |")
     for task, res in results.get("ruler", {}).items():
-        lines.append(f"| {task} | " + " | ".join(fmt(res["by_length"][str(L)])
-                                                 for L in lengths) + " |")
+        lines.append(
+            f"| {task} | " + " | ".join(fmt(res["by_length"][str(L)]) for L in lengths) + " |"
+        )
     for s in results["lengths"]["skipped"]:
         lines.append(f"\nskipped length {s['length']}: {s['reason']}")
     loss = results.get("loss_by_position")
     if loss and "bucket_loss" in loss:
         e = loss["bucket_edges"]
-        lines += ["", f"Loss by position ({len(loss['documents'])} documents of {loss['length']} "
-                  f"tokens; mean {loss['mean_loss']:.3f})", "", "| positions | loss |", "|---|---|"]
+        lines += [
+            "",
+            f"Loss by position ({len(loss['documents'])} documents of {loss['length']} "
+            f"tokens; mean {loss['mean_loss']:.3f})",
+            "",
+            "| positions | loss |",
+            "|---|---|",
+        ]
         lines += [f"| {a}-{b} | {v:.3f} |" for a, b, v in zip(e[:-1], e[1:], loss["bucket_loss"])]
     lines += [""] + [f"![{k}]({os.path.basename(v)})" for k, v in results.get("plots", {}).items()]
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model_dir: str, out_dir: str, settings: EvalSettings | dict | None = None, *,
-             tokenizer_type: str | None = None, tokenizer_model: str | None = None) -> dict:
+def evaluate(
+    model_dir: str,
+    out_dir: str,
+    settings: EvalSettings | dict | None = None,
+    *,
+    tokenizer_type: str | None = None,
+    tokenizer_model: str | None = None,
+) -> dict:
     """Evaluates an HF export directory (transformers, offline) and writes results to ``out_dir``.
 
     Args:
@@ -244,9 +317,13 @@ def evaluate(model_dir: str, out_dir: str, settings: EvalSettings | dict | None 
     return evaluate_model(HFEvalModel(model_dir, tokenizer), out_dir, settings)
 
 
-def evaluate_checkpoint(ckpt_dir: str, out_dir: str, settings: EvalSettings | dict | None = None,
-                        tokenizer_type: str | None = None,
-                        tokenizer_model: str | None = None) -> dict:
+def evaluate_checkpoint(
+    ckpt_dir: str,
+    out_dir: str,
+    settings: EvalSettings | dict | None = None,
+    tokenizer_type: str | None = None,
+    tokenizer_model: str | None = None,
+) -> dict:
     """Exports a megatron checkpoint to HF (``tools/convert_checkpoint.py mcore-to-hf``) into
     ``{out_dir}/hf`` and evaluates it.
 
@@ -256,13 +333,21 @@ def evaluate_checkpoint(ckpt_dir: str, out_dir: str, settings: EvalSettings | di
     """
     tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
     if not os.path.isfile(tool):
-        raise FileNotFoundError(f"{tool} is missing: the HF conversion tool is needed to evaluate "
-                                "a megatron checkpoint; export it by other means and call evaluate")
+        raise FileNotFoundError(
+            f"{tool} is missing: the HF conversion tool is needed to evaluate "
+            "a megatron checkpoint; export it by other means and call evaluate"
+        )
     hf_dir = os.path.join(out_dir, "hf")
-    proc = subprocess.run([sys.executable, tool, "mcore-to-hf", "--load", ckpt_dir, "--save",
-                           hf_dir], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, tool, "mcore-to-hf", "--load", ckpt_dir, "--save", hf_dir],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"exporting {ckpt_dir} to HF failed (exit {proc.returncode}): "
-                           f"{proc.stderr[-2000:]}")
-    return evaluate(hf_dir, out_dir, settings, tokenizer_type=tokenizer_type,
-                    tokenizer_model=tokenizer_model)
+        raise RuntimeError(
+            f"exporting {ckpt_dir} to HF failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        )
+    return evaluate(
+        hf_dir, out_dir, settings, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model
+    )

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to "
-                "memorize it. I will quiz you about the numbers afterwards.\n")
+NEEDLE_INTRO = (
+    "Some special magic numbers are hidden within the following text. Make sure to "
+    "memorize it. I will quiz you about the numbers afterwards.\n"
+)
 RULER_TASKS = ("niah_multikey", "niah_multivalue", "variable_tracking", "frequent_words")
 TASKS = ("needle",) + RULER_TASKS
 _SYLLABLES = ["ba", "ko", "ti", "mu", "re", "sa", "no", "vi", "lo", "pe", "du", "ga", "zi", "fo"]
@@ -102,8 +104,10 @@ class TaskBuilder:
         noise-sentence boundary); inserts keep their order."""
         fill = num_tokens - sum(len(t) for _, t in inserts)
         if fill < 0:
-            raise ValueError(f"context budget {num_tokens} tokens is too small for the needles "
-                             f"({num_tokens - fill} tokens); use a larger context length")
+            raise ValueError(
+                f"context budget {num_tokens} tokens is too small for the needles "
+                f"({num_tokens - fill} tokens); use a larger context length"
+            )
         reps = fill // len(self._noise) + 1
         noise = (self._noise * reps)[:fill]
         unit = len(self._noise)
@@ -115,8 +119,9 @@ class TaskBuilder:
             pos = cut
         return out + noise[pos:]
 
-    def _assemble(self, task, length, index, answers, intro, inserts, question,
-                  depth=None, max_new=None) -> Sample:
+    def _assemble(
+        self, task, length, index, answers, intro, inserts, question, depth=None, max_new=None
+    ) -> Sample:
         max_new = max_new or self._answer_budget(answers)
         head, tail = self._bos + self._enc(intro), self._enc(question)
         budget = length - max_new - len(head) - len(tail)
@@ -128,10 +133,13 @@ class TaskBuilder:
         rng = _rng(seed, "needle", length, index, depth)
         key, value = _word(rng), _number(rng)
         needle = self._enc(f" The special magic number for {key} is {value}. ")
-        question = (f"\nWhat is the special magic number for {key} mentioned in the provided "
-                    f"text? The special magic number for {key} mentioned in the provided text is")
-        return self._assemble("needle", length, index, [value], NEEDLE_INTRO, [(depth, needle)],
-                              question, depth=depth)
+        question = (
+            f"\nWhat is the special magic number for {key} mentioned in the provided "
+            f"text? The special magic number for {key} mentioned in the provided text is"
+        )
+        return self._assemble(
+            "needle", length, index, [value], NEEDLE_INTRO, [(depth, needle)], question, depth=depth
+        )
 
     def niah_multikey(self, length: int, seed: int, index: int) -> Sample:
         """One needle among 3 distractor needles with other keys."""
@@ -142,26 +150,39 @@ class TaskBuilder:
             if k not in keys:
                 keys.append(k)
         values = [_number(rng) for _ in keys]
-        inserts = [(float(rng.random()), self._enc(
-            f" The special magic number for {k} is {v}. ")) for k, v in zip(keys, values)]
-        question = (f"\nWhat is the special magic number for {keys[0]} mentioned in the provided "
-                    f"text? The special magic number for {keys[0]} mentioned in the provided "
-                    f"text is")
-        return self._assemble("niah_multikey", length, index, [values[0]], NEEDLE_INTRO, inserts,
-                              question)
+        inserts = [
+            (float(rng.random()), self._enc(f" The special magic number for {k} is {v}. "))
+            for k, v in zip(keys, values)
+        ]
+        question = (
+            f"\nWhat is the special magic number for {keys[0]} mentioned in the provided "
+            f"text? The special magic number for {keys[0]} mentioned in the provided "
+            f"text is"
+        )
+        return self._assemble(
+            "niah_multikey", length, index, [values[0]], NEEDLE_INTRO, inserts, question
+        )
 
     def niah_multivalue(self, length: int, seed: int, index: int) -> Sample:
         """Four needles with the same key; all four values are the answer."""
         rng = _rng(seed, "niah_multivalue", length, index)
         key = _word(rng)
         values = sorted({_number(rng) for _ in range(4)})
-        inserts = [(float(rng.random()), self._enc(
-            f" One of the special magic numbers for {key} is: {v}. ")) for v in values]
-        question = (f"\nWhat are all the special magic numbers for {key} mentioned in the "
-                    f"provided text? The special magic numbers for {key} mentioned in the "
-                    f"provided text are")
-        return self._assemble("niah_multivalue", length, index, values, NEEDLE_INTRO, inserts,
-                              question)
+        inserts = [
+            (
+                float(rng.random()),
+                self._enc(f" One of the special magic numbers for {key} is: {v}. "),
+            )
+            for v in values
+        ]
+        question = (
+            f"\nWhat are all the special magic numbers for {key} mentioned in the "
+            f"provided text? The special magic numbers for {key} mentioned in the "
+            f"provided text are"
+        )
+        return self._assemble(
+            "niah_multivalue", length, index, values, NEEDLE_INTRO, inserts, question
+        )
 
     def variable_tracking(self, length: int, seed: int, index: int, hops: int = 4) -> Sample:
         """Two assignment chains of ``hops`` hops; the variables of the first are the answer."""
@@ -176,19 +197,24 @@ class TaskBuilder:
             values[1] = str(int(rng.integers(10_000, 100_000)))
         inserts = []
         for c in range(2):
-            chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
+            chain = names[c * (hops + 1) : (c + 1) * (hops + 1)]
             depths = np.sort(rng.random(hops + 1))
             statements = [f" VAR {chain[0]} = {values[c]}. "] + [
-                f" VAR {chain[i]} = VAR {chain[i - 1]}. " for i in range(1, hops + 1)]
+                f" VAR {chain[i]} = VAR {chain[i - 1]}. " for i in range(1, hops + 1)
+            ]
             inserts += [(float(d), self._enc(s)) for d, s in zip(depths, statements)]
-        intro = ("Memorize and track the chain(s) of variable assignment hidden in the following "
-                 "text.\n")
-        question = (f"\nQuestion: Find all variables that are assigned the value {values[0]} in "
-                    f"the text above. Answer: According to the chain(s) of variable assignment "
-                    f"in the text above, {hops + 1} variables are assigned the value "
-                    f"{values[0]}, they are:")
-        return self._assemble("variable_tracking", length, index, names[:hops + 1], intro,
-                              inserts, question)
+        intro = (
+            "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+        )
+        question = (
+            f"\nQuestion: Find all variables that are assigned the value {values[0]} in "
+            f"the text above. Answer: According to the chain(s) of variable assignment "
+            f"in the text above, {hops + 1} variables are assigned the value "
+            f"{values[0]}, they are:"
+        )
+        return self._assemble(
+            "variable_tracking", length, index, names[: hops + 1], intro, inserts, question
+        )
 
     def frequent_words(self, length: int, seed: int, index: int, pool: int = 200) -> Sample:
         """A word list where 3 words occur once per block of 6 and the others rarely."""
@@ -199,10 +225,14 @@ class TaskBuilder:
             if w not in words:
                 words.append(w)
         top, rest = words[:3], words[3:]
-        intro = ("Below is a numbered list of words. In these words, some appear more often than "
-                 "others. Memorize the ones that appear most often.\n")
-        question = ("\nQuestion: What are the 3 most frequently appearing words in the above "
-                    "list? Answer: The top 3 words appearing most often in the list are:")
+        intro = (
+            "Below is a numbered list of words. In these words, some appear more often than "
+            "others. Memorize the ones that appear most often.\n"
+        )
+        question = (
+            "\nQuestion: What are the 3 most frequently appearing words in the above "
+            "list? Answer: The top 3 words appearing most often in the list are:"
+        )
         max_new = self._answer_budget(top)
         head, tail = self._bos + self._enc(intro), self._enc(question)
         budget = length - max_new - len(head) - len(tail)
@@ -220,8 +250,10 @@ class TaskBuilder:
             u += 3
             num_blocks += 1
         if num_blocks < 2 or num_blocks <= -(-3 * num_blocks // len(rest)):
-            raise ValueError(f"length {length} is too short for frequent_words (fits "
-                             f"{num_blocks} blocks); use a longer context")
+            raise ValueError(
+                f"length {length} is too short for frequent_words (fits "
+                f"{num_blocks} blocks); use a longer context"
+            )
         return Sample("frequent_words", length, head + body + tail, top, max_new, None, index)
 
     def build(self, task: str, length: int, seed: int, index: int) -> Sample:

@@ -42,16 +42,27 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+        for name in (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"model.hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_attention_heads {self.num_attention_heads} is not divisible "
-                             f"by num_query_groups {self.num_query_groups}")
+            raise ValueError(
+                f"model.num_attention_heads {self.num_attention_heads} is not divisible "
+                f"by num_query_groups {self.num_query_groups}"
+            )
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
 
@@ -72,7 +83,7 @@ class ModelConfig:
         emb = self.vocab_size * h
         return emb * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
 
-    def with_updates(self, **kwargs) -> "ModelConfig":
+    def with_updates(self, **kwargs) -> ModelConfig:
         return replace(self, **kwargs)
 
     def to_dict(self) -> dict:
@@ -81,25 +92,66 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # Meta Llama 3 8B (config.json of meta-llama/Meta-Llama-3-8B).
-    "llama3-8b": ModelConfig(hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
-                             num_attention_heads=32, num_query_groups=8, vocab_size=128256,
-                             rope_theta=500000.0, norm_eps=1e-5, max_position_embeddings=8192),
+    "llama3-8b": ModelConfig(
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_layers=32,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
     # Meta Llama 3 70B.
-    "llama3-70b": ModelConfig(hidden_size=8192, ffn_hidden_size=28672, num_layers=80,
-                              num_attention_heads=64, num_query_groups=8, vocab_size=128256,
-                              rope_theta=500000.0, norm_eps=1e-5, max_position_embeddings=8192),
+    "llama3-70b": ModelConfig(
+        hidden_size=8192,
+        ffn_hidden_size=28672,
+        num_layers=80,
+        num_attention_heads=64,
+        num_query_groups=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
     # Meta Llama 2 7B (multi-head attention, 32K sentencepiece vocabulary).
-    "llama2-7b": ModelConfig(hidden_size=4096, ffn_hidden_size=11008, num_layers=32,
-                             num_attention_heads=32, num_query_groups=32, vocab_size=32000,
-                             rope_theta=10000.0, norm_eps=1e-5, max_position_embeddings=4096),
+    "llama2-7b": ModelConfig(
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_layers=32,
+        num_attention_heads=32,
+        num_query_groups=32,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
     # CPU test sizes: GQA (4 heads, 2 groups), 4 layers so PP=2 and PP=4 split evenly.
-    "tiny": ModelConfig(hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4,
-                        num_query_groups=2, vocab_size=512, rope_theta=10000.0, norm_eps=1e-5,
-                        max_position_embeddings=256, make_vocab_size_divisible_by=16),
-    "tiny-mha": ModelConfig(hidden_size=64, ffn_hidden_size=128, num_layers=2, num_attention_heads=4,
-                            num_query_groups=4, vocab_size=300, rope_theta=10000.0,
-                            tie_word_embeddings=True, max_position_embeddings=256,
-                            make_vocab_size_divisible_by=16),
+    "tiny": ModelConfig(
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_layers=4,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position_embeddings=256,
+        make_vocab_size_divisible_by=16,
+    ),
+    "tiny-mha": ModelConfig(
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=4,
+        vocab_size=300,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        make_vocab_size_divisible_by=16,
+    ),
 }
 
 

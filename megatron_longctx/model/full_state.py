@@ -46,8 +46,11 @@ def _unwrap(model):
 
 def _skip(name: str, model) -> bool:
     # With tied embeddings and PP > 1 the last stage keeps a synchronised copy of the embedding.
-    return (name.startswith("output_layer") and model.share_embeddings_and_output_weights
-            and not model.pre_process)
+    return (
+        name.startswith("output_layer")
+        and model.share_embeddings_and_output_weights
+        and not model.pre_process
+    )
 
 
 def _tp_gather(tensor: torch.Tensor, param, name: str, model) -> torch.Tensor:
@@ -91,7 +94,9 @@ def gather_full(model, kind: str = "param", optimizer=None) -> dict[str, torch.T
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return local
     gathered: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(gathered, local, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_gather_object(
+        gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
+    )
     full: dict[str, torch.Tensor] = {}
     for part in gathered:
         full.update(part)
@@ -126,7 +131,8 @@ def load_full(model, full: dict[str, torch.Tensor], strict: bool = True) -> None
             continue
         shard = shard_for_rank(full[key], param, name, module)
         if shard.shape != param.shape:
-            raise ValueError(f"{key}: shard shape {tuple(shard.shape)} != parameter shape "
-                             f"{tuple(param.shape)}")
+            raise ValueError(
+                f"{key}: shard shape {tuple(shard.shape)} != parameter shape {tuple(param.shape)}"
+            )
         with torch.no_grad():
             param.data.copy_(shard)

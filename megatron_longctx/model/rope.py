@@ -29,11 +29,12 @@ ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 def _base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
-def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float,
-          s: dict) -> tuple[torch.Tensor, float]:
+def _yarn(
+    inv_freq: torch.Tensor, head_dim: int, theta: float, s: dict
+) -> tuple[torch.Tensor, float]:
     factor = float(s["factor"])
     original = float(s["original_max_position_embeddings"])
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
@@ -52,6 +53,7 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float,
     scaled = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
     attention = s.get("attention_factor")
     if attention is None:
+
         def mscale(scale: float, m: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
@@ -74,8 +76,9 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_mid, mid, out)
 
 
-def rope_inv_freq(head_dim: int, rope_theta: float,
-                  scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(
+    head_dim: int, rope_theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[head_dim / 2]`` (fp32) and the attention factor for cos / sin.
 
     Args:
@@ -102,16 +105,18 @@ def rope_inv_freq(head_dim: int, rope_theta: float,
     return inv_freq, 1.0
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
-                 attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[t, d]`` for integer positions ``[t]`` (computed in fp32)."""
     angles = positions.float()[:, None] * inv_freq[None, :].float()
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
-def rank_rope_positions(cu_seqlens_padded, cu_seqlens_unpadded, cp_size: int,
-                        cp_rank: int) -> torch.Tensor:
+def rank_rope_positions(
+    cu_seqlens_padded, cu_seqlens_unpadded, cp_size: int, cp_rank: int
+) -> torch.Tensor:
     """In-document rotary positions ``[t]`` of a CP rank's tokens (zigzag within documents)."""
     from megatron_longctx.parallel.cp_split import rank_token_layout
 
@@ -128,8 +133,10 @@ def install_inv_freq(gpt_model, head_dim: int, rope_theta: float, scaling: dict 
     """
     inv_freq, attention = rope_inv_freq(head_dim, rope_theta, scaling)
     if abs(attention - 1.0) > 1e-12:
-        raise ValueError(f"attention factor {attention:.4f} != 1 (YaRN) cannot be installed as "
-                         f"frequencies; use megatron's YarnRotaryEmbedding")
+        raise ValueError(
+            f"attention factor {attention:.4f} != 1 (YaRN) cannot be installed as "
+            f"frequencies; use megatron's YarnRotaryEmbedding"
+        )
     module = getattr(gpt_model, "module", gpt_model)
     rotary = module.rotary_pos_emb
     rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)

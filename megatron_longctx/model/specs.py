@@ -29,8 +29,10 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
     if backend == "te" and not transformer_engine_available():
-        raise RuntimeError("backend 'te' needs Transformer Engine: pip install '.[gpu]' on a GPU "
-                           "machine, or use backend 'local'")
+        raise RuntimeError(
+            "backend 'te' needs Transformer Engine: pip install '.[gpu]' on a GPU "
+            "machine, or use backend 'local'"
+        )
     return backend
 
 

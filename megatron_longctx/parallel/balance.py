@@ -23,8 +23,9 @@ def _zigzag_rank(chunk: np.ndarray, cp_size: int) -> np.ndarray:
     return np.where(chunk < cp_size, chunk, 2 * cp_size - 1 - chunk)
 
 
-def attention_work_per_rank(doc_lengths, cp_size: int, scheme: str = "document_zigzag",
-                            linear_pairs_per_token: float = 0.0) -> np.ndarray:
+def attention_work_per_rank(
+    doc_lengths, cp_size: int, scheme: str = "document_zigzag", linear_pairs_per_token: float = 0.0
+) -> np.ndarray:
     """Allowed score pairs (plus optional linear work) on each CP rank.
 
     Args:

@@ -40,21 +40,26 @@ def _as_list(cu) -> list[int]:
 
 def _check_cu(cu: list[int], name: str) -> None:
     if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise CPSplitError(f"{name} must start at 0 and be non-decreasing with >= 2 entries, "
-                           f"got {cu}")
+        raise CPSplitError(
+            f"{name} must start at 0 and be non-decreasing with >= 2 entries, got {cu}"
+        )
 
 
 def _check_padded(cu_padded: list[int], cu_real: list[int], cp_size: int) -> None:
     _check_cu(cu_padded, "cu_seqlens")
     _check_cu(cu_real, "cu_seqlens_unpadded")
     if len(cu_real) != len(cu_padded):
-        raise CPSplitError(f"cu_seqlens has {len(cu_padded) - 1} documents but cu_seqlens_unpadded "
-                           f"has {len(cu_real) - 1}")
+        raise CPSplitError(
+            f"cu_seqlens has {len(cu_padded) - 1} documents but cu_seqlens_unpadded "
+            f"has {len(cu_real) - 1}"
+        )
     for i in range(len(cu_padded) - 1):
         padded, real = cu_padded[i + 1] - cu_padded[i], cu_real[i + 1] - cu_real[i]
         if padded % (2 * cp_size):
-            raise CPSplitError(f"document {i}: padded length {padded} is not divisible by 2 x CP = "
-                               f"{2 * cp_size}; call pad_documents_for_cp first")
+            raise CPSplitError(
+                f"document {i}: padded length {padded} is not divisible by 2 x CP = "
+                f"{2 * cp_size}; call pad_documents_for_cp first"
+            )
         if real > padded:
             raise CPSplitError(f"document {i}: real length {real} > padded length {padded}")
 
@@ -74,8 +79,9 @@ def _cu_of(batch: dict) -> tuple[list[int], list[int]]:
     return cu_padded, cu_real
 
 
-def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None,
-                         pad_token_id: int = 0) -> dict:
+def pad_documents_for_cp(
+    batch: dict, cp_size: int, *, pad_to: int | None = None, pad_token_id: int = 0
+) -> dict:
     """Pads every document at its end to a multiple of 2 x ``cp_size``.
 
     Args:
@@ -94,9 +100,11 @@ def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None
     _check_cu(cu, "cu_seqlens")
     s = batch["tokens"].shape[1]
     if batch["tokens"].shape[0] != 1 or cu[-1] != s:
-        raise CPSplitError(f"pad_documents_for_cp needs a [1, s] batch whose cu_seqlens end at "
-                           f"s; got shape {tuple(batch['tokens'].shape)} and cu_seqlens[-1] = "
-                           f"{cu[-1]}")
+        raise CPSplitError(
+            f"pad_documents_for_cp needs a [1, s] batch whose cu_seqlens end at "
+            f"s; got shape {tuple(batch['tokens'].shape)} and cu_seqlens[-1] = "
+            f"{cu[-1]}"
+        )
     multiple = 2 * cp_size
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_KEYS if k in batch}
     cu_padded, cu_real = [0], [0]
@@ -117,15 +125,19 @@ def pad_documents_for_cp(batch: dict, cp_size: int, *, pad_to: int | None = None
     if pad_to is not None:
         extra = pad_to - cu_padded[-1]
         if extra < 0 or extra % multiple:
-            raise CPSplitError(f"pad_to {pad_to}: padded documents take {cu_padded[-1]} tokens; "
-                               f"the rest ({extra}) must be >= 0 and divisible by 2 x CP = "
-                               f"{multiple}")
+            raise CPSplitError(
+                f"pad_to {pad_to}: padded documents take {cu_padded[-1]} tokens; "
+                f"the rest ({extra}) must be >= 0 and divisible by 2 x CP = "
+                f"{multiple}"
+            )
         if extra:
             for key, out in pieces.items():
                 value = 0 if key == "loss_mask" else pad_token_id
-                fill = (torch.arange(extra).unsqueeze(0).to(batch[key].dtype)
-                        if key == "position_ids" else torch.full((1, extra), value,
-                                                                 dtype=batch[key].dtype))
+                fill = (
+                    torch.arange(extra).unsqueeze(0).to(batch[key].dtype)
+                    if key == "position_ids"
+                    else torch.full((1, extra), value, dtype=batch[key].dtype)
+                )
                 out.append(fill)
             cu_padded.append(cu_padded[-1] + extra)
             cu_real.append(cu_real[-1])
@@ -190,8 +202,11 @@ def cp_merge(shards: list[dict]) -> dict:
     thd = first.get("cu_seqlens") is not None
     s = first["tokens"].shape[1] * cp_size
     cu = _as_list(first["cu_seqlens"]) if thd else [0, s]
-    out = {k: v for k, v in first.items() if k not in PER_TOKEN_KEYS + (
-        "cu_seqlens_local", "cp_size", "cp_rank")}
+    out = {
+        k: v
+        for k, v in first.items()
+        if k not in PER_TOKEN_KEYS + ("cu_seqlens_local", "cp_size", "cp_rank")
+    }
     if not thd:
         out.pop("cu_seqlens_unpadded", None)
         out.pop("max_seqlen", None)
@@ -219,10 +234,16 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
     real = local_batch.get("cu_seqlens_unpadded", padded).to(torch.int32)
     device = local_batch["tokens"].device
     max_seqlen = int(local_batch.get("max_seqlen") or int((padded[1:] - padded[:-1]).max()))
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=real.to(device),
-                           cu_seqlens_kv=real.to(device), cu_seqlens_q_padded=padded.to(device),
-                           cu_seqlens_kv_padded=padded.to(device), max_seqlen_q=max_seqlen,
-                           max_seqlen_kv=max_seqlen, cp_group=cp_group)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=real.to(device),
+        cu_seqlens_kv=real.to(device),
+        cu_seqlens_q_padded=padded.to(device),
+        cu_seqlens_kv_padded=padded.to(device),
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+        cp_group=cp_group,
+    )
 
 
 @dataclass
@@ -244,8 +265,9 @@ class RankTokenLayout:
     late: torch.Tensor
 
 
-def rank_token_layout(cu_padded, cu_real, cp_size: int, cp_rank: int,
-                      device: torch.device | str = "cpu") -> RankTokenLayout:
+def rank_token_layout(
+    cu_padded, cu_real, cp_size: int, cp_rank: int, device: torch.device | str = "cpu"
+) -> RankTokenLayout:
     """The ``RankTokenLayout`` of rank ``cp_rank`` (vectorised; no S x S structure anywhere)."""
     cu_p, cu_r = _as_list(cu_padded), _as_list(cu_real)
     _check_padded(cu_p, cu_r, cp_size)
@@ -262,5 +284,10 @@ def rank_token_layout(cu_padded, cu_real, cp_size: int, cp_rank: int,
     pos = torch.where(is_late, late_chunk * c + j - c, cp_rank * c + j)
     valid = pos < real[doc]
     index = torch.arange(doc.numel())
-    return RankTokenLayout(doc=doc.to(device), pos=pos.to(device), valid=valid.to(device),
-                           early=index[~is_late].to(device), late=index[is_late].to(device))
+    return RankTokenLayout(
+        doc=doc.to(device),
+        pos=pos.to(device),
+        valid=valid.to(device),
+        early=index[~is_late].to(device),
+        late=index[is_late].to(device),
+    )

@@ -34,22 +34,32 @@ class ParallelLayout:
     sequence_parallel: bool = False
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LayoutError(f"{name} must be a positive integer, got {value!r}")
         if self.data_parallel_size is not None and self.data_parallel_size < 1:
-            raise LayoutError(f"data_parallel_size must be >= 1 or None, got {self.data_parallel_size}")
+            raise LayoutError(
+                f"data_parallel_size must be >= 1 or None, got {self.data_parallel_size}"
+            )
 
     @property
     def model_parallel_size(self) -> int:
-        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-                * self.context_parallel_size)
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
 
     def describe(self, dp: int | None = None) -> str:
-        return (f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
-                f"CP {self.context_parallel_size} x DP" + ("" if dp is None else f" {dp}"))
+        return (
+            f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
+            f"CP {self.context_parallel_size} x DP" + ("" if dp is None else f" {dp}")
+        )
 
     def validate_world_size(self, world_size: int) -> int:
         """Returns DP after checking TP x PP x CP x DP == world size."""
@@ -86,17 +96,23 @@ class ParallelLayout:
             seq_length: tokens per sample (divisible by 2 x CP, x TP with sequence parallel).
             micro_batch_size / global_batch_size: samples; global = micro x DP x num_micro_batches.
         """
-        tp, pp, cp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                      self.context_parallel_size)
+        tp, pp, cp = (
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.context_parallel_size,
+        )
         dp = self.validate_world_size(world_size)
         if num_attention_heads % tp:
             raise LayoutError(f"attention heads {num_attention_heads} are not divisible by TP {tp}")
         if num_query_groups % tp:
             raise LayoutError(
-                f"query groups (KV heads) {num_query_groups} are not divisible by TP {tp}")
+                f"query groups (KV heads) {num_query_groups} are not divisible by TP {tp}"
+            )
         if num_attention_heads % num_query_groups:
-            raise LayoutError(f"attention heads {num_attention_heads} are not divisible by "
-                              f"query groups {num_query_groups}")
+            raise LayoutError(
+                f"attention heads {num_attention_heads} are not divisible by "
+                f"query groups {num_query_groups}"
+            )
         if num_layers % pp:
             raise LayoutError(f"layers {num_layers} are not divisible by PP {pp}")
         if self.virtual_pipeline_model_parallel_size:
@@ -104,22 +120,29 @@ class ParallelLayout:
             if pp < 2:
                 raise LayoutError(f"virtual pipeline size {vpp} needs PP >= 2, got PP {pp}")
             if num_layers % (pp * vpp):
-                raise LayoutError(f"layers {num_layers} are not divisible by PP {pp} x "
-                                  f"virtual pipeline {vpp} = {pp * vpp}")
+                raise LayoutError(
+                    f"layers {num_layers} are not divisible by PP {pp} x "
+                    f"virtual pipeline {vpp} = {pp * vpp}"
+                )
         if self.sequence_parallel and tp == 1:
-            raise LayoutError("sequence_parallel needs TP > 1 (it shards activations over TP), got TP 1")
+            raise LayoutError(
+                "sequence_parallel needs TP > 1 (it shards activations over TP), got TP 1"
+            )
         if seq_length is not None:
             multiple = 2 * cp * (tp if self.sequence_parallel else 1)
             rule = "2 x CP" + (" x TP (sequence parallel)" if self.sequence_parallel else "")
             if seq_length % multiple:
-                raise LayoutError(f"sequence length {seq_length} is not divisible by {rule} = {multiple}")
+                raise LayoutError(
+                    f"sequence length {seq_length} is not divisible by {rule} = {multiple}"
+                )
         if micro_batch_size is not None and micro_batch_size < 1:
             raise LayoutError(f"micro batch size must be >= 1, got {micro_batch_size}")
         if global_batch_size is not None and micro_batch_size is not None:
             if global_batch_size % (micro_batch_size * dp):
                 raise LayoutError(
                     f"global batch {global_batch_size} is not divisible by micro batch "
-                    f"{micro_batch_size} x DP {dp} = {micro_batch_size * dp}")
+                    f"{micro_batch_size} x DP {dp} = {micro_batch_size * dp}"
+                )
         return dp
 
     def num_micro_batches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:

@@ -81,8 +81,12 @@ def estimate_comm(
         params_per_gpu: parameters this GPU holds (its gradients are reduced over DP x CP).
         Others: the layout and step shape.
     """
-    t, pp, cp, dp = (tensor_model_parallel_size, pipeline_model_parallel_size,
-                     context_parallel_size, data_parallel_size)
+    t, pp, cp, dp = (
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        context_parallel_size,
+        data_parallel_size,
+    )
     tokens = micro_batch_size * seq_length // cp  # per micro-batch on this rank
     layers = model.num_layers // pp
     m = num_micro_batches
@@ -95,7 +99,8 @@ def estimate_comm(
     n_dp = dp * cp
     if distributed_optimizer:
         dp_bytes = reduce_scatter_bytes(4.0 * params_per_gpu, n_dp) + reduce_scatter_bytes(
-            2.0 * params_per_gpu, n_dp)
+            2.0 * params_per_gpu, n_dp
+        )
     else:
         dp_bytes = allreduce_bytes(4.0 * params_per_gpu, n_dp)
     pp_bytes = 2.0 * m * hidden if pp > 1 else 0.0
@@ -103,5 +108,13 @@ def estimate_comm(
     bw_cp = link_bandwidth(hardware, t * cp, gpus_per_node)
     bw_dp = link_bandwidth(hardware, t * cp * dp, gpus_per_node)
     bw_pp = link_bandwidth(hardware, t * cp * dp * pp, gpus_per_node)
-    return CommEstimate(tp_bytes, cp_bytes, dp_bytes, pp_bytes, tp_bytes / bw_tp,
-                        cp_bytes / bw_cp, dp_bytes / bw_dp, pp_bytes / bw_pp)
+    return CommEstimate(
+        tp_bytes,
+        cp_bytes,
+        dp_bytes,
+        pp_bytes,
+        tp_bytes / bw_tp,
+        cp_bytes / bw_cp,
+        dp_bytes / bw_dp,
+        pp_bytes / bw_pp,
+    )

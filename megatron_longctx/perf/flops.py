@@ -62,8 +62,10 @@ def attention_pairs_per_token(seq_length: int, doc_lengths: Sequence[int] | None
     if any(n < 1 for n in lengths):
         raise ValueError(f"document lengths must be >= 1, got {lengths[:8]}...")
     if sum(lengths) != seq_length:
-        raise ValueError(f"document lengths sum to {sum(lengths)} but seq_length is {seq_length}: "
-                         "pass the lengths of every document (and padding) in the packed sequence")
+        raise ValueError(
+            f"document lengths sum to {sum(lengths)} but seq_length is {seq_length}: "
+            "pass the lengths of every document (and padding) in the packed sequence"
+        )
     return sum(n * n for n in lengths) / (2 * seq_length)
 
 
@@ -114,6 +116,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: float) ->
     if peak_flops_total <= 0:
         raise ValueError(f"peak_flops_total must be > 0, got {peak_flops_total}")
     if tokens_per_s < 0 or flops_per_token < 0:
-        raise ValueError(f"tokens_per_s {tokens_per_s} and flops_per_token {flops_per_token} "
-                         "must be >= 0")
+        raise ValueError(
+            f"tokens_per_s {tokens_per_s} and flops_per_token {flops_per_token} must be >= 0"
+        )
     return tokens_per_s * flops_per_token / peak_flops_total

@@ -29,10 +29,15 @@ class Hardware:
     nvlink_bytes_per_s: float
     internode_bytes_per_s: float
 
-    def with_memory_gb(self, gb: float) -> "Hardware":
+    def with_memory_gb(self, gb: float) -> Hardware:
         """The same GPU with ``gb`` x 1e9 bytes of memory (e.g. H100 NVL 94 GB, A100 40 GB)."""
-        return Hardware(self.name, self.peak_bf16_flops, gb * GB, self.nvlink_bytes_per_s,
-                        self.internode_bytes_per_s)
+        return Hardware(
+            self.name,
+            self.peak_bf16_flops,
+            gb * GB,
+            self.nvlink_bytes_per_s,
+            self.internode_bytes_per_s,
+        )
 
 
 HARDWARE: dict[str, Hardware] = {

@@ -44,7 +44,7 @@ class SavedTensorBytes:
                 self._seen[key] = key[1]
         return t
 
-    def __enter__(self) -> "SavedTensorBytes":
+    def __enter__(self) -> SavedTensorBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self

@@ -213,15 +213,23 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.loss
-                + self.overhead)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.loss
+            + self.overhead
+        )
 
     def summary(self) -> str:
         gb = 1e9
-        return (f"{self.total / gb:.1f} GB ({self.stage} stage: weights {self.weights / gb:.1f}, "
-                f"grads {self.gradients / gb:.1f}, optimizer {self.optimizer / gb:.1f}, "
-                f"activations {self.activations / gb:.1f}, loss {self.loss / gb:.1f}, "
-                f"overhead {self.overhead / gb:.1f})")
+        return (
+            f"{self.total / gb:.1f} GB ({self.stage} stage: weights {self.weights / gb:.1f}, "
+            f"grads {self.gradients / gb:.1f}, optimizer {self.optimizer / gb:.1f}, "
+            f"activations {self.activations / gb:.1f}, loss {self.loss / gb:.1f}, "
+            f"overhead {self.overhead / gb:.1f})"
+        )
 
 
 def estimate_memory(
@@ -251,31 +259,48 @@ def estimate_memory(
     """
     t, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     s_rank = seq_length // cp
-    common = dict(micro_batch_size=micro_batch_size, tensor_model_parallel_size=t,
-                  sequence_parallel=sequence_parallel, kernels=kernels,
-                  bytes_per_element=bytes_per_element)
+    common = dict(
+        micro_batch_size=micro_batch_size,
+        tensor_model_parallel_size=t,
+        sequence_parallel=sequence_parallel,
+        kernels=kernels,
+        bytes_per_element=bytes_per_element,
+    )
     per_layer = layer_activation_bytes(model, s_rank, recompute=recompute, **common)
-    working = (layer_activation_bytes(model, s_rank, recompute=None, **common)
-               if recompute == "full" else 0.0)
+    working = (
+        layer_activation_bytes(model, s_rank, recompute=None, **common)
+        if recompute == "full"
+        else 0.0
+    )
     stages = [("first", True, pp == 1, min(pp, num_micro_batches))]
     if pp > 1:
         stages.append(("last", False, True, 1))
     worst: MemoryEstimate | None = None
     for name, first, last, in_flight in stages:
-        outside = outside_layers_bytes(model, s_rank, first_stage=first, last_stage=last,
-                                       recompute=recompute, **common)
+        outside = outside_layers_bytes(
+            model, s_rank, first_stage=first, last_stage=last, recompute=recompute, **common
+        )
         activations = in_flight * (model.num_layers // pp * per_layer + outside) + working
         loss = 0.0
         if last:
-            kept, transient = loss_bytes(model, s_rank, micro_batch_size=micro_batch_size,
-                                         tensor_model_parallel_size=t,
-                                         loss_chunk_tokens=loss_chunk_tokens,
-                                         bytes_per_element=bytes_per_element)
+            kept, transient = loss_bytes(
+                model,
+                s_rank,
+                micro_batch_size=micro_batch_size,
+                tensor_model_parallel_size=t,
+                loss_chunk_tokens=loss_chunk_tokens,
+                bytes_per_element=bytes_per_element,
+            )
             loss = kept + transient
         weights, grads, optimizer = model_state_bytes(
-            model, tensor_model_parallel_size=t, pipeline_model_parallel_size=pp,
+            model,
+            tensor_model_parallel_size=t,
+            pipeline_model_parallel_size=pp,
             data_parallel_size_with_cp=data_parallel_size * cp,
-            distributed_optimizer=distributed_optimizer, first_stage=first, last_stage=last)
+            distributed_optimizer=distributed_optimizer,
+            first_stage=first,
+            last_stage=last,
+        )
         est = MemoryEstimate(weights, grads, optimizer, activations, loss, overhead_bytes, name)
         if worst is None or est.total > worst.total:
             worst = est

@@ -73,17 +73,23 @@ class PlanRequest:
 
     def __post_init__(self):
         if self.num_gpus < 1 or self.gpus_per_node < 1:
-            raise ValueError(f"num_gpus {self.num_gpus} and gpus_per_node {self.gpus_per_node} "
-                             "must be >= 1")
+            raise ValueError(
+                f"num_gpus {self.num_gpus} and gpus_per_node {self.gpus_per_node} must be >= 1"
+            )
         if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
-            raise ValueError(f"num_gpus {self.num_gpus} is not whole nodes of "
-                             f"{self.gpus_per_node}: {self.num_gpus} % {self.gpus_per_node} != 0")
+            raise ValueError(
+                f"num_gpus {self.num_gpus} is not whole nodes of "
+                f"{self.gpus_per_node}: {self.num_gpus} % {self.gpus_per_node} != 0"
+            )
         if self.global_batch_tokens % self.seq_length:
-            raise ValueError(f"global batch {self.global_batch_tokens} tokens is not a multiple of "
-                             f"seq_length {self.seq_length}")
+            raise ValueError(
+                f"global batch {self.global_batch_tokens} tokens is not a multiple of "
+                f"seq_length {self.seq_length}"
+            )
         if not 0 < self.usable_memory_fraction <= 1:
-            raise ValueError("usable_memory_fraction must be in (0, 1], got "
-                             f"{self.usable_memory_fraction}")
+            raise ValueError(
+                f"usable_memory_fraction must be in (0, 1], got {self.usable_memory_fraction}"
+            )
         if not 0 < self.compute_efficiency <= 1:
             raise ValueError(f"compute_efficiency must be in (0, 1], got {self.compute_efficiency}")
 
@@ -134,13 +140,15 @@ class Plan:
 
     def describe(self) -> str:
         lay = self.layout
-        return (f"TP {lay.tensor_model_parallel_size} PP {lay.pipeline_model_parallel_size} "
-                f"CP {lay.context_parallel_size} DP {lay.data_parallel_size} | micro batch "
-                f"{self.micro_batch_size} x {self.num_micro_batches} | "
-                f"recompute {self.recompute} | "
-                f"dist-opt {'on' if self.distributed_optimizer else 'off'} | "
-                f"{self.memory.total / 1e9:.1f} GB | step {self.step_time_s:.1f} s | "
-                f"{self.tokens_per_s:,.0f} tok/s | MFU {self.mfu:.1%}")
+        return (
+            f"TP {lay.tensor_model_parallel_size} PP {lay.pipeline_model_parallel_size} "
+            f"CP {lay.context_parallel_size} DP {lay.data_parallel_size} | micro batch "
+            f"{self.micro_batch_size} x {self.num_micro_batches} | "
+            f"recompute {self.recompute} | "
+            f"dist-opt {'on' if self.distributed_optimizer else 'off'} | "
+            f"{self.memory.total / 1e9:.1f} GB | step {self.step_time_s:.1f} s | "
+            f"{self.tokens_per_s:,.0f} tok/s | MFU {self.mfu:.1%}"
+        )
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -151,35 +159,70 @@ def _powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def evaluate(req: PlanRequest, layout: ParallelLayout, micro_batch_size: int,
-             recompute: str | None, distributed_optimizer: bool) -> Plan:
+def evaluate(
+    req: PlanRequest,
+    layout: ParallelLayout,
+    micro_batch_size: int,
+    recompute: str | None,
+    distributed_optimizer: bool,
+) -> Plan:
     """Costs one candidate; raises LayoutError when ParallelLayout.validate rejects it."""
     m_cfg = req.model
     dp = layout.validate(
-        world_size=req.num_gpus, num_layers=m_cfg.num_layers,
-        num_attention_heads=m_cfg.num_attention_heads, num_query_groups=m_cfg.num_query_groups,
-        seq_length=req.seq_length, micro_batch_size=micro_batch_size,
-        global_batch_size=req.global_batch_size)
-    layout = ParallelLayout(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                            layout.context_parallel_size, dp,
-                            sequence_parallel=layout.sequence_parallel)
-    t, pp, cp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                 layout.context_parallel_size)
+        world_size=req.num_gpus,
+        num_layers=m_cfg.num_layers,
+        num_attention_heads=m_cfg.num_attention_heads,
+        num_query_groups=m_cfg.num_query_groups,
+        seq_length=req.seq_length,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=req.global_batch_size,
+    )
+    layout = ParallelLayout(
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.context_parallel_size,
+        dp,
+        sequence_parallel=layout.sequence_parallel,
+    )
+    t, pp, cp = (
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.context_parallel_size,
+    )
     m = layout.num_micro_batches(req.global_batch_size, micro_batch_size, dp)
     memory = estimate_memory(
-        m_cfg, seq_length=req.seq_length, micro_batch_size=micro_batch_size, num_micro_batches=m,
-        tensor_model_parallel_size=t, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-        data_parallel_size=dp, sequence_parallel=layout.sequence_parallel, recompute=recompute,
-        distributed_optimizer=distributed_optimizer, loss_chunk_tokens=req.loss_chunk_tokens,
-        overhead_bytes=req.overhead_bytes)
-    weights, _, _ = model_state_bytes(m_cfg, tensor_model_parallel_size=t,
-                                      pipeline_model_parallel_size=pp)
+        m_cfg,
+        seq_length=req.seq_length,
+        micro_batch_size=micro_batch_size,
+        num_micro_batches=m,
+        tensor_model_parallel_size=t,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        data_parallel_size=dp,
+        sequence_parallel=layout.sequence_parallel,
+        recompute=recompute,
+        distributed_optimizer=distributed_optimizer,
+        loss_chunk_tokens=req.loss_chunk_tokens,
+        overhead_bytes=req.overhead_bytes,
+    )
+    weights, _, _ = model_state_bytes(
+        m_cfg, tensor_model_parallel_size=t, pipeline_model_parallel_size=pp
+    )
     comm = estimate_comm(
-        m_cfg, req.hardware, seq_length=req.seq_length, micro_batch_size=micro_batch_size,
-        num_micro_batches=m, tensor_model_parallel_size=t, pipeline_model_parallel_size=pp,
-        context_parallel_size=cp, data_parallel_size=dp, gpus_per_node=req.gpus_per_node,
-        params_per_gpu=weights / 2, recompute=recompute,
-        distributed_optimizer=distributed_optimizer)
+        m_cfg,
+        req.hardware,
+        seq_length=req.seq_length,
+        micro_batch_size=micro_batch_size,
+        num_micro_batches=m,
+        tensor_model_parallel_size=t,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        data_parallel_size=dp,
+        gpus_per_node=req.gpus_per_node,
+        params_per_gpu=weights / 2,
+        recompute=recompute,
+        distributed_optimizer=distributed_optimizer,
+    )
     docs = list(req.doc_lengths) if req.doc_lengths else None
     model_flops = flops_per_token(m_cfg, req.seq_length, docs)
     attn_flops = attention_flops_per_token(m_cfg, req.seq_length, docs)
@@ -188,16 +231,33 @@ def evaluate(req: PlanRequest, layout: ParallelLayout, micro_batch_size: int,
     math_s = req.global_batch_tokens * (model_flops + extra) / rate
     compute_s = math_s * (1 + (pp - 1) / m)
     attn_s = req.global_batch_tokens * attn_flops / rate
-    step_s = (compute_s + comm.tp_s + max(0.0, comm.cp_s - attn_s) + comm.dp_s + comm.pp_s)
+    step_s = compute_s + comm.tp_s + max(0.0, comm.cp_s - attn_s) + comm.dp_s + comm.pp_s
     tokens_per_s = req.global_batch_tokens / step_s
     usable = req.hardware.memory_bytes * req.usable_memory_fraction
     fits = memory.total <= usable
-    reason = "" if fits else (f"needs {memory.total / 1e9:.1f} GB > {usable / 1e9:.0f} GB usable "
-                              f"of {req.hardware.memory_bytes / 1e9:.0f} GB: {memory.summary()}")
-    return Plan(layout, micro_batch_size, m, recompute, distributed_optimizer, memory, comm,
-                compute_s, step_s, tokens_per_s,
-                mfu(tokens_per_s, model_flops, req.hardware.peak_bf16_flops * req.num_gpus),
-                fits, reason)
+    reason = (
+        ""
+        if fits
+        else (
+            f"needs {memory.total / 1e9:.1f} GB > {usable / 1e9:.0f} GB usable "
+            f"of {req.hardware.memory_bytes / 1e9:.0f} GB: {memory.summary()}"
+        )
+    )
+    return Plan(
+        layout,
+        micro_batch_size,
+        m,
+        recompute,
+        distributed_optimizer,
+        memory,
+        comm,
+        compute_s,
+        step_s,
+        tokens_per_s,
+        mfu(tokens_per_s, model_flops, req.hardware.peak_bf16_flops * req.num_gpus),
+        fits,
+        reason,
+    )
 
 
 def enumerate_plans(req: PlanRequest) -> list[Plan]:
@@ -215,8 +275,11 @@ def enumerate_plans(req: PlanRequest) -> list[Plan]:
                 for mbs in req.micro_batch_sizes:
                     for recompute in req.recompute_options:
                         for dist_opt in req.distributed_optimizer_options:
-                            if (dist_opt and req.num_gpus == t * pp
-                                    and False in req.distributed_optimizer_options):
+                            if (
+                                dist_opt
+                                and req.num_gpus == t * pp
+                                and False in req.distributed_optimizer_options
+                            ):
                                 continue  # DP x CP = 1: nothing to shard the optimizer over
                             try:
                                 plans.append(evaluate(req, layout, mbs, recompute, dist_opt))

@@ -107,11 +107,14 @@ def _patch_megatron_recompute() -> None:
         def wrapped(*args, **kwargs):
             with _CpuRedirectMode():
                 return fn(*args, **kwargs)
+
         wrapped.__wrapped__ = fn
         return wrapped
 
-    for cls, name in ((mcore_random.CheckpointFunction, "backward"),
-                      (mcore_random.CheckpointWithoutOutputFunction, "backward")):
+    for cls, name in (
+        (mcore_random.CheckpointFunction, "backward"),
+        (mcore_random.CheckpointWithoutOutputFunction, "backward"),
+    ):
         original = cls.__dict__[name]
         setattr(cls, name, staticmethod(under_mode(original.__func__)))
     cls = mcore_random.CheckpointWithoutOutput

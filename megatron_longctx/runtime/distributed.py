@@ -105,9 +105,7 @@ def initialize_model_parallel(layout: ParallelLayout) -> None:
     )
 
 
-def initialize(
-    layout: ParallelLayout, device: str | None = None, seed: int = 1234
-) -> torch.device:
+def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 1234) -> torch.device:
     """The whole sequence: process group, megatron groups, model-parallel RNG seeds."""
     from megatron.core import tensor_parallel
 

@@ -17,8 +17,8 @@ import torch
 
 from megatron_longctx.parallel.cp_split import (
     cp_split,
-    pad_documents_for_cp,
     packed_seq_params_for_rank,
+    pad_documents_for_cp,
 )
 
 

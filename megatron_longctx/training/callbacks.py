@@ -81,8 +81,16 @@ def memory_gib() -> float:
 class MetricsLogger:
     """Rank-0 log line per interval, metrics.jsonl per step, wandb (offline unless configured)."""
 
-    def __init__(self, run_dir: str | Path, interval: int, config: dict, *, wandb_project: str,
-                 wandb_mode: str, resume_iteration: int):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        interval: int,
+        config: dict,
+        *,
+        wandb_project: str,
+        wandb_mode: str,
+        resume_iteration: int,
+    ):
         self.rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
         self.run_dir = Path(run_dir)
         self.interval = max(1, interval)
@@ -99,8 +107,11 @@ class MetricsLogger:
         """Drops records past the resumed iteration (they will be recomputed identically)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iteration"] <= iteration
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def _init_wandb(self, config: dict, project: str, mode: str):
@@ -117,8 +128,15 @@ class MetricsLogger:
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        return wandb.init(project=project, name=config.get("name"), id=run_id, resume="allow",
-                          mode=mode, dir=str(self.run_dir), config=config)
+        return wandb.init(
+            project=project,
+            name=config.get("name"),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(self.run_dir),
+            config=config,
+        )
 
     def reset_timer(self) -> None:
         self._t = time.perf_counter()
@@ -132,15 +150,20 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                           step=record["iteration"])
+            self.wandb.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))},
+                step=record["iteration"],
+            )
         if record["stage_step"] % self.interval == 0 or record.get("skipped"):
-            print(f"[{record['stage']}] step {record['stage_step']:>4}/{record['stage_steps']} "
-                  f"iter {record['iteration']:>4} | loss {record['loss']:.4f} | "
-                  f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f} | "
-                  f"tok/s {record['tokens_per_s']:.0f} | MFU {100 * record['mfu']:.2f}% | "
-                  f"mem {record['memory_gib']:.2f} GiB" + (" | SKIPPED" if record.get("skipped")
-                                                          else ""), flush=True)
+            print(
+                f"[{record['stage']}] step {record['stage_step']:>4}/{record['stage_steps']} "
+                f"iter {record['iteration']:>4} | loss {record['loss']:.4f} | "
+                f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f} | "
+                f"tok/s {record['tokens_per_s']:.0f} | MFU {100 * record['mfu']:.2f}% | "
+                f"mem {record['memory_gib']:.2f} GiB"
+                + (" | SKIPPED" if record.get("skipped") else ""),
+                flush=True,
+            )
 
     def plot(self) -> Path | None:
         """Writes loss_curve.png from metrics.jsonl (rank 0)."""

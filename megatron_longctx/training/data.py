@@ -14,8 +14,10 @@ from megatron_longctx.data.mixture import MixtureSpec, load_mixture_yaml, mixtur
 def stage_mixture(stage: StageConfig, base_dir: str | Path | None = None) -> MixtureSpec:
     """The stage's mixture: an inline mapping or a YAML path (relative to the recipe's folder)."""
     if stage.mixture is None:
-        raise ValueError(f"stage {stage.name!r} has no mixture: set stages.N.mixture to a mixture "
-                         "YAML (see examples/mixtures/) or an inline mapping with components:")
+        raise ValueError(
+            f"stage {stage.name!r} has no mixture: set stages.N.mixture to a mixture "
+            "YAML (see examples/mixtures/) or an inline mapping with components:"
+        )
     if isinstance(stage.mixture, dict):
         return mixture_from_dict(expand_env(stage.mixture))
     path = Path(expand_env(stage.mixture))
@@ -24,16 +26,30 @@ def stage_mixture(stage: StageConfig, base_dir: str | Path | None = None) -> Mix
     return load_mixture_yaml(path)
 
 
-def build_stage_loader(cfg: ExperimentConfig, stage: StageConfig, *, dp_rank: int, dp_size: int,
-                       consumed_samples: int = 0, base_dir: str | Path | None = None
-                       ) -> MixtureLoader:
+def build_stage_loader(
+    cfg: ExperimentConfig,
+    stage: StageConfig,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int = 0,
+    base_dir: str | Path | None = None,
+) -> MixtureLoader:
     """Builds (or loads from cache) the stage's index, positioned at ``consumed_samples``."""
     spec = stage_mixture(stage, base_dir)
     index = build_mixture_index(
-        spec, stage.seq_length, stage.num_steps * stage.samples_per_step,
+        spec,
+        stage.seq_length,
+        stage.num_steps * stage.samples_per_step,
         vocab_size=cfg.data.vocab_size or cfg.model_config().vocab_size,
         cp_size=stage.parallel.context_parallel_size,
-        cache_dir=expand_env(cfg.data.cache_dir))
-    return MixtureLoader(index, global_batch_size=stage.samples_per_step,
-                         micro_batch_size=stage.micro_batch_size, dp_rank=dp_rank,
-                         dp_size=dp_size, consumed_samples=consumed_samples)
+        cache_dir=expand_env(cfg.data.cache_dir),
+    )
+    return MixtureLoader(
+        index,
+        global_batch_size=stage.samples_per_step,
+        micro_batch_size=stage.micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        consumed_samples=consumed_samples,
+    )

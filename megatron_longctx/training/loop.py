@@ -75,8 +75,10 @@ def _start_point(cfg: ExperimentConfig, save_dir: str) -> tuple[int, Path | None
     state = read_state(ckpt)["state"]
     names = [s.name for s in cfg.stages]
     if state.get("stage_name") not in names:
-        raise ValueError(f"checkpoint {ckpt} is from stage {state.get('stage_name')!r}, which this "
-                         f"config does not have (stages: {names}); use another checkpoint.save_dir")
+        raise ValueError(
+            f"checkpoint {ckpt} is from stage {state.get('stage_name')!r}, which this "
+            f"config does not have (stages: {names}); use another checkpoint.save_dir"
+        )
     idx = names.index(state["stage_name"])
     if state["stage_step"] >= cfg.stages[idx].num_steps:
         return idx + 1, None, ckpt, state["iteration"]
@@ -90,17 +92,32 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     init_process_group(device=cfg.training.device)
     save_dir = expand_env(cfg.checkpoint.save_dir)
     first, resume, transition, iteration = _start_point(cfg, save_dir)
-    metrics = MetricsLogger(expand_env(cfg.logging.run_dir), cfg.logging.interval, resolved,
-                            wandb_project=cfg.logging.wandb_project,
-                            wandb_mode=cfg.logging.wandb_mode, resume_iteration=iteration)
+    metrics = MetricsLogger(
+        expand_env(cfg.logging.run_dir),
+        cfg.logging.interval,
+        resolved,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_mode=cfg.logging.wandb_mode,
+        resume_iteration=iteration,
+    )
     if first == len(cfg.stages) and dist.get_rank() == 0:
         print(f"all {len(cfg.stages)} stages are complete in {save_dir}; nothing to do", flush=True)
     signals, faults = SignalWatcher(), FaultInjector()
     rc = 0
     for idx in range(first, len(cfg.stages)):
-        rc, iteration = _run_stage(cfg, resolved, idx, resume=resume, transition=transition,
-                                   iteration=iteration, save_dir=save_dir, metrics=metrics,
-                                   signals=signals, faults=faults, config_dir=config_dir)
+        rc, iteration = _run_stage(
+            cfg,
+            resolved,
+            idx,
+            resume=resume,
+            transition=transition,
+            iteration=iteration,
+            save_dir=save_dir,
+            metrics=metrics,
+            signals=signals,
+            faults=faults,
+            config_dir=config_dir,
+        )
         if rc:
             break
         resume, transition = None, iteration_dir(save_dir, iteration)
@@ -109,8 +126,20 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     return rc
 
 
-def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, metrics, signals,
-               faults, config_dir) -> tuple[int, int]:
+def _run_stage(
+    cfg,
+    resolved,
+    idx,
+    *,
+    resume,
+    transition,
+    iteration,
+    save_dir,
+    metrics,
+    signals,
+    faults,
+    config_dir,
+) -> tuple[int, int]:
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_longctx.model.build import build_gpt_model
@@ -121,45 +150,68 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
     layout = stage.parallel
     world = dist.get_world_size()
     # 1. groups
-    dp = layout.validate(world_size=world, num_layers=model_cfg.num_layers,
-                         num_attention_heads=model_cfg.num_attention_heads,
-                         num_query_groups=model_cfg.num_query_groups,
-                         seq_length=stage.seq_length, micro_batch_size=stage.micro_batch_size,
-                         global_batch_size=stage.samples_per_step)
+    dp = layout.validate(
+        world_size=world,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        seq_length=stage.seq_length,
+        micro_batch_size=stage.micro_batch_size,
+        global_batch_size=stage.samples_per_step,
+    )
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed + idx)
     torch.manual_seed(cfg.seed + idx)
     # 2. model and optimizer
     use_dist_opt = cfg.optimizer.use_distributed_optimizer
     if use_dist_opt and not torch.cuda.is_available():
-        raise ValueError("optimizer.use_distributed_optimizer=true needs GPUs: megatron's "
-                         "DistributedOptimizer checkpoints fail with its CPU torch-AdamW fallback; "
-                         "set optimizer.use_distributed_optimizer=false for CPU runs")
-    model = build_gpt_model(model_cfg, layout, backend=cfg.training.backend,
-                            core_attention=core_attention_name(stage, cfg.training.backend), recompute=stage.recompute,
-                            seq_length=stage.seq_length,
-                            params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32)
+        raise ValueError(
+            "optimizer.use_distributed_optimizer=true needs GPUs: megatron's "
+            "DistributedOptimizer checkpoints fail with its CPU torch-AdamW fallback; "
+            "set optimizer.use_distributed_optimizer=false for CPU runs"
+        )
+    model = build_gpt_model(
+        model_cfg,
+        layout,
+        backend=cfg.training.backend,
+        core_attention=core_attention_name(stage, cfg.training.backend),
+        recompute=stage.recompute,
+        seq_length=stage.seq_length,
+        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+    )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
     chunks = wrap_ddp([model], use_distributed_optimizer=use_dist_opt)
     opt_cfg = cfg.optimizer
-    settings = OptimizerSettings(lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
-                                 weight_decay=opt_cfg.weight_decay, adam_beta1=opt_cfg.adam_beta1,
-                                 adam_beta2=opt_cfg.adam_beta2, adam_eps=opt_cfg.adam_eps,
-                                 clip_grad=opt_cfg.clip_grad)
-    optimizer = build_optimizer(chunks, settings, bf16=cfg.training.bf16,
-                                use_distributed_optimizer=use_dist_opt)
+    settings = OptimizerSettings(
+        lr=stage.lr,
+        min_lr=stage.lr * stage.min_lr_ratio,
+        weight_decay=opt_cfg.weight_decay,
+        adam_beta1=opt_cfg.adam_beta1,
+        adam_beta2=opt_cfg.adam_beta2,
+        adam_eps=opt_cfg.adam_eps,
+        clip_grad=opt_cfg.clip_grad,
+    )
+    optimizer = build_optimizer(
+        chunks, settings, bf16=cfg.training.bf16, use_distributed_optimizer=use_dist_opt
+    )
     total = stage.num_steps
 
     def new_scheduler():
-        return build_scheduler(optimizer, settings, total_steps=total,
-                               warmup_ratio=stage.warmup_ratio, decay_style=stage.lr_decay_style)
+        return build_scheduler(
+            optimizer,
+            settings,
+            total_steps=total,
+            warmup_ratio=stage.warmup_ratio,
+            decay_style=stage.lr_decay_style,
+        )
 
     # 3. state
     stage_step, consumed = 0, 0
     if resume is not None:
         scheduler = new_scheduler()
-        state = load_checkpoint(resume, chunks, optimizer, scheduler,
-                                expect_model=model_cfg.to_dict())
+        state = load_checkpoint(
+            resume, chunks, optimizer, scheduler, expect_model=model_cfg.to_dict()
+        )
         stage_step, consumed = state["stage_step"], state["consumed_samples"]
         _log0(f"resumed stage {stage.name!r} at step {stage_step} from {resume}")
     elif transition is not None:
@@ -167,45 +219,79 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
         for group in optimizer.param_groups:  # the loaded groups carry the previous stage's LRs
             group["max_lr"], group["min_lr"] = settings.lr, settings.min_lr
         scheduler = new_scheduler()  # after loading: the LR schedule restarts with warmup
-        _log0(f"stage {stage.name!r}: weights and Adam moments from {transition}; LR restarts; "
-              f"RoPE theta {model_cfg.rope_theta:g}, scaling {model_cfg.rope_scaling}")
+        _log0(
+            f"stage {stage.name!r}: weights and Adam moments from {transition}; LR restarts; "
+            f"RoPE theta {model_cfg.rope_theta:g}, scaling {model_cfg.rope_scaling}"
+        )
     else:
         if stage.init_from:
-            load_checkpoint(expand_env(stage.init_from), chunks, None, None,
-                            expect_model=model_cfg.to_dict())
+            load_checkpoint(
+                expand_env(stage.init_from), chunks, None, None, expect_model=model_cfg.to_dict()
+            )
             _log0(f"stage {stage.name!r}: initialised from {stage.init_from}")
         scheduler = new_scheduler()
     # 4. data
-    loader = build_stage_loader(cfg, stage, dp_rank=parallel_state.get_data_parallel_rank(),
-                                dp_size=dp, consumed_samples=consumed, base_dir=config_dir)
+    loader = build_stage_loader(
+        cfg,
+        stage,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        consumed_samples=consumed,
+        base_dir=config_dir,
+    )
     cp = layout.context_parallel_size
     cp_rank = parallel_state.get_context_parallel_rank()
     cp_group = parallel_state.get_context_parallel_group()
 
     def save(protected=False):
-        state = {"stage_index": idx, "stage_name": stage.name, "stage_step": stage_step,
-                 "stage_steps": total, "consumed_samples": loader.consumed_samples,
-                 "loader": loader.state_dict(), "iteration": iteration,
-                 "model": model_cfg.to_dict(), "config": resolved}
-        save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, state=state,
-                        keep_last=cfg.checkpoint.keep_last, protected=protected,
-                        before_marker=faults.in_save)
+        state = {
+            "stage_index": idx,
+            "stage_name": stage.name,
+            "stage_step": stage_step,
+            "stage_steps": total,
+            "consumed_samples": loader.consumed_samples,
+            "loader": loader.state_dict(),
+            "iteration": iteration,
+            "model": model_cfg.to_dict(),
+            "config": resolved,
+        }
+        save_checkpoint(
+            save_dir,
+            iteration,
+            chunks,
+            optimizer,
+            scheduler,
+            state=state,
+            keep_last=cfg.checkpoint.keep_last,
+            protected=protected,
+            before_marker=faults.in_save,
+        )
 
     # 5. steps
     peak = cfg.training.peak_flops_per_device or (
-        989e12 if torch.cuda.is_available() else CPU_NOMINAL_PEAK_FLOPS)
+        989e12 if torch.cuda.is_available() else CPU_NOMINAL_PEAK_FLOPS
+    )
     metrics.reset_timer()
     while stage_step < total:
         faults.before_step(iteration + 1, chunks)
-        micro = [to_model_batch(next(loader), cp, cp_rank, cp_group)
-                 for _ in range(loader.num_micro_batches)]
-        result = forward_backward(chunks, micro, seq_length=stage.seq_length,
-                                  micro_batch_size=stage.micro_batch_size, optimizer=optimizer)
+        micro = [
+            to_model_batch(next(loader), cp, cp_rank, cp_group)
+            for _ in range(loader.num_micro_batches)
+        ]
+        result = forward_backward(
+            chunks,
+            micro,
+            seq_length=stage.seq_length,
+            micro_batch_size=stage.micro_batch_size,
+            optimizer=optimizer,
+        )
         skipped, grad_norm = False, float("nan")
         if not math.isfinite(result.loss):
             if cfg.training.nan_policy == "halt":
-                _log0(f"non-finite loss {result.loss} at iteration {iteration + 1}: halting "
-                      "without a checkpoint (set training.nan_policy=skip to skip such steps)")
+                _log0(
+                    f"non-finite loss {result.loss} at iteration {iteration + 1}: halting "
+                    "without a checkpoint (set training.nan_policy=skip to skip such steps)"
+                )
                 return EXIT_NONFINITE, iteration
             skipped = True
         else:
@@ -216,8 +302,23 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
         scheduler.step(1)
         stage_step += 1
         iteration += 1
-        metrics.log(_record(stage, stage_step, total, iteration, result, optimizer, grad_norm,
-                            skipped, micro, model_cfg, peak, world, metrics))
+        metrics.log(
+            _record(
+                stage,
+                stage_step,
+                total,
+                iteration,
+                result,
+                optimizer,
+                grad_norm,
+                skipped,
+                micro,
+                model_cfg,
+                peak,
+                world,
+                metrics,
+            )
+        )
         faults.after_step(iteration)
         interval_due = stage_step % max(1, cfg.checkpoint.interval) == 0
         if stage_step == total:
@@ -229,8 +330,10 @@ def _run_stage(cfg, resolved, idx, *, resume, transition, iteration, save_dir, m
         if signals.agreed():
             if not (interval_due or stage_step == total):
                 save()
-            _log0(f"signal received: checkpoint at iteration {iteration} saved; exiting with "
-                  f"{EXIT_PREEMPTED} so the launcher requeues the job")
+            _log0(
+                f"signal received: checkpoint at iteration {iteration} saved; exiting with "
+                f"{EXIT_PREEMPTED} so the launcher requeues the job"
+            )
             return EXIT_PREEMPTED, iteration
     return 0, iteration
 
@@ -242,13 +345,18 @@ def _evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteratio
 
         settings = EvalSettings.from_dict(expand_env(dict(stage.eval_settings or {})))
         out = Path(expand_env(cfg.logging.run_dir)) / "eval" / stage.name
-        results = evaluate_checkpoint(str(ckpt_dir), str(out), settings,
-                                      tokenizer_type=expand_env(cfg.data.tokenizer_type or "") or None,
-                                      tokenizer_model=expand_env(cfg.data.tokenizer_model or "")
-                                      or None)
+        results = evaluate_checkpoint(
+            str(ckpt_dir),
+            str(out),
+            settings,
+            tokenizer_type=expand_env(cfg.data.tokenizer_type or "") or None,
+            tokenizer_model=expand_env(cfg.data.tokenizer_model or "") or None,
+        )
         summary = {f"eval/{k}": v for k, v in _flat_scores(results).items()}
-        _log0(f"[{stage.name}] evaluation -> {out}: " +
-              ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items()))
+        _log0(
+            f"[{stage.name}] evaluation -> {out}: "
+            + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items())
+        )
         if metrics.wandb is not None:
             metrics.wandb.log(summary, step=iteration)
     dist.barrier()
@@ -265,22 +373,42 @@ def _flat_scores(results: dict) -> dict[str, float]:
     return scores
 
 
-def _record(stage, stage_step, total, iteration, result, optimizer, grad_norm, skipped, micro,
-            model_cfg, peak, world, metrics) -> dict:
-    from megatron_longctx.perf.flops import flops_per_token, mfu
-
+def _record(
+    stage,
+    stage_step,
+    total,
+    iteration,
+    result,
+    optimizer,
+    grad_norm,
+    skipped,
+    micro,
+    model_cfg,
+    peak,
+    world,
+    metrics,
+) -> dict:
     import time
+
+    from megatron_longctx.perf.flops import flops_per_token, mfu
 
     elapsed = max(time.perf_counter() - metrics._t, 1e-9)
     tokens = stage.samples_per_step * stage.seq_length
     docs = micro[0]["doc_lengths"].tolist()
     fpt = flops_per_token(model_cfg, int(sum(docs)), docs)
     return {
-        "stage": stage.name, "stage_step": stage_step, "stage_steps": total,
-        "iteration": iteration, "loss": result.loss, "loss_tokens": result.num_tokens,
-        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-        "tokens_per_s": tokens / elapsed, "mfu": mfu(tokens / elapsed, fpt, peak * world),
-        "memory_gib": memory_gib(), "skipped": skipped,
+        "stage": stage.name,
+        "stage_step": stage_step,
+        "stage_steps": total,
+        "iteration": iteration,
+        "loss": result.loss,
+        "loss_tokens": result.num_tokens,
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tokens / elapsed,
+        "mfu": mfu(tokens / elapsed, fpt, peak * world),
+        "memory_gib": memory_gib(),
+        "skipped": skipped,
     }
 
 

@@ -27,8 +27,13 @@ class OptimizerSettings:
     clip_grad: float = 1.0
 
 
-def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_size: int | None = None,
-             use_distributed_optimizer: bool = False):
+def wrap_ddp(
+    model_chunks: list,
+    *,
+    overlap_grad_reduce: bool = False,
+    bucket_size: int | None = None,
+    use_distributed_optimizer: bool = False,
+):
     """Megatron DDP around each chunk; grads land in fp32 ``main_grad`` buffers, summed over DP
     (the per-token loss scaling divides by the global token count later)."""
     from megatron.core.distributed import (
@@ -45,21 +50,31 @@ def wrap_ddp(model_chunks: list, *, overlap_grad_reduce: bool = False, bucket_si
     )
     wrapped = []
     for i, chunk in enumerate(model_chunks):
-        wrapped.append(DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk,
-            disable_bucketing=(i > 0),
-        ))
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=(i > 0),
+            )
+        )
     config = wrapped[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     if overlap_grad_reduce:
-        config.grad_sync_func = ([c.start_grad_sync for c in wrapped] if len(wrapped) > 1
-                                 else wrapped[0].start_grad_sync)
+        config.grad_sync_func = (
+            [c.start_grad_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
+        )
     return wrapped
 
 
-def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bool = False,
-                    use_distributed_optimizer: bool = False):
+def build_optimizer(
+    model_chunks: list,
+    settings: OptimizerSettings,
+    *,
+    bf16: bool = False,
+    use_distributed_optimizer: bool = False,
+):
     """megatron-core's optimizer. The distributed optimizer is for GPU runs only (untested on GPU):
     its checkpoints fail with megatron's CPU torch-AdamW fallback (MEGATRON_ON_CPU.md)."""
     from megatron.core.optimizer import (
@@ -82,12 +97,19 @@ def build_optimizer(model_chunks: list, settings: OptimizerSettings, *, bf16: bo
         use_distributed_optimizer=use_distributed_optimizer,
     )
     # Standard Megatron/HF convention: no weight decay on biases and 1-D tensors (norm weights).
-    return get_megatron_optimizer(config, model_chunks,
-                                  config_overrides=get_standard_config_overrides(config))
+    return get_megatron_optimizer(
+        config, model_chunks, config_overrides=get_standard_config_overrides(config)
+    )
 
 
-def build_scheduler(optimizer, settings: OptimizerSettings, *, total_steps: int,
-                    warmup_ratio: float = 0.1, decay_style: str = "cosine"):
+def build_scheduler(
+    optimizer,
+    settings: OptimizerSettings,
+    *,
+    total_steps: int,
+    warmup_ratio: float = 0.1,
+    decay_style: str = "cosine",
+):
     """megatron-core's OptimizerParamScheduler in steps: linear warmup from 0 over
     ``warmup_ratio x total_steps``, then ``decay_style`` down to ``min_lr`` at ``total_steps``.
 

@@ -60,16 +60,26 @@ def reduce_loss(losses_reduced: list) -> tuple[float, int]:
     if losses_reduced:
         total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
     torch.distributed.all_reduce(
-        total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast(
+            total,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
-def forward_backward(model_chunks: list, batches: list[dict], *, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False,
-                     optimizer=None) -> StepResult:
+def forward_backward(
+    model_chunks: list,
+    batches: list[dict],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    optimizer=None,
+) -> StepResult:
     """Runs all micro-batches of one step through megatron's schedule (grads are finalised).
 
     Pass the ``optimizer`` when training: like Megatron-LM's train_step, its ``zero_grad()`` must run

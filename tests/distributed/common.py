@@ -5,15 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def make_batches(num_micro: int, micro_batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+def make_batches(
+    num_micro: int, micro_batch: int, seq: int, vocab: int, seed: int = 0
+) -> list[dict]:
     """Random next-token batches; loss_mask zeroes a few tokens so the token average is non-trivial."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(num_micro):
         t = torch.randint(0, vocab, (micro_batch, seq + 1), generator=g)
         mask = (torch.rand(micro_batch, seq, generator=g) > 0.2).float()
-        batches.append(dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(),
-                            loss_mask=mask, position_ids=torch.arange(seq).expand(micro_batch, seq)))
+        batches.append(
+            dict(
+                tokens=t[:, :-1].contiguous(),
+                labels=t[:, 1:].contiguous(),
+                loss_mask=mask,
+                position_ids=torch.arange(seq).expand(micro_batch, seq),
+            )
+        )
     return batches
 
 
@@ -46,7 +54,8 @@ def reference_loss_and_grads(model_cfg, full_params: dict, batches: list[dict], 
     # Megatron pads the vocabulary to a multiple of divisible_by x TP and the padded logits take
     # part in the softmax: give the reference the same padded size as the sharded model.
     model_cfg = model_cfg.with_updates(
-        make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by * tp)
+        make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by * tp
+    )
     layout = ParallelLayout(1, 1, 1)
     initialize_model_parallel(layout)
     assert parallel_state.get_data_parallel_world_size() == world

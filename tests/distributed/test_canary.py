@@ -27,6 +27,7 @@ def _run_with_tripwires(rank, world, ckpt_dir):
         def _raise(*args, **kwargs):
             fired.append(name)
             raise RuntimeError(f"megatron-core reached torch.cuda.{name}, which the shim lacks")
+
         return _raise
 
     # Harmless queries that torch itself calls on CPU builds (they don't touch a device).

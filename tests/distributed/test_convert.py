@@ -27,11 +27,21 @@ def make_hf_llama(path: str, *, tied: bool, seed: int = 0, vocab_size: int = VOC
     """A random tiny LlamaForCausalLM saved with save_pretrained (safetensors) + tokenizer files."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1,
-                      rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm mapping shows in the logits
@@ -81,10 +91,9 @@ def _convert_and_compare(rank, world, cases, tokens):
     """cases: (hf_dir, save_dir, convert_layout | None, load_layouts, reference logits)."""
     import torch.nn.functional as F
 
-    from megatron_longctx.checkpoint.dist import iteration_dir, load_checkpoint
+    from megatron_longctx.checkpoint.dist import iteration_dir, load_checkpoint, read_state
     from megatron_longctx.checkpoint.hf import hf_to_mcore_collective
     from megatron_longctx.checkpoint.hf.config_map import model_config_from_dict
-    from megatron_longctx.checkpoint.dist import read_state
     from megatron_longctx.model.build import build_gpt_model
     from megatron_longctx.parallel.layout import ParallelLayout
     from megatron_longctx.runtime.distributed import initialize_model_parallel
@@ -115,8 +124,10 @@ def _convert_and_compare(rank, world, cases, tokens):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {"untied": make_hf_llama(str(root / "untied"), tied=False, seed=0),
-            "tied": make_hf_llama(str(root / "tied"), tied=True, seed=1)}
+    return {
+        "untied": make_hf_llama(str(root / "untied"), tied=False, seed=0),
+        "tied": make_hf_llama(str(root / "tied"), tied=True, seed=1),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +135,25 @@ def cli_tp2pp2(hf_dirs, tmp_path_factory):
     """hf-to-mcore through the CLI at TP 2 x PP 2: the tool spawns its 4 gloo processes itself."""
     save = str(tmp_path_factory.mktemp("ckpt") / "untied_tp2pp2")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "hf-to-mcore",
-         "--hf-dir", hf_dirs["untied"], "--save", save, "--tensor-model-parallel-size", "2",
-         "--pipeline-model-parallel-size", "2"],
-        capture_output=True, text=True, timeout=150, cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "convert_checkpoint.py"),
+            "hf-to-mcore",
+            "--hf-dir",
+            hf_dirs["untied"],
+            "--save",
+            save,
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return save
 
@@ -157,8 +182,9 @@ def converted(hf_dirs, cli_tp2pp2, tmp_path_factory):
 def test_hf_to_mcore_logits_match_transformers(converted):
     rows, _ = converted
     for name, convert, load, diff, kl in rows:
-        print(f"{name:16s} converted at {convert} loaded at {load}: "
-              f"max|diff| {diff:.2e} KL {kl:.2e}")
+        print(
+            f"{name:16s} converted at {convert} loaded at {load}: max|diff| {diff:.2e} KL {kl:.2e}"
+        )
         assert diff <= 1e-4, (name, load, diff)
         assert kl <= 1e-8, (name, load, kl)
     seen = {(name, load) for name, _, load, _, _ in rows}
@@ -170,8 +196,11 @@ def _assert_same_tensors(src: str, dst: str) -> int:
 
     def tensors(d):
         index = os.path.join(d, "model.safetensors.index.json")
-        files = (sorted(set(json.load(open(index))["weight_map"].values()))
-                 if os.path.exists(index) else ["model.safetensors"])
+        files = (
+            sorted(set(json.load(open(index))["weight_map"].values()))
+            if os.path.exists(index)
+            else ["model.safetensors"]
+        )
         out = {}
         for file in files:
             with safe_open(os.path.join(d, file), "pt") as f:
@@ -195,9 +224,22 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(hf_dirs, converted, tmp
     _, saves = converted
     out = str(tmp_path / "export_untied")
     proc = subprocess.run(  # through the CLI, sharded (index + several files)
-        [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "mcore-to-hf",
-         "--load", saves["untied_tp2pp2"], "--save", out, "--max-shard-size", "100KB"],
-        capture_output=True, text=True, timeout=100, cwd=REPO)
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "convert_checkpoint.py"),
+            "mcore-to-hf",
+            "--load",
+            saves["untied_tp2pp2"],
+            "--save",
+            out,
+            "--max-shard-size",
+            "100KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 2
@@ -208,11 +250,20 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(hf_dirs, converted, tmp
         assert _assert_same_tensors(src, dst) > 0
         old, new = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(dst)
         assert hf_rope_theta(new) == hf_rope_theta(old) == ROPE_THETA
-        for key in ("max_position_embeddings", "vocab_size", "num_key_value_heads",
-                    "tie_word_embeddings", "rms_norm_eps", "eos_token_id", "bos_token_id"):
+        for key in (
+            "max_position_embeddings",
+            "vocab_size",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+            "rms_norm_eps",
+            "eos_token_id",
+            "bos_token_id",
+        ):
             assert getattr(new, key) == getattr(old, key), key
         assert sorted(f for f in os.listdir(dst) if f.startswith(("tokenizer", "special"))) == [
-            "special_tokens_map.json", "tokenizer_config.json"]
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+        ]
         model = LlamaForCausalLM.from_pretrained(dst, local_files_only=True)
         assert model.config.tie_word_embeddings == old.tie_word_embeddings
     from megatron_longctx.checkpoint.hf import hf_to_mcore

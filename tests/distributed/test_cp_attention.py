@@ -15,7 +15,7 @@ from megatron_longctx.parallel.cp_split import rank_token_index, rank_token_layo
 from tests.harness import run_distributed
 
 HQ, HK, D = 8, 4, 8
-SCALE = D ** -0.5
+SCALE = D**-0.5
 
 
 def _padded_cu(real_lengths: list[int], cp: int, pad_doc: int = 0):
@@ -73,8 +73,9 @@ def _worker(rank, world, cases, modes):
         for mode in modes:
             ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
             if mode == "ring":
-                out = ring_attention(ql, kl, vl, metas, lays[rank].early, lays[rank].late,
-                                     SCALE, group)
+                out = ring_attention(
+                    ql, kl, vl, metas, lays[rank].early, lays[rank].late, SCALE, group
+                )
             else:
                 out = a2a_attention(ql, kl, vl, metas, SCALE, group)
             (out * w[idx]).sum().backward()

@@ -28,8 +28,13 @@ def _packed_batch(lengths: list[int], cp_multiple: int, pad_to: int | None, seed
     s = sum(lengths)
     tokens = torch.randint(0, 500, (1, s + 1), generator=g)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, s),
-                 position_ids=torch.arange(s).unsqueeze(0), cu_seqlens=cu)
+    batch = dict(
+        tokens=tokens[:, :-1],
+        labels=tokens[:, 1:],
+        loss_mask=torch.ones(1, s),
+        position_ids=torch.arange(s).unsqueeze(0),
+        cu_seqlens=cu,
+    )
     return pad_documents_for_cp(batch, cp_multiple, pad_to=pad_to)
 
 
@@ -48,20 +53,30 @@ def _run(layout, core, params, batch, packed: bool = True):
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     cp = layout.context_parallel_size
-    model = build_gpt_model(get_preset("tiny"), layout, backend="local", core_attention=core,
-                            seq_length=batch["tokens"].shape[1])
+    model = build_gpt_model(
+        get_preset("tiny"),
+        layout,
+        backend="local",
+        core_attention=core,
+        seq_length=batch["tokens"].shape[1],
+    )
     if params is not None:
         load_full(model, params)
     chunks = wrap_ddp([model])
     if packed:
         local = cp_split(batch, cp, parallel_state.get_context_parallel_rank())
         local["packed_seq_params"] = packed_seq_params_for_rank(
-            local, parallel_state.get_context_parallel_group())
+            local, parallel_state.get_context_parallel_group()
+        )
     else:
-        local = cp_split({k: v for k, v in batch.items() if k != "cu_seqlens"}, cp,
-                         parallel_state.get_context_parallel_rank())
-    result = forward_backward(chunks, [local], seq_length=local["tokens"].shape[1],
-                              micro_batch_size=1)
+        local = cp_split(
+            {k: v for k, v in batch.items() if k != "cu_seqlens"},
+            cp,
+            parallel_state.get_context_parallel_rank(),
+        )
+    result = forward_backward(
+        chunks, [local], seq_length=local["tokens"].shape[1], micro_batch_size=1
+    )
     grads = gather_full(chunks[0], "grad")
     full_params = gather_full(chunks[0], "param")
     return result.loss, grads, full_params
@@ -81,9 +96,12 @@ def _worker(rank, world):
     # Multi-document packed batch, padded for CP 4 (so every layout below can split it).
     batch = _packed_batch(REAL_LENGTHS, 4, PAD_TO, seed=2)
     out["ref"] = _run(L(1, 1, 1), "local", params, batch)[:2]
-    for name, layout, core in (("cp2_ring", L(1, 1, 2), "ring"), ("cp2_a2a", L(1, 1, 2), "a2a"),
-                               ("cp4_ring", L(1, 1, 4), "ring"),
-                               ("tp2_cp2_ring", L(2, 1, 2), "ring")):
+    for name, layout, core in (
+        ("cp2_ring", L(1, 1, 2), "ring"),
+        ("cp2_a2a", L(1, 1, 2), "a2a"),
+        ("cp4_ring", L(1, 1, 4), "ring"),
+        ("tp2_cp2_ring", L(2, 1, 2), "ring"),
+    ):
         out[name] = _run(layout, core, params, batch)[:2]
     return out if rank == 0 else None
 
@@ -101,9 +119,13 @@ def _assert_same(name: str, got, want, tol: float = 1e-5):
 @pytest.mark.timeout(150)
 def test_gpt_model_cp_layouts_match_cp1():
     out = run_distributed(_worker, 4, timeout=140)[0]
-    _assert_same("local THD (one doc) vs megatron DotProductAttention", out["local_thd_one_doc"],
-                 out["megatron_dpa"])
-    _assert_same("ring SBHD CP 2 vs megatron DotProductAttention", out["ring_sbhd_cp2"],
-                 out["megatron_dpa"])
+    _assert_same(
+        "local THD (one doc) vs megatron DotProductAttention",
+        out["local_thd_one_doc"],
+        out["megatron_dpa"],
+    )
+    _assert_same(
+        "ring SBHD CP 2 vs megatron DotProductAttention", out["ring_sbhd_cp2"], out["megatron_dpa"]
+    )
     for name in ("cp2_ring", "cp2_a2a", "cp4_ring", "tp2_cp2_ring"):
         _assert_same(f"{name} vs TP 1 x CP 1", out[name], out["ref"])

@@ -54,9 +54,14 @@ def _dp_step(rank, world):
     decay = [p for n, p in named if p.ndim > 1]
     no_decay = [p for n, p in named if p.ndim <= 1]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps)
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        eps=settings.adam_eps,
+    )
     ref_grads = {n: p.grad.clone() for n, p in named}
     opt.step()
     grad_err = max(max_rel_err(grads[n], ref_grads[n]) for n in ref_grads)

@@ -26,12 +26,14 @@ def _build_on_rank(rank, world_size, root, use_barrier):
 
     spec = two_component_spec(Path(root) / "long", Path(root) / "short", min_long=S)
     if use_barrier:
-        index = index_cache.build_mixture_index(spec, S, 400, vocab_size=1000,
-                                                cache_dir=Path(root) / "cache")
+        index = index_cache.build_mixture_index(
+            spec, S, 400, vocab_size=1000, cache_dir=Path(root) / "cache"
+        )
     else:  # both ranks race for the same key at once: only the file lock serialises them
         config = index_cache.index_config(spec, S, 400)
-        index = index_cache._get_or_build(spec, S, 400, 1000, Path(root) / "cache_race", config,
-                                          index_cache.config_key(config))
+        index = index_cache._get_or_build(
+            spec, S, 400, 1000, Path(root) / "cache_race", config, index_cache.config_key(config)
+        )
     return index_cache.NUM_BUILDS, _digest(index), index.key
 
 

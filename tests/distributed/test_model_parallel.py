@@ -6,7 +6,6 @@ gradients come from torch autograd, without megatron's schedule, DDP or grad fin
 """
 
 import pytest
-import torch
 
 from tests.distributed.common import build, make_batches, max_rel_err, reference_loss_and_grads
 from tests.harness import run_distributed

@@ -21,8 +21,9 @@ def _grads_with_recompute(rank, world):
     tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
     for mode in (None, "full", "selective"):
         torch.manual_seed(0)
-        model = build_gpt_model(get_preset("tiny"), ParallelLayout(), backend="local",
-                                recompute=mode, seq_length=32)
+        model = build_gpt_model(
+            get_preset("tiny"), ParallelLayout(), backend="local", recompute=mode, seq_length=32
+        )
         loss = model(tokens, torch.arange(32).expand(2, 32), None, labels=tokens).mean()
         loss.backward()
         results[mode] = (loss.item(), [p.grad.clone() for p in model.parameters()])

@@ -21,9 +21,15 @@ def _loader(data, dp_rank, dp_size, micro):
     from megatron_longctx.data.loader import MixtureLoader
     from megatron_longctx.data.mixture import mixture_from_dict
 
-    spec = mixture_from_dict({"seed": 3, "components": [
-        {"name": "long", "prefixes": [data["long"]], "weight": 0.5, "min_tokens": SEQ},
-        {"name": "short", "prefixes": [data["short"]], "weight": 0.5}]})
+    spec = mixture_from_dict(
+        {
+            "seed": 3,
+            "components": [
+                {"name": "long", "prefixes": [data["long"]], "weight": 0.5, "min_tokens": SEQ},
+                {"name": "short", "prefixes": [data["short"]], "weight": 0.5},
+            ],
+        }
+    )
     index = build_mixture_index(spec, SEQ, GLOBAL_BATCH, vocab_size=512)
     return MixtureLoader(index, GLOBAL_BATCH, micro, dp_rank, dp_size)
 
@@ -49,9 +55,15 @@ def _step(rank, world, data, tp, cp, micro):
     chunks = wrap_ddp([build_gpt_model(cfg, layout, core_attention=attn, seq_length=SEQ)])
     dp = parallel_state.get_data_parallel_world_size()
     loader = _loader(data, parallel_state.get_data_parallel_rank(), dp, micro)
-    micro_batches = [to_model_batch(next(loader), cp, parallel_state.get_context_parallel_rank(),
-                                    parallel_state.get_context_parallel_group())
-                     for _ in range(loader.num_micro_batches)]
+    micro_batches = [
+        to_model_batch(
+            next(loader),
+            cp,
+            parallel_state.get_context_parallel_rank(),
+            parallel_state.get_context_parallel_group(),
+        )
+        for _ in range(loader.num_micro_batches)
+    ]
     result = forward_backward(chunks, micro_batches, seq_length=SEQ, micro_batch_size=micro)
     params, grads = gather_full(chunks[0], "param"), gather_full(chunks[0], "grad")
 
@@ -80,7 +92,8 @@ def _step(rank, world, data, tp, cp, micro):
 def test_global_token_average_matches_reference(tmp_path, tp, cp, micro):
     data = tiny_corpus(tmp_path)
     for loss, ref_loss, tokens, ref_tokens, worst in run_distributed(
-            _step, 2, args=(data, tp, cp, micro), timeout=240):
+        _step, 2, args=(data, tp, cp, micro), timeout=240
+    ):
         assert tokens == ref_tokens
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         assert worst <= 1e-5

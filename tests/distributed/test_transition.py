@@ -25,8 +25,13 @@ def _save_then_load_resharded(rank, world, ckpt_dir):
     opt = build_optimizer(chunks, settings)
     build_scheduler(opt, settings, total_steps=10, warmup_ratio=0.0)
     for step in range(2):
-        forward_backward(chunks, make_batches(2, 2, SEQ, cfg.vocab_size, seed=step + 10 * rank),
-                         seq_length=SEQ, micro_batch_size=2, optimizer=opt)
+        forward_backward(
+            chunks,
+            make_batches(2, 2, SEQ, cfg.vocab_size, seed=step + 10 * rank),
+            seq_length=SEQ,
+            micro_batch_size=2,
+            optimizer=opt,
+        )
         opt.step()
     saved = {k: gather_full(chunks[0], k, opt) for k in ("param", "exp_avg", "exp_avg_sq")}
     save_checkpoint(ckpt_dir, 2, chunks, opt, state={"model": cfg.to_dict()})
@@ -35,15 +40,17 @@ def _save_then_load_resharded(rank, world, ckpt_dir):
     opt = build_optimizer(chunks, settings)
     load_checkpoint(f"{ckpt_dir}/iter_0000002", chunks, opt, None, expect_model=cfg.to_dict())
     loaded = {k: gather_full(chunks[0], k, opt) for k in ("param", "exp_avg", "exp_avg_sq")}
-    mismatched = [(k, n) for k in saved for n in saved[k]
-                  if not torch.equal(saved[k][n], loaded[k][n])]
+    mismatched = [
+        (k, n) for k in saved for n in saved[k] if not torch.equal(saved[k][n], loaded[k][n])
+    ]
     nonzero = sum(int(v.abs().sum() > 0) for v in saved["exp_avg_sq"].values())
     return mismatched, len(saved["exp_avg"]), nonzero
 
 
 @pytest.mark.timeout(200)
 def test_adam_moments_survive_layout_change(tmp_path):
-    for mismatched, num, nonzero in run_distributed(_save_then_load_resharded, 2,
-                                                    args=(str(tmp_path / "ckpt"),), timeout=160):
+    for mismatched, num, nonzero in run_distributed(
+        _save_then_load_resharded, 2, args=(str(tmp_path / "ckpt"),), timeout=160
+    ):
         assert num > 10 and nonzero == num  # every parameter has a real second moment
         assert mismatched == []

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 
-def write_indexed(prefix: str | Path, doc_lengths: list[int], vocab: int, seed: int = 0,
-                  eod: int | None = None) -> str:
+def write_indexed(
+    prefix: str | Path, doc_lengths: list[int], vocab: int, seed: int = 0, eod: int | None = None
+) -> str:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -31,6 +32,7 @@ def tiny_corpus(root: str | Path, vocab: int = 512, seed: int = 0) -> dict[str, 
     root = Path(root)
     return {
         "long": write_indexed(root / "long", rng.integers(1100, 3000, 40).tolist(), vocab, seed),
-        "short": write_indexed(root / "short", rng.integers(20, 200, 400).tolist(), vocab,
-                               seed + 1),
+        "short": write_indexed(
+            root / "short", rng.integers(20, 200, 400).tolist(), vocab, seed + 1
+        ),
     }

@@ -13,22 +13,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(config: str | Path, run_dir: Path, data: dict, *overrides: str, fault: str = "",
-           nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", WANDB_MODE="offline",
-               LONGCTX_RUN=str(run_dir), LONGCTX_DATA=str(Path(data["long"]).parent),
-               LONGCTX_FAULT=fault, TORCHELASTIC_ERROR_FILE="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_longctx.train", "--config", str(config),
-           *overrides]
+def launch(
+    config: str | Path,
+    run_dir: Path,
+    data: dict,
+    *overrides: str,
+    fault: str = "",
+    nproc: int = 2,
+    timeout: int = 240,
+) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        LONGCTX_DEVICE="cpu",
+        WANDB_MODE="offline",
+        LONGCTX_RUN=str(run_dir),
+        LONGCTX_DATA=str(Path(data["long"]).parent),
+        LONGCTX_FAULT=fault,
+        TORCHELASTIC_ERROR_FILE="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_longctx.train",
+        "--config",
+        str(config),
+        *overrides,
+    ]
     # Output goes through files, not pipes: a killed rank's orphaned children (e.g. a wandb service)
     # must not keep the test waiting for EOF.
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = run_dir / "launch.out", run_dir / "launch.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=out, stderr=err, timeout=timeout)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out_path.read_text(),
-                                       err_path.read_text())
+    return subprocess.CompletedProcess(
+        cmd, proc.returncode, out_path.read_text(), err_path.read_text()
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -45,8 +69,12 @@ def read_model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
     reader = dcp.FileSystemReader(str(ckpt_dir))
     meta = reader.read_metadata().state_dict_metadata
-    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-           if isinstance(m, TensorStorageMetadata) and not k.startswith("optimizer.")
-           and "_extra_state" not in k}
+    out = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if isinstance(m, TensorStorageMetadata)
+        and not k.startswith("optimizer.")
+        and "_extra_state" not in k
+    }
     dcp.load(out, storage_reader=reader, no_dist=True)
     return out

@@ -98,12 +98,18 @@ def test_nan_halts_without_checkpoint(tmp_path, data):
     assert list_checkpoints(run / "checkpoints", complete_only=False) == [2]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("stages.0.sequence_length=64", "unknown config key(s) stages.0.sequence_length"),
-    ("stages.1.parallel.context_parallel_size=3", "world size 2 is not TP 1 x PP 1 x CP 3 x DP"),
-    ("model.hidden=8", "unknown config key(s) model.hidden"),
-    ("stages.1.seq_length=250", "sequence length 250 is not divisible by 2 x CP = 4"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stages.0.sequence_length=64", "unknown config key(s) stages.0.sequence_length"),
+        (
+            "stages.1.parallel.context_parallel_size=3",
+            "world size 2 is not TP 1 x PP 1 x CP 3 x DP",
+        ),
+        ("model.hidden=8", "unknown config key(s) model.hidden"),
+        ("stages.1.seq_length=250", "sequence length 250 is not divisible by 2 x CP = 4"),
+    ],
+)
 def test_bad_config_fails_before_any_step(tmp_path, capsys, monkeypatch, override, message):
     from megatron_longctx.train import main
 
@@ -133,9 +139,21 @@ def test_trained_checkpoint_exports_to_hf_with_stage_rope(tmp_path, reference):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--load",
-                           str(reference / "checkpoints"), "--save", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_checkpoint.py",
+            "mcore-to-hf",
+            "--load",
+            str(reference / "checkpoints"),
+            "--save",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = LlamaConfig.from_pretrained(out, local_files_only=True)
     theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]

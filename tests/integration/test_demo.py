@@ -15,8 +15,13 @@ from tests.integration.run_utils import ROOT
 def test_demo_pipeline(tmp_path):
     out = tmp_path / "demo"
     with open(tmp_path / "demo.log", "w") as log:
-        proc = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out)], cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=850)
+        proc = subprocess.run(
+            [sys.executable, "tools/demo.py", "--out", str(out)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=850,
+        )
     text = (tmp_path / "demo.log").read_text()
     assert proc.returncode == 0, text[-4000:]
     recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -24,8 +24,9 @@ from tests.integration.run_utils import ROOT
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_longctx",
-                                                  ROOT / "examples" / "reproduce_longctx.py")
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_longctx", ROOT / "examples" / "reproduce_longctx.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -36,22 +37,23 @@ def test_passkey_packing_puts_loss_on_answer_digits_only(tmp_path):
     comps = []
     for n in (32, 64):
         tok, mask = write_passkey_dataset(tmp_path / f"p{n}", [n] * 12, 128, seed=n)
-        comps.append({"name": f"p{n}", "prefixes": [tok], "mask_prefixes": [mask],
-                      "weight": 0.5})
-    index = build_mixture_index(mixture_from_dict({"seed": 0, "components": comps}), 128, 8,
-                                vocab_size=128)
+        comps.append({"name": f"p{n}", "prefixes": [tok], "mask_prefixes": [mask], "weight": 0.5})
+    index = build_mixture_index(
+        mixture_from_dict({"seed": 0, "components": comps}), 128, 8, vocab_size=128
+    )
     packer = SamplePacker(index)
     for j in range(8):
         s = packer.get(j)
         n = (32, 64)[s["component"]]
         assert s["cu_seqlens"].tolist() == list(range(0, 129, n))  # no passkey is cut
         docs = s["tokens"].reshape(-1, n)
-        assert (docs[:, -NUM_DIGITS - 1] == QUERY).all() and (docs == KEY).sum(1).tolist() \
-            == [1] * (128 // n)
+        assert (docs[:, -NUM_DIGITS - 1] == QUERY).all() and (docs == KEY).sum(1).tolist() == [
+            1
+        ] * (128 // n)
         # label t is token t + 1: the loss sits on the labels that are answer digits
         expect = np.zeros(128, dtype=np.float32)
         for d in range(128 // n):
-            expect[d * n + n - NUM_DIGITS - 1:d * n + n - 1] = 1
+            expect[d * n + n - NUM_DIGITS - 1 : d * n + n - 1] = 1
         np.testing.assert_array_equal(s["loss_mask"], expect)
         lab = s["labels"][expect == 1]
         assert ((lab >= DIGIT0) & (lab < DIGIT0 + 10)).all()
@@ -61,7 +63,7 @@ def test_eval_prompts_answer_matches_key():
     tokens, answers = eval_prompts(256, 6, 128, seed=0)
     for row, ans in zip(tokens, answers):
         k = int((row == KEY).nonzero()[0])
-        assert row[k + 1:k + 1 + NUM_DIGITS].tolist() == ans.tolist()
+        assert row[k + 1 : k + 1 + NUM_DIGITS].tolist() == ans.tolist()
         assert row[-NUM_DIGITS - 1] == QUERY
 
 
@@ -69,10 +71,32 @@ def test_eval_prompts_answer_matches_key():
 def test_reproduce_smoke(tmp_path):
     """Stage 0 (DP 2) -> ABF extension with CP 2 -> accuracy grid and report files."""
     out = tmp_path / "results"
-    results = _script().main([
-        "--out", str(out), "--stage0-steps", "3", "--stage0-batch", "4", "--stage0-micro", "2",
-        "--ext-steps", "2", "--ext-batch", "2", "--eval-interval", "1", "--eval-samples", "2",
-        "--curve-samples", "2", "--arms", "abf", "--timeout", "150"])
+    results = _script().main(
+        [
+            "--out",
+            str(out),
+            "--stage0-steps",
+            "3",
+            "--stage0-batch",
+            "4",
+            "--stage0-micro",
+            "2",
+            "--ext-steps",
+            "2",
+            "--ext-batch",
+            "2",
+            "--eval-interval",
+            "1",
+            "--eval-samples",
+            "2",
+            "--curve-samples",
+            "2",
+            "--arms",
+            "abf",
+            "--timeout",
+            "150",
+        ]
+    )
     for name in ("results.md", "results.json", "accuracy.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())

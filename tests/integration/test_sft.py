@@ -22,12 +22,19 @@ TOPICS = ["rivers", "mountains", "compilers", "bread", "chess", "tides", "owls",
 
 def conversations():
     for i, topic in enumerate(TOPICS * 6):
-        msgs = [{"role": "user", "content": f"Tell me one fact about {topic}, number {i}."},
-                {"role": "assistant", "content": f"Here is fact {i} about {topic}: it is real."}]
+        msgs = [
+            {"role": "user", "content": f"Tell me one fact about {topic}, number {i}."},
+            {"role": "assistant", "content": f"Here is fact {i} about {topic}: it is real."},
+        ]
         if i % 3 == 0:
-            msgs = [{"role": "system", "content": "You are terse."}] + msgs + [
-                {"role": "user", "content": "And another?"},
-                {"role": "assistant", "content": f"{topic} again, briefly."}]
+            msgs = (
+                [{"role": "system", "content": "You are terse."}]
+                + msgs
+                + [
+                    {"role": "user", "content": "And another?"},
+                    {"role": "assistant", "content": f"{topic} again, briefly."},
+                ]
+            )
         yield {"messages": msgs}
 
 
@@ -38,23 +45,36 @@ def sft_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sft_run")
     make_sample_corpus(str(root / "corpus"), scale=0.05)
-    spm = train_sentencepiece(str(root / "corpus"), str(root / "spm"), vocab_size=500,
-                              num_threads=1)
+    spm = train_sentencepiece(
+        str(root / "corpus"), str(root / "spm"), vocab_size=500, num_threads=1
+    )
     data = root / "data"
     data.mkdir()
     with open(root / "chat.jsonl", "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in conversations())
-    preprocess_sft(SFTConfig(str(root / "chat.jsonl"), str(data / "ultrachat"),
-                             "SentencePieceTokenizer", spm))
+    preprocess_sft(
+        SFTConfig(str(root / "chat.jsonl"), str(data / "ultrachat"), "SentencePieceTokenizer", spm)
+    )
     recipe = {
-        "name": "tiny_sft", "seed": 3,
+        "name": "tiny_sft",
+        "seed": 3,
         "model": {"preset": "tiny", "vocab_size": 512, "num_layers": 2},
         "data": {"cache_dir": "${LONGCTX_RUN}/cache"},
         "checkpoint": {"save_dir": "${LONGCTX_RUN}/checkpoints", "interval": 100, "keep_last": 1},
         "logging": {"run_dir": "${LONGCTX_RUN}", "interval": 1, "wandb_mode": "disabled"},
-        "stages": [{"name": "sft", "type": "sft", "seq_length": S, "global_batch_size": GB,
-                    "micro_batch_size": 1, "lr": 2.0e-5, "steps": STEPS, "warmup_ratio": 0.34,
-                    "mixture": str(ROOT / "examples" / "mixtures" / "sft_ultrachat.yaml")}],
+        "stages": [
+            {
+                "name": "sft",
+                "type": "sft",
+                "seq_length": S,
+                "global_batch_size": GB,
+                "micro_batch_size": 1,
+                "lr": 2.0e-5,
+                "steps": STEPS,
+                "warmup_ratio": 0.34,
+                "mixture": str(ROOT / "examples" / "mixtures" / "sft_ultrachat.yaml"),
+            }
+        ],
     }
     config = root / "tiny_sft.yaml"
     config.write_text(yaml.safe_dump(recipe))

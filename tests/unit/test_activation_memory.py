@@ -40,14 +40,18 @@ def _measure(rank, world_size, cases):
     results = []
     for preset, layers, s, b, recompute, with_labels in cases:
         cfg = get_preset(preset, num_layers=layers)
-        model = build_gpt_model(cfg, ParallelLayout(), backend="local", recompute=recompute,
-                                seq_length=s)
+        model = build_gpt_model(
+            cfg, ParallelLayout(), backend="local", recompute=recompute, seq_length=s
+        )
         ids = torch.randint(0, cfg.vocab_size, (b, s))
         pos = torch.arange(s).expand(b, s)
         labels = ids if with_labels else None
-        results.append(saved_activation_bytes(
-            lambda: model(input_ids=ids, position_ids=pos, attention_mask=None, labels=labels),
-            exclude=list(model.parameters())))
+        results.append(
+            saved_activation_bytes(
+                lambda: model(input_ids=ids, position_ids=pos, attention_mask=None, labels=labels),
+                exclude=list(model.parameters()),
+            )
+        )
     return results
 
 
@@ -70,8 +74,10 @@ def measured() -> list[int]:
 def test_activation_estimate_matches_measured_saved_bytes(measured, index):
     estimate = _estimate(*CASES[index])
     ratio = estimate / measured[index]
-    assert 0.95 < ratio < 1.05, f"{CASES[index]}: estimate {estimate:.0f} B vs measured " \
-                                f"{measured[index]} B (ratio {ratio:.3f})"
+    assert 0.95 < ratio < 1.05, (
+        f"{CASES[index]}: estimate {estimate:.0f} B vs measured "
+        f"{measured[index]} B (ratio {ratio:.3f})"
+    )
 
 
 def test_recompute_saves_most_activation_memory(measured):

@@ -11,8 +11,8 @@ from megatron_longctx.parallel.cp_split import (
     CPSplitError,
     cp_merge,
     cp_split,
-    pad_documents_for_cp,
     packed_seq_params_for_rank,
+    pad_documents_for_cp,
     rank_token_layout,
 )
 
@@ -22,10 +22,13 @@ LENGTHS = [5, 1, 17, 8, 2]
 def _batch(lengths=LENGTHS, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     s = sum(lengths)
-    return dict(tokens=torch.randint(1, 100, (1, s), generator=g),
-                labels=torch.randint(1, 100, (1, s), generator=g),
-                loss_mask=torch.ones(1, s), position_ids=torch.arange(s).unsqueeze(0),
-                cu_seqlens=torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32))
+    return dict(
+        tokens=torch.randint(1, 100, (1, s), generator=g),
+        labels=torch.randint(1, 100, (1, s), generator=g),
+        loss_mask=torch.ones(1, s),
+        position_ids=torch.arange(s).unsqueeze(0),
+        cu_seqlens=torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32),
+    )
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
@@ -56,16 +59,20 @@ def test_pad_documents_for_cp(cp):
     assert padded["loss_mask"].sum() == sum(LENGTHS)
     for i, n in enumerate(LENGTHS):  # real tokens first in each document, unchanged
         start = cu[i]
-        assert torch.equal(padded["tokens"][0, start:start + n],
-                           batch["tokens"][0, real[i]:real[i] + n])
-        assert padded["loss_mask"][0, start + n:cu[i + 1]].sum() == 0
+        assert torch.equal(
+            padded["tokens"][0, start : start + n], batch["tokens"][0, real[i] : real[i] + n]
+        )
+        assert padded["loss_mask"][0, start + n : cu[i + 1]].sum() == 0
     with pytest.raises(CPSplitError, match=r"pad_to 40: padded documents take \d+ tokens"):
         pad_documents_for_cp(batch, cp, pad_to=40)
 
 
 def test_split_rejects_unpadded_documents_with_numbers():
-    with pytest.raises(CPSplitError, match=r"document 0: padded length 5 is not divisible by "
-                                           r"2 x CP = 4"):
+    with pytest.raises(
+        CPSplitError,
+        match=r"document 0: padded length 5 is not divisible by "
+        r"2 x CP = 4",
+    ):
         cp_split(_batch(), 2, 0)
     with pytest.raises(CPSplitError, match=r"cp_rank 2 is not in \[0, CP = 2\)"):
         cp_split(pad_documents_for_cp(_batch(), 2), 2, 2)
@@ -81,9 +88,12 @@ def test_positions_match_megatron_thd_rope_slices(cp):
     freqs = torch.arange(max(b - a for a, b in zip(cu, cu[1:])))
     for rank in range(cp):
         lay = rank_token_layout(padded["cu_seqlens"], padded["cu_seqlens_unpadded"], cp, rank)
-        expected = torch.cat([
-            _get_thd_freqs_on_this_cp_rank(rank, cp, torch.empty((b - a) // cp), freqs)
-            for a, b in zip(cu, cu[1:])])
+        expected = torch.cat(
+            [
+                _get_thd_freqs_on_this_cp_rank(rank, cp, torch.empty((b - a) // cp), freqs)
+                for a, b in zip(cu, cu[1:])
+            ]
+        )
         assert torch.equal(lay.pos, expected)
 
 
@@ -103,8 +113,10 @@ def test_rowwise_split_matches_megatron_get_batch_on_this_cp_rank(cp, monkeypatc
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     g = torch.Generator().manual_seed(1)
-    batch = dict(tokens=torch.randint(0, 9, (3, 8 * cp), generator=g),
-                 loss_mask=torch.rand(3, 8 * cp, generator=g))
+    batch = dict(
+        tokens=torch.randint(0, 9, (3, 8 * cp), generator=g),
+        loss_mask=torch.rand(3, 8 * cp, generator=g),
+    )
     for rank in range(cp):
         ours = cp_split(batch, cp, rank)
         theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=_Group(rank))

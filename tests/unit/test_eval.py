@@ -48,8 +48,12 @@ class Oracle:
         return v
 
     def generate(self, prompts, max_new_tokens):
-        return [self.tokenizer.encode(" " + self._answer(self.tokenizer.decode(p)) + ".")
-                [:max_new_tokens] for p in prompts]
+        return [
+            self.tokenizer.encode(" " + self._answer(self.tokenizer.decode(p)) + ".")[
+                :max_new_tokens
+            ]
+            for p in prompts
+        ]
 
     def token_losses(self, sequences):
         return [np.zeros(len(s) - 1) for s in sequences]
@@ -66,8 +70,15 @@ def random_llama(tmp_path_factory, spm_model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     out = tmp_path_factory.mktemp("random_llama")
     LlamaForCausalLM(cfg).save_pretrained(out)
     return str(out)
@@ -85,7 +96,8 @@ def test_generation_is_deterministic_and_exact_length(tok):
     deep, shallow = builder.needle(512, 1.0, 0, 0), builder.needle(512, 0.0, 0, 0)
     text_deep, text_shallow = tok.decode(deep.prompt), tok.decode(shallow.prompt)
     assert text_deep.index("special magic number for") > text_shallow.index(
-        "special magic number for")
+        "special magic number for"
+    )
 
 
 def test_score_is_exact_whole_word():
@@ -95,8 +107,13 @@ def test_score_is_exact_whole_word():
 
 
 def test_oracle_scores_100_percent(tok, tmp_path):
-    settings = EvalSettings(context_lengths=LENGTHS, depths=[0.0, 0.5, 1.0], num_samples=3,
-                            tasks=["needle", "ruler"], batch_size=4)
+    settings = EvalSettings(
+        context_lengths=LENGTHS,
+        depths=[0.0, 0.5, 1.0],
+        num_samples=3,
+        tasks=["needle", "ruler"],
+        batch_size=4,
+    )
     res = evaluate_model(Oracle(tok), str(tmp_path), settings)
     assert res["needle"]["accuracy"] == 1.0
     assert all(v == 1.0 for row in res["needle"]["grid"] for v in row)
@@ -110,11 +127,23 @@ def test_oracle_scores_100_percent(tok, tmp_path):
 
 def test_random_llama_scores_at_chance_and_skips_long(tok, random_llama, tmp_path, spm_model):
     data = write_indexed(tmp_path / "held_out", [700, 300, 900, 650], vocab=1000, seed=3)
-    settings = {"context_lengths": [256, 512, 1024], "depths": [0.0, 1.0], "num_samples": 2,
-                "ruler_tasks": ["niah_multikey", "variable_tracking"], "batch_size": 4,
-                "loss_data": [data], "loss_num_documents": 3, "num_position_buckets": 5}
-    res = evaluate(random_llama, str(tmp_path / "out"), settings,
-                   tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm_model)
+    settings = {
+        "context_lengths": [256, 512, 1024],
+        "depths": [0.0, 1.0],
+        "num_samples": 2,
+        "ruler_tasks": ["niah_multikey", "variable_tracking"],
+        "batch_size": 4,
+        "loss_data": [data],
+        "loss_num_documents": 3,
+        "num_position_buckets": 5,
+    }
+    res = evaluate(
+        random_llama,
+        str(tmp_path / "out"),
+        settings,
+        tokenizer_type="SentencePieceTokenizer",
+        tokenizer_model=spm_model,
+    )
     assert res["lengths"]["evaluated"] == [256, 512]
     assert res["lengths"]["skipped"][0]["length"] == 1024
     assert "max_position_embeddings 512" in res["lengths"]["skipped"][0]["reason"]

@@ -19,8 +19,15 @@ from megatron_longctx.checkpoint.hf.hf_io import parse_size, prepare_output_dir
 from megatron_longctx.model.config import ModelConfig
 from tests.distributed.test_convert import make_hf_llama
 
-CFG = ModelConfig(hidden_size=32, ffn_hidden_size=48, num_layers=2, num_attention_heads=4,
-                  num_query_groups=2, vocab_size=100, make_vocab_size_divisible_by=16)
+CFG = ModelConfig(
+    hidden_size=32,
+    ffn_hidden_size=48,
+    num_layers=2,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=100,
+    make_vocab_size_divisible_by=16,
+)
 
 
 def test_qkv_layout_matches_megatrons_view():
@@ -31,9 +38,9 @@ def test_qkv_layout_matches_megatrons_view():
     # megatron: output viewed as [ng, (np/ng + 2) * hn], split into q heads, k, v per group
     grouped = qkv.view(ng, (per + 2) * hn, 32)
     for g in range(ng):
-        assert torch.equal(grouped[g, : per * hn], q[g * per * hn: (g + 1) * per * hn])
-        assert torch.equal(grouped[g, per * hn: (per + 1) * hn], k[g * hn: (g + 1) * hn])
-        assert torch.equal(grouped[g, (per + 1) * hn:], v[g * hn: (g + 1) * hn])
+        assert torch.equal(grouped[g, : per * hn], q[g * per * hn : (g + 1) * per * hn])
+        assert torch.equal(grouped[g, per * hn : (per + 1) * hn], k[g * hn : (g + 1) * hn])
+        assert torch.equal(grouped[g, (per + 1) * hn :], v[g * hn : (g + 1) * hn])
     assert all(torch.equal(a, b) for a, b in zip(keymap.split_qkv(qkv, CFG), (q, k, v)))
 
 
@@ -47,20 +54,32 @@ def test_every_tensor_round_trips_with_vocab_padding(tied):
     for name in keymap.mcore_names(cfg):
         full = keymap.to_mcore(name, [hf[s] for s in keymap.hf_sources(name)], cfg, padded)
         if name == keymap.EMBEDDING:
-            assert full.shape == (padded, 32) and not full[cfg.vocab_size:].any()
+            assert full.shape == (padded, 32) and not full[cfg.vocab_size :].any()
         if name.endswith("linear_fc1.weight"):  # [gate; up]
             assert torch.equal(full[:48], hf[keymap.hf_sources(name)[0]])
         back.update(keymap.to_hf(name, full, cfg))
     assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     assert keymap.dcp_key("decoder.layers.3.input_layernorm.weight") == (
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight", 3)
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        3,
+    )
 
 
 def _llama_raw(**over) -> dict:
-    raw = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 100,
-           "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-           "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False}
+    raw = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    }
     raw.update(over)
     return raw
 
@@ -68,10 +87,12 @@ def _llama_raw(**over) -> dict:
 def test_config_reads_both_rope_layouts_and_writes_what_transformers_reads(tmp_path):
     from transformers import AutoConfig
 
-    v5 = model_config_from_hf(_llama_raw(rope_parameters={"rope_type": "default",
-                                                          "rope_theta": 1.28e8}))
-    v4 = model_config_from_hf(_llama_raw(rope_theta=8e6,
-                                         rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    v5 = model_config_from_hf(
+        _llama_raw(rope_parameters={"rope_type": "default", "rope_theta": 1.28e8})
+    )
+    v4 = model_config_from_hf(
+        _llama_raw(rope_theta=8e6, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    )
     assert v5.rope_theta == 1.28e8 and v5.rope_scaling is None
     assert v4.rope_theta == 8e6 and v4.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     trained = v4.with_updates(max_position_embeddings=65536)

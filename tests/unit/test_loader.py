@@ -31,8 +31,9 @@ def corpus(tmp_path_factory):
 
 def build(corpus, num_samples=GB * 60, **kw):
     root, spec = corpus
-    return build_mixture_index(spec, S, num_samples, vocab_size=1000,
-                               cache_dir=root / "cache", **kw)
+    return build_mixture_index(
+        spec, S, num_samples, vocab_size=1000, cache_dir=root / "cache", **kw
+    )
 
 
 def take(loader, n):
@@ -53,8 +54,9 @@ def test_resume_twice_gives_identical_batches(corpus):
     second.load_state_dict(state)
     got = take(second, 8)
     assert all(same(x, y) for x, y in zip(got, ref[40:48]))
-    third = MixtureLoader(build(corpus), GB, MBS, 1, 2,
-                          consumed_samples=second.state_dict()["consumed_samples"])
+    third = MixtureLoader(
+        build(corpus), GB, MBS, 1, 2, consumed_samples=second.state_dict()["consumed_samples"]
+    )
     assert all(same(x, y) for x, y in zip(take(third, 8), ref[48:56]))
 
 

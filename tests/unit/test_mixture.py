@@ -12,8 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_longctx.data.index import MixtureIndex, blend_components
-from megatron_longctx.data.mixture import (MixtureComponent, MixtureError, MixtureSpec,
-                                           load_mixture_yaml)
+from megatron_longctx.data.mixture import (
+    MixtureComponent,
+    MixtureError,
+    MixtureSpec,
+    load_mixture_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "examples" / "mixtures").glob("*.yaml"))
@@ -36,15 +40,24 @@ def write_dataset(prefix: str | Path, lengths, vocab: int = 1000, dtype=np.int32
 
 
 def two_component_spec(long_prefix, short_prefix, min_long: int, seed: int = 7) -> MixtureSpec:
-    return MixtureSpec([
-        MixtureComponent("long", [str(long_prefix)], 0.6, min_tokens=min_long),
-        MixtureComponent("short", [str(short_prefix)], 0.4, max_tokens=min_long)], seed=seed)
+    return MixtureSpec(
+        [
+            MixtureComponent("long", [str(long_prefix)], 0.6, min_tokens=min_long),
+            MixtureComponent("short", [str(short_prefix)], 0.4, max_tokens=min_long),
+        ],
+        seed=seed,
+    )
 
 
-@pytest.mark.parametrize("weights, needle", [
-    ([0.5, 0.6], "sum to 1"), ([1.0, 0.0], "positive"), ([1.2, -0.2], "positive"),
-    ([0.3, 0.3], "= 0.6"),
-])
+@pytest.mark.parametrize(
+    "weights, needle",
+    [
+        ([0.5, 0.6], "sum to 1"),
+        ([1.0, 0.0], "positive"),
+        ([1.2, -0.2], "positive"),
+        ([0.3, 0.3], "= 0.6"),
+    ],
+)
 def test_bad_weights_are_rejected_not_renormalised(weights, needle):
     comps = [dict(name=f"c{i}", prefixes=["/x"], weight=w) for i, w in enumerate(weights)]
     with pytest.raises(MixtureError, match=needle):
@@ -70,10 +83,14 @@ def test_shipped_recipes_load(recipe):
 
 
 def test_recipes_match_longctx_facts():
-    assert {r.name for r in RECIPES} >= {"prolong_64k.yaml", "prolong_512k.yaml",
-                                         "llama2_long_32k.yaml"}
-    s1 = {c.name: c for c in load_mixture_yaml(REPO / "examples/mixtures/prolong_64k.yaml")
-          .components}
+    assert {r.name for r in RECIPES} >= {
+        "prolong_64k.yaml",
+        "prolong_512k.yaml",
+        "llama2_long_32k.yaml",
+    }
+    s1 = {
+        c.name: c for c in load_mixture_yaml(REPO / "examples/mixtures/prolong_64k.yaml").components
+    }
     long1 = sum(c.weight for c in s1.values() if c.min_tokens >= 65536)
     assert math.isclose(long1, 0.63) and math.isclose(s1["books"].weight, 0.30)
     s2 = load_mixture_yaml(REPO / "examples/mixtures/prolong_512k.yaml").components
@@ -105,11 +122,12 @@ def test_realized_share_within_one_sample_at_every_prefix(raw, num_samples):
 
 
 def test_index_blending_and_epochs_match_brute_force():
-    spec = MixtureSpec([MixtureComponent("a", ["/x"], 0.7, min_tokens=5),
-                        MixtureComponent("b", ["/y"], 0.3)], seed=3)
+    spec = MixtureSpec(
+        [MixtureComponent("a", ["/x"], 0.7, min_tokens=5), MixtureComponent("b", ["/y"], 0.3)],
+        seed=3,
+    )
     la, lb = np.array([3, 8, 12, 5, 40]), np.array([2, 9, 4])
-    index = MixtureIndex.from_document_lengths(spec, [[la], [lb]], seq_length=16,
-                                               num_samples=50)
+    index = MixtureIndex.from_document_lengths(spec, [[la], [lb]], seq_length=16, num_samples=50)
     assert np.array_equal(index.sample_component, blend_components([0.7, 0.3], 50))
     for c, (lengths, minimum) in enumerate([(la, 5), (lb, 1)]):
         eligible = np.flatnonzero(lengths >= minimum)
@@ -119,7 +137,7 @@ def test_index_blending_and_epochs_match_brute_force():
         st_ = index.stats["components"][c]
         assert st_["epochs_started"] == epochs and st_["epochs_restarted"] == epochs - 1
         for e in range(epochs):  # each epoch is a permutation of the eligible documents
-            part = comp.stream_doc[comp.epoch_starts[e]:comp.epoch_starts[e + 1]]
+            part = comp.stream_doc[comp.epoch_starts[e] : comp.epoch_starts[e + 1]]
             assert sorted(comp.doc_length[part].tolist()) == sorted(lengths[eligible].tolist())
         assert st_["docs_dropped_below_min"] == int((lengths < minimum).sum())
         local = index.sample_local[index.sample_component == c]
@@ -141,8 +159,8 @@ def test_last_epoch_prefix_is_distinct_documents_covering_the_need():
     S, total = 64, int(lengths.sum())
     num_samples = total // S + 40  # a little into the second epoch
     comp = MixtureIndex.from_document_lengths(spec, [[lengths]], S, num_samples).components[0]
-    first = comp.stream_doc[:comp.epoch_starts[1]]
-    last = comp.stream_doc[comp.epoch_starts[1]:]
+    first = comp.stream_doc[: comp.epoch_starts[1]]
+    last = comp.stream_doc[comp.epoch_starts[1] :]
     assert sorted(first.tolist()) == list(range(len(lengths)))
     assert len(set(last.tolist())) == len(last) < len(lengths) // 4  # distinct, partial
     assert comp.stream_cum[-1] >= num_samples * S + 1  # enough tokens for every sample

@@ -20,15 +20,18 @@ def test_inspect_reports_shares_and_writes_png(tmp_path, monkeypatch, capsys):
     recipe.write_text(
         "mixture:\n  components:\n"
         "    - {name: long, prefixes: ['${MIXDATA}/long'], weight: 0.7, min_tokens: 64}\n"
-        "    - {name: short, prefixes: ['${MIXDATA}/short'], weight: 0.3, max_tokens: 64}\n")
+        "    - {name: short, prefixes: ['${MIXDATA}/short'], weight: 0.3, max_tokens: 64}\n"
+    )
     monkeypatch.setenv("MIXDATA", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("inspect_mixture",
-                                                  REPO / "tools" / "inspect_mixture.py")
+    spec = importlib.util.spec_from_file_location(
+        "inspect_mixture", REPO / "tools" / "inspect_mixture.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     png = tmp_path / "mix.png"
-    out = tool.main(["--mixture", str(recipe), "--seq-length", "64", "--num-samples", "50",
-                     "--png", str(png)])
+    out = tool.main(
+        ["--mixture", str(recipe), "--seq-length", "64", "--num-samples", "50", "--png", str(png)]
+    )
     assert png.stat().st_size > 1000
     assert out["per_component"].tolist() == [35 * 64, 15 * 64]  # 0.7 / 0.3 of 50 samples
     assert out["per_bin"].sum() == 50 * 64  # every input token attributed to a length bin

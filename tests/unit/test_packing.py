@@ -40,7 +40,7 @@ def brute_force_stream(spec, index, c):
     order = index.components[c].stream_doc
     # the index's epochs must each be a permutation of exactly the eligible documents
     for e in range(len(index.components[c].epoch_starts) - 1):
-        lo, hi = index.components[c].epoch_starts[e:e + 2]
+        lo, hi = index.components[c].epoch_starts[e : e + 2]
         assert sorted(order[lo:hi].tolist()) == list(range(len(docs)))
     tokens = np.concatenate([docs[d] for d in order]).astype(np.int64)
     doc_id = np.concatenate([np.full(len(docs[d]), k) for k, d in enumerate(order)])
@@ -56,7 +56,7 @@ def test_every_sample_matches_brute_force(data, reset):
         docs, stream, doc_id = brute_force_stream(spec, index, c)
         for s in np.flatnonzero(index.sample_component == c):
             j = int(index.sample_local[s])
-            window, ids = stream[j * S:j * S + S + 1], doc_id[j * S:j * S + S + 1]
+            window, ids = stream[j * S : j * S + S + 1], doc_id[j * S : j * S + S + 1]
             got = packer.get(int(s))
             assert np.array_equal(got["tokens"], window[:-1])
             assert np.array_equal(got["labels"], window[1:])
@@ -88,8 +88,9 @@ def test_bucket_rules_and_counts(data):
         assert st["docs_dropped_above_max"] == int((lengths >= top).sum())
         kept = lengths[(lengths >= comp.min_tokens) & (lengths < top)]
         assert st["docs_kept"] == len(kept) and st["tokens_kept"] == int(kept.sum())
-        assert (st["tokens_kept"] + st["tokens_dropped_below_min"] + st["tokens_dropped_above_max"]
-                == int(lengths.sum()))  # every token accounted for
+        assert st["tokens_kept"] + st["tokens_dropped_below_min"] + st[
+            "tokens_dropped_above_max"
+        ] == int(lengths.sum())  # every token accounted for
         # long bucket: every kept document is at least S tokens, so it spans a sample boundary
         if comp.min_tokens >= S:
             assert kept.min() >= S
@@ -107,11 +108,12 @@ def test_every_stream_token_is_an_input_once_and_a_label_once(data):
     c = 0
     _, stream, _ = brute_force_stream(spec, index, c)
     n = index.stats["components"][c]["samples"]
-    samples = sorted(np.flatnonzero(index.sample_component == c),
-                     key=lambda s: index.sample_local[s])
+    samples = sorted(
+        np.flatnonzero(index.sample_component == c), key=lambda s: index.sample_local[s]
+    )
     inputs = np.concatenate([packer.get(int(s))["tokens"] for s in samples])
     labels = np.concatenate([packer.get(int(s))["labels"] for s in samples])
-    assert np.array_equal(inputs, stream[:n * S]) and np.array_equal(labels, stream[1:n * S + 1])
+    assert np.array_equal(inputs, stream[: n * S]) and np.array_equal(labels, stream[1 : n * S + 1])
 
 
 def test_docs_per_sample_matches_cu_seqlens(data):

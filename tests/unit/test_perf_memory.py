@@ -29,8 +29,9 @@ def test_model_state_is_18_bytes_per_parameter_and_dist_opt_shards_12():
 def test_model_state_splits_over_tp_and_pp_stages():
     emb = M.padded_vocab_size(4) * H
     per_layer = (M.num_parameters() - 2 * 128256 * H - H) / 32
-    first, _, _ = model_state_bytes(M, tensor_model_parallel_size=4, pipeline_model_parallel_size=2,
-                                    last_stage=False)
+    first, _, _ = model_state_bytes(
+        M, tensor_model_parallel_size=4, pipeline_model_parallel_size=2, last_stage=False
+    )
     assert first == pytest.approx(2 * (16 * per_layer / 4 + emb / 4))
 
 
@@ -69,19 +70,26 @@ def test_loss_memory_unchunked_vs_chunked():
     assert kept == 524288 * (16128 * 4 + 9)
     assert transient == 524288 * 16128 * 2
     assert (kept + transient) / 1e9 == pytest.approx(50.7, abs=0.1)
-    kept_c, transient_c = loss_bytes(M, 524288, tensor_model_parallel_size=8,
-                                     loss_chunk_tokens=2048)
+    kept_c, transient_c = loss_bytes(
+        M, 524288, tensor_model_parallel_size=8, loss_chunk_tokens=2048
+    )
     assert kept_c == 524288 * 9 and transient_c == 2048 * 16128 * 10
 
 
 def test_pipeline_first_stage_holds_pp_micro_batches():
-    kw = dict(seq_length=65536, micro_batch_size=1, tensor_model_parallel_size=4,
-              context_parallel_size=4, sequence_parallel=True)
+    kw = dict(
+        seq_length=65536,
+        micro_batch_size=1,
+        tensor_model_parallel_size=4,
+        context_parallel_size=4,
+        sequence_parallel=True,
+    )
     one = estimate_memory(M, num_micro_batches=8, pipeline_model_parallel_size=1, **kw)
     two = estimate_memory(M, num_micro_batches=8, pipeline_model_parallel_size=2, **kw)
     # PP 2: half the layers, two micro-batches in flight on the first stage: same activations
-    per_layer = layer_activation_bytes(M, 16384, tensor_model_parallel_size=4,
-                                       sequence_parallel=True)
+    per_layer = layer_activation_bytes(
+        M, 16384, tensor_model_parallel_size=4, sequence_parallel=True
+    )
     assert two.stage == "first"
     assert two.activations == pytest.approx(2 * (16 * per_layer + 8 * 16384))
     assert one.activations > 32 * per_layer
@@ -91,10 +99,19 @@ def test_collective_volumes_by_hand():
     assert allreduce_bytes(100.0, 4) == 150.0
     assert reduce_scatter_bytes(100.0, 4) == 75.0
     assert allreduce_bytes(100.0, 1) == 0.0
-    c = estimate_comm(M, HARDWARE["h100"], seq_length=65536, micro_batch_size=1,
-                      num_micro_batches=1, tensor_model_parallel_size=4,
-                      pipeline_model_parallel_size=1, context_parallel_size=4,
-                      data_parallel_size=2, gpus_per_node=8, params_per_gpu=2e9)
+    c = estimate_comm(
+        M,
+        HARDWARE["h100"],
+        seq_length=65536,
+        micro_batch_size=1,
+        num_micro_batches=1,
+        tensor_model_parallel_size=4,
+        pipeline_model_parallel_size=1,
+        context_parallel_size=4,
+        data_parallel_size=2,
+        gpus_per_node=8,
+        params_per_gpu=2e9,
+    )
     tokens = 16384
     assert c.tp_bytes == 32 * 4 * allreduce_bytes(tokens * H * 2, 4)
     assert c.cp_bytes == 32 * 3 * 3 * tokens * 2 * KV / 4 * 2  # fwd K,V + bwd K,V,dK,dV; 3 steps

@@ -8,8 +8,14 @@ from megatron_longctx.train import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # recipe -> the world size (GPUs / CPU processes) it is laid out for
-WORLD_SIZES = {"tiny_cpu": 2, "tiny_test": 2, "prolong_64k": 64, "prolong_512k": 128,
-               "llama2_long_32k": 32, "prolong_sft": 64}
+WORLD_SIZES = {
+    "tiny_cpu": 2,
+    "tiny_test": 2,
+    "prolong_64k": 64,
+    "prolong_512k": 128,
+    "llama2_long_32k": 32,
+    "prolong_sft": 64,
+}
 
 
 def test_every_recipe_is_listed():
@@ -20,8 +26,15 @@ def test_every_recipe_is_listed():
 @pytest.mark.parametrize("name", sorted(WORLD_SIZES))
 def test_recipe_dry_run(name, capsys, monkeypatch):
     monkeypatch.setenv("LONGCTX_RUN", "/tmp/longctx-recipes")
-    rc = main(["--config", str(EXAMPLES / f"{name}.yaml"), "--dry-run",
-               "--world-size", str(WORLD_SIZES[name])])
+    rc = main(
+        [
+            "--config",
+            str(EXAMPLES / f"{name}.yaml"),
+            "--dry-run",
+            "--world-size",
+            str(WORLD_SIZES[name]),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "# parallel layouts" in out.out and "mixture:" in out.out
@@ -38,13 +51,25 @@ def test_prolong_recipe_numbers(capsys):
     assert s1.samples_per_step * s1.seq_length == 4194304
     assert s2.samples_per_step * s2.seq_length == 8388608
     assert (cfg.optimizer.adam_beta2, cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (
-        0.95, 0.1, 1.0)
+        0.95,
+        0.1,
+        1.0,
+    )
     assert cfg.model_config(s2).max_position_embeddings == 524288
 
 
 def test_dotted_override_and_unknown_key(capsys):
-    rc = main(["--config", str(EXAMPLES / "tiny_cpu.yaml"), "--dry-run", "--world-size", "2",
-               "stages.1.lr=7e-4", "stages.0.parallel.tensor_model_parallel_size=2"])
+    rc = main(
+        [
+            "--config",
+            str(EXAMPLES / "tiny_cpu.yaml"),
+            "--dry-run",
+            "--world-size",
+            "2",
+            "stages.1.lr=7e-4",
+            "stages.0.parallel.tensor_model_parallel_size=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "lr: 0.0007" in out and "TP 2 x PP 1 x CP 1 x DP 1" in out
     rc = main(["--config", str(EXAMPLES / "tiny_cpu.yaml"), "--dry-run", "stages.9.lr=1"])

@@ -17,15 +17,42 @@ VARIANTS = {
     "abf_llama3_base": (500_000.0, None),
     "abf_prolong_stage2": (1.28e8, None),
     "linear_pi": (10_000.0, {"rope_type": "linear", "factor": 4.0}),
-    "yarn": (10_000.0, {"rope_type": "yarn", "factor": 8.0,
-                        "original_max_position_embeddings": 4096}),
-    "yarn_mscale": (500_000.0, {"rope_type": "yarn", "factor": 16.0, "mscale": 0.707,
-                                "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2,
-                                "original_max_position_embeddings": 8192}),
-    "llama3_1": (500_000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "llama3_custom": (8e6, {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0,
-                            "high_freq_factor": 8.0, "original_max_position_embeddings": 65536}),
+    "yarn": (
+        10_000.0,
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096},
+    ),
+    "yarn_mscale": (
+        500_000.0,
+        {
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama3_1": (
+        500_000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama3_custom": (
+        8e6,
+        {
+            "rope_type": "llama3",
+            "factor": 16.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 65536,
+        },
+    ),
 }
 
 
@@ -35,8 +62,13 @@ def _hf_rotary(theta: float, scaling: dict | None):
 
     params = {"rope_type": "default", "rope_theta": theta}
     params.update(scaling or {})
-    config = LlamaConfig(hidden_size=HEAD_DIM * 4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=131072, rope_parameters=params)
+    config = LlamaConfig(
+        hidden_size=HEAD_DIM * 4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_parameters=params,
+    )
     return LlamaRotaryEmbedding(config)
 
 
@@ -66,8 +98,12 @@ def test_megatron_rotary_with_installed_frequencies_matches_transformers():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     theta, scaling = VARIANTS["llama3_custom"]
-    rotary = RotaryEmbedding(kv_channels=HEAD_DIM, rotary_percent=1.0, rotary_base=int(theta),
-                             use_cpu_initialization=True)
+    rotary = RotaryEmbedding(
+        kv_channels=HEAD_DIM,
+        rotary_percent=1.0,
+        rotary_base=int(theta),
+        use_cpu_initialization=True,
+    )
 
     class _Model(torch.nn.Module):
         def __init__(self):
@@ -86,11 +122,17 @@ def test_megatron_llama3_defaults_equal_transformers_llama3_1():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     theta, scaling = VARIANTS["llama3_1"]
-    rotary = RotaryEmbedding(kv_channels=HEAD_DIM, rotary_percent=1.0, rotary_base=int(theta),
-                             rope_scaling=True, rope_scaling_factor=8.0,
-                             use_cpu_initialization=True)
-    torch.testing.assert_close(rotary.inv_freq, _hf_rotary(theta, scaling).inv_freq, rtol=1e-6,
-                               atol=0)
+    rotary = RotaryEmbedding(
+        kv_channels=HEAD_DIM,
+        rotary_percent=1.0,
+        rotary_base=int(theta),
+        rope_scaling=True,
+        rope_scaling_factor=8.0,
+        use_cpu_initialization=True,
+    )
+    torch.testing.assert_close(
+        rotary.inv_freq, _hf_rotary(theta, scaling).inv_freq, rtol=1e-6, atol=0
+    )
 
 
 def test_bad_settings_raise_with_values():

@@ -8,24 +8,44 @@ from megatron_longctx.runtime.device import backend_for, choose_device
 from megatron_longctx.runtime.distributed import dist_env, first_slurm_host
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("node7", "node7"), ("gpu[003-005,9]", "gpu003"), ("gpu[12,14],cpu1", "gpu12"),
-    ("a-b[01-02],c", "a-b01"), ("n1,n2", "n1"),
-])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("node7", "node7"),
+        ("gpu[003-005,9]", "gpu003"),
+        ("gpu[12,14],cpu1", "gpu12"),
+        ("a-b[01-02],c", "a-b01"),
+        ("n1,n2", "n1"),
+    ],
+)
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
 
 def test_torchrun_env_wins():
-    env = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="h0", MASTER_PORT="1234",
-               SLURM_PROCID="0", SLURM_NTASKS="2")
+    env = dict(
+        RANK="3",
+        WORLD_SIZE="8",
+        LOCAL_RANK="1",
+        MASTER_ADDR="h0",
+        MASTER_PORT="1234",
+        SLURM_PROCID="0",
+        SLURM_NTASKS="2",
+    )
     e = dist_env(env)
-    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (3, 8, 1, "h0", 1234)
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (
+        3,
+        8,
+        1,
+        "h0",
+        1234,
+    )
 
 
 def test_slurm_env():
-    env = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1",
-               SLURM_JOB_NODELIST="gpu[010-011]")
+    env = dict(
+        SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[010-011]"
+    )
     e = dist_env(env)
     assert (e.rank, e.world_size, e.local_rank, e.master_addr) == (5, 16, 1, "gpu010")
 

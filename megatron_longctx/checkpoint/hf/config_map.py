@@ -27,8 +27,9 @@ def _rope_dict(hf) -> dict:
     return legacy
 
 
-def model_config_from_hf(raw: dict, *, make_vocab_size_divisible_by: int = 128,
-                         source: str = "config.json") -> ModelConfig:
+def model_config_from_hf(
+    raw: dict, *, make_vocab_size_divisible_by: int = 128, source: str = "config.json"
+) -> ModelConfig:
     """The ModelConfig of an HF Llama ``config.json`` (already parsed to ``raw``).
 
     Raises:
@@ -42,7 +43,8 @@ def model_config_from_hf(raw: dict, *, make_vocab_size_divisible_by: int = 128,
         raise ConversionError(
             f"{source}: model_type {model_type!r}, architectures {archs}: this converter handles "
             "Llama checkpoints only (model_type 'llama', LlamaForCausalLM); convert other families "
-            "with their own tools")
+            "with their own tools"
+        )
     hf = LlamaConfig.from_dict(raw)
     heads = hf.num_attention_heads
     problems = []

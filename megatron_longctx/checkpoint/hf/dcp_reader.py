@@ -27,8 +27,9 @@ class _IntoTensor(LoadPlanner):
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         view = self.dest
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths,
-                                                  strict=True)):
+        for dim, (start, length) in enumerate(
+            zip(read_item.dest_offsets, read_item.lengths, strict=True)
+        ):
             view = view.narrow(dim, start, length)
         return view
 
@@ -63,7 +64,8 @@ class DcpTensorReader:
         if not (self.path / ".metadata").is_file():
             raise FileNotFoundError(
                 f"{self.path} has no .metadata: not a torch_dist (PyTorch DCP) checkpoint; "
-                "mcore-to-hf reads megatron's default torch_dist format only")
+                "mcore-to-hf reads megatron's default torch_dist format only"
+            )
         self._reader = FileSystemReader(str(self.path))
         self.metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, True)
@@ -98,7 +100,9 @@ class DcpTensorReader:
         items = create_read_items_for_chunk_list(key, md, [region])
         covered = sum(torch.Size(item.lengths).numel() for item in items)
         if covered != dest.numel():
-            raise ValueError(f"checkpoint {self.path}: the saved chunks of {key!r} cover "
-                             f"{covered} of {dest.numel()} elements; the checkpoint is incomplete")
+            raise ValueError(
+                f"checkpoint {self.path}: the saved chunks of {key!r} cover "
+                f"{covered} of {dest.numel()} elements; the checkpoint is incomplete"
+            )
         self._reader.read_data(LoadPlan(items), _IntoTensor(dest)).wait()
         return dest[0] if index is not None else dest

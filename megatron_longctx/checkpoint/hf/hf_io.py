@@ -23,9 +23,18 @@ logger = logging.getLogger(__name__)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 _MODEL_FILES = re.compile(r"^(config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*)$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*$", re.IGNORECASE)
 
@@ -67,12 +76,16 @@ class HFReader:
                 self.weight_map = {k: SINGLE for k in f.keys()}  # noqa: SIM118 - not a dict
         else:
             found = sorted(p.name for p in self.dir.iterdir())
-            raise ConversionError(f"{self.dir} has neither {SINGLE} nor {INDEX} (found {found}); "
-                                  "save the model with safe_serialization (safetensors) first")
+            raise ConversionError(
+                f"{self.dir} has neither {SINGLE} nor {INDEX} (found {found}); "
+                "save the model with safe_serialization (safetensors) first"
+            )
         missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
         if missing:
-            raise ConversionError(f"{self.dir}: {INDEX} names shard(s) {missing} that are missing; "
-                                  "download the complete checkpoint")
+            raise ConversionError(
+                f"{self.dir}: {INDEX} names shard(s) {missing} that are missing; "
+                "download the complete checkpoint"
+            )
         self._handles: dict[str, object] = {}
 
     def _handle(self, file: str):
@@ -114,21 +127,34 @@ def prepare_output_dir(out_dir: str | Path, new_config: dict, overwrite: bool) -
     """Refuses to write into a directory holding model files unless ``overwrite``; with it, removes
     the old weights so no stale shard survives next to the new ones."""
     out = Path(out_dir)
-    old = (sorted(p.name for p in out.iterdir() if _MODEL_FILES.match(p.name))
-           if out.is_dir() else [])
+    old = (
+        sorted(p.name for p in out.iterdir() if _MODEL_FILES.match(p.name)) if out.is_dir() else []
+    )
     if old and not overwrite:
         what = "a model"
         try:
             old_cfg = json.loads((out / "config.json").read_text())
-            keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
-                    "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
-            diff = {k: (old_cfg.get(k), new_config.get(k)) for k in keys
-                    if old_cfg.get(k) != new_config.get(k)}
+            keys = (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "vocab_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "tie_word_embeddings",
+            )
+            diff = {
+                k: (old_cfg.get(k), new_config.get(k))
+                for k in keys
+                if old_cfg.get(k) != new_config.get(k)
+            }
             what = f"a different model (existing vs new: {diff})" if diff else "a model"
         except (OSError, ValueError):
             pass
-        raise ConversionError(f"output directory {out} already holds {what} ({old}); pass "
-                              "--overwrite to replace it, or choose another --save directory")
+        raise ConversionError(
+            f"output directory {out} already holds {what} ({old}); pass "
+            "--overwrite to replace it, or choose another --save directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name in old:
         (out / name).unlink()

@@ -34,26 +34,37 @@ TOKENIZER_SUBDIR = "hf_tokenizer"
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def open_hf_checkpoint(hf_dir: str | Path, make_vocab_size_divisible_by: int = 128
-                       ) -> tuple[HFReader, ModelConfig]:
+def open_hf_checkpoint(
+    hf_dir: str | Path, make_vocab_size_divisible_by: int = 128
+) -> tuple[HFReader, ModelConfig]:
     """Opens ``hf_dir`` and checks config and tensors (names, shapes) before anything is built.
 
     Raises:
         ConversionError: non-Llama config, missing shard or tensor, or a shape the config rules out.
     """
     reader = HFReader(hf_dir)
-    cfg = model_config_from_hf(reader.config, source=str(Path(hf_dir) / "config.json"),
-                               make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    cfg = model_config_from_hf(
+        reader.config,
+        source=str(Path(hf_dir) / "config.json"),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
     wanted = keymap.hf_names(cfg)
     missing = [n for n in wanted if n not in reader]
     if missing:
-        raise ConversionError(f"{hf_dir}: {len(missing)} tensor(s) required by config.json are "
-                              f"missing, e.g. {missing[:3]}; the checkpoint is incomplete")
-    bad = [f"{n}: {reader.shape(n)} != {keymap.expected_hf_shape(n, cfg)}" for n in wanted
-           if reader.shape(n) != keymap.expected_hf_shape(n, cfg)]
+        raise ConversionError(
+            f"{hf_dir}: {len(missing)} tensor(s) required by config.json are "
+            f"missing, e.g. {missing[:3]}; the checkpoint is incomplete"
+        )
+    bad = [
+        f"{n}: {reader.shape(n)} != {keymap.expected_hf_shape(n, cfg)}"
+        for n in wanted
+        if reader.shape(n) != keymap.expected_hf_shape(n, cfg)
+    ]
     if bad:
-        raise ConversionError(f"{hf_dir}: tensor shapes do not match config.json "
-                              f"(checkpoint vs config): {bad[:3]}; fix config.json or the weights")
+        raise ConversionError(
+            f"{hf_dir}: tensor shapes do not match config.json "
+            f"(checkpoint vs config): {bad[:3]}; fix config.json or the weights"
+        )
     return reader, cfg
 
 
@@ -75,10 +86,15 @@ class _LazyFullTensors(Mapping):
         return len(self.names)
 
 
-def hf_to_mcore_collective(hf_dir: str | Path, save_dir: str | Path,
-                           tensor_model_parallel_size: int, pipeline_model_parallel_size: int, *,
-                           params_dtype: torch.dtype = torch.float32,
-                           make_vocab_size_divisible_by: int = 128) -> Path:
+def hf_to_mcore_collective(
+    hf_dir: str | Path,
+    save_dir: str | Path,
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    make_vocab_size_divisible_by: int = 128,
+) -> Path:
     """Collective (every rank calls it; torch.distributed initialised). Returns the checkpoint dir.
 
     Sets up megatron's TP/PP groups for the given sizes (DP = world / (TP x PP)).
@@ -94,9 +110,12 @@ def hf_to_mcore_collective(hf_dir: str | Path, save_dir: str | Path,
 
     reader, cfg = open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)
     layout = ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size, 1)
-    layout.validate(world_size=dist.get_world_size(), num_layers=cfg.num_layers,
-                    num_attention_heads=cfg.num_attention_heads,
-                    num_query_groups=cfg.num_query_groups)
+    layout.validate(
+        world_size=dist.get_world_size(),
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+    )
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     # Conversion needs no fused kernels; the local spec's checkpoint keys equal the TE spec's.
@@ -107,10 +126,16 @@ def hf_to_mcore_collective(hf_dir: str | Path, save_dir: str | Path,
     if dist.get_rank() == 0:
         copied = reader.copy_tokenizer(Path(save_dir) / TOKENIZER_SUBDIR)
     hf_dtype = _SAFETENSORS_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "float32")
-    state = {"model": cfg.to_dict(), "source": "hf", "hf_dir": str(Path(hf_dir).resolve()),
-             "hf_config": reader.config, "hf_dtype": hf_dtype, "tokenizer_files": copied,
-             "tensor_model_parallel_size": tensor_model_parallel_size,
-             "pipeline_model_parallel_size": pipeline_model_parallel_size}
+    state = {
+        "model": cfg.to_dict(),
+        "source": "hf",
+        "hf_dir": str(Path(hf_dir).resolve()),
+        "hf_config": reader.config,
+        "hf_dtype": hf_dtype,
+        "tokenizer_files": copied,
+        "tensor_model_parallel_size": tensor_model_parallel_size,
+        "pipeline_model_parallel_size": pipeline_model_parallel_size,
+    }
     return save_checkpoint(save_dir, 0, [model], state=state)
 
 
@@ -132,9 +157,16 @@ def _spawned_rank(rank: int, world: int, port: int, args: tuple, kwargs: dict, e
         raise SystemExit(1) from None
 
 
-def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path, tensor_model_parallel_size: int = 1,
-                pipeline_model_parallel_size: int = 1, *, params_dtype: torch.dtype = torch.float32,
-                make_vocab_size_divisible_by: int = 128, overwrite: bool = False) -> Path:
+def hf_to_mcore(
+    hf_dir: str | Path,
+    save_dir: str | Path,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    make_vocab_size_divisible_by: int = 128,
+    overwrite: bool = False,
+) -> Path:
     """Converts ``hf_dir`` to a megatron checkpoint under ``save_dir`` (see module docstring).
 
     Args:
@@ -150,14 +182,17 @@ def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path, tensor_model_parallel_
     """
     from megatron_longctx.checkpoint.dist import iteration_dir, list_checkpoints
 
-    kwargs = dict(params_dtype=params_dtype,
-                  make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    kwargs = dict(
+        params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by
+    )
     args = (str(hf_dir), str(save_dir), tensor_model_parallel_size, pipeline_model_parallel_size)
     open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)  # fail fast, before any process
     existing = list_checkpoints(save_dir, complete_only=False)
     if existing and not overwrite:
-        raise ConversionError(f"{save_dir} already holds checkpoint(s) at iterations {existing}; "
-                              "pass --overwrite to replace them, or choose another --save")
+        raise ConversionError(
+            f"{save_dir} already holds checkpoint(s) at iterations {existing}; "
+            "pass --overwrite to replace them, or choose another --save"
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank checked --save before any rank writes into it
         return hf_to_mcore_collective(*args, **kwargs)
@@ -165,8 +200,10 @@ def hf_to_mcore(hf_dir: str | Path, save_dir: str | Path, tensor_model_parallel_
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_spawned_rank, args=(r, world, port, args, kwargs, errors))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_spawned_rank, args=(r, world, port, args, kwargs, errors))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     failed = None

@@ -33,7 +33,10 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_MAP: dict[str, tuple[str, ...]] = {
     "input_layernorm.weight": ("input_layernorm.weight",),
     "self_attention.linear_qkv.weight": (
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -103,16 +106,20 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
     per_group = cfg.num_attention_heads // ng * hn
     grouped = qkv.reshape(ng, per_group + 2 * hn, hidden)
     q, k, v = grouped.split([per_group, hn, hn], dim=1)
-    return (q.reshape(-1, hidden).contiguous(), k.reshape(-1, hidden).contiguous(),
-            v.reshape(-1, hidden).contiguous())
+    return (
+        q.reshape(-1, hidden).contiguous(),
+        k.reshape(-1, hidden).contiguous(),
+        v.reshape(-1, hidden).contiguous(),
+    )
 
 
 def pad_vocab(weight: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
     """Appends zero rows up to ``padded_vocab_size`` (megatron's padded embedding / output)."""
     extra = padded_vocab_size - weight.shape[0]
     if extra < 0:
-        raise ValueError(f"vocabulary of {weight.shape[0]} rows exceeds the padded size "
-                         f"{padded_vocab_size}")
+        raise ValueError(
+            f"vocabulary of {weight.shape[0]} rows exceeds the padded size {padded_vocab_size}"
+        )
     return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
 
 
@@ -121,17 +128,25 @@ def expected_hf_shape(hf_name: str, cfg: ModelConfig) -> tuple[int, ...]:
     h, f, hn = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
     suffix = hf_name.rsplit(".", 2)[-2]
     shapes = {
-        "embed_tokens": (cfg.vocab_size, h), "lm_head": (cfg.vocab_size, h),
-        "norm": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,),
-        "q_proj": (cfg.num_attention_heads * hn, h), "k_proj": (cfg.num_query_groups * hn, h),
-        "v_proj": (cfg.num_query_groups * hn, h), "o_proj": (h, cfg.num_attention_heads * hn),
-        "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
+        "embed_tokens": (cfg.vocab_size, h),
+        "lm_head": (cfg.vocab_size, h),
+        "norm": (h,),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+        "q_proj": (cfg.num_attention_heads * hn, h),
+        "k_proj": (cfg.num_query_groups * hn, h),
+        "v_proj": (cfg.num_query_groups * hn, h),
+        "o_proj": (h, cfg.num_attention_heads * hn),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
     }
     return shapes[suffix]
 
 
-def to_mcore(name: str, hf_tensors: list[torch.Tensor], cfg: ModelConfig,
-             padded_vocab_size: int) -> torch.Tensor:
+def to_mcore(
+    name: str, hf_tensors: list[torch.Tensor], cfg: ModelConfig, padded_vocab_size: int
+) -> torch.Tensor:
     """Megatron full tensor ``name`` from its HF sources (``hf_sources(name)`` order)."""
     if name in (EMBEDDING, OUTPUT):
         return pad_vocab(hf_tensors[0], padded_vocab_size)

@@ -37,8 +37,14 @@ from megatron_longctx.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -51,8 +57,10 @@ def resolve_checkpoint(load: str | Path) -> Path:
         return path
     latest = find_latest(path)
     if latest is None:
-        raise ConversionError(f"{path} holds no complete checkpoint (no iter_*/COMPLETE.json); "
-                              "point --load at a checkpoint root or an iter_* directory")
+        raise ConversionError(
+            f"{path} holds no complete checkpoint (no iter_*/COMPLETE.json); "
+            "point --load at a checkpoint root or an iter_* directory"
+        )
     return iteration_dir(path, latest)
 
 
@@ -64,19 +72,27 @@ def _expected_stacked_shape(name: str, cfg: ModelConfig, key_shape: tuple) -> tu
         return (max(key_shape[0], cfg.vocab_size), h)
     suffix = name.split(".", 3)[-1] if name.startswith("decoder.layers.") else name
     per_layer = {
-        "input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+        "input_layernorm.weight": (h,),
+        "pre_mlp_layernorm.weight": (h,),
         "self_attention.linear_qkv.weight": ((nh + 2 * ng) * hn, h),
         "self_attention.linear_proj.weight": (h, nh * hn),
-        "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f),
+        "mlp.linear_fc1.weight": (2 * f, h),
+        "mlp.linear_fc2.weight": (h, f),
     }
     if suffix in per_layer:
         return (cfg.num_layers, *per_layer[suffix])
     return (h,)  # final norm
 
 
-def mcore_to_hf(load: str | Path, save: str | Path, *, dtype: str | None = None,
-                overwrite: bool = False, max_shard_size: str | int = "5GB",
-                tokenizer_dir: str | Path | None = None) -> dict:
+def mcore_to_hf(
+    load: str | Path,
+    save: str | Path,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    tokenizer_dir: str | Path | None = None,
+) -> dict:
     """Exports a megatron checkpoint as an HF Llama directory (see module docstring).
 
     Args:
@@ -98,9 +114,11 @@ def mcore_to_hf(load: str | Path, save: str | Path, *, dtype: str | None = None,
 
     state = read_state(ckpt).get("state", {})
     if not isinstance(state.get("model"), dict):
-        raise ConversionError(f"{ckpt}: common state has no 'model' config "
-                              "(ModelConfig.to_dict()); "
-                              "only checkpoints written by checkpoint.dist.save_checkpoint export")
+        raise ConversionError(
+            f"{ckpt}: common state has no 'model' config "
+            "(ModelConfig.to_dict()); "
+            "only checkpoints written by checkpoint.dist.save_checkpoint export"
+        )
     cfg = model_config_from_dict(state["model"])
     reader = DcpTensorReader(ckpt)
     if dtype is None:
@@ -114,13 +132,17 @@ def mcore_to_hf(load: str | Path, save: str | Path, *, dtype: str | None = None,
     for name in keymap.mcore_names(cfg):
         key, layer = keymap.dcp_key(name)
         if key not in reader:
-            raise ConversionError(f"{ckpt}: tensor {key!r} is missing although the model config "
-                                  "needs it; the checkpoint is incomplete or of another model")
+            raise ConversionError(
+                f"{ckpt}: tensor {key!r} is missing although the model config "
+                "needs it; the checkpoint is incomplete or of another model"
+            )
         shape = reader.shape(key)
         want = _expected_stacked_shape(name, cfg, shape)
         if shape != want:
-            raise ConversionError(f"{ckpt}: {key} has shape {shape} but the stored model config "
-                                  f"implies {want}; the checkpoint does not match its config")
+            raise ConversionError(
+                f"{ckpt}: {key} has shape {shape} but the stored model config "
+                f"implies {want}; the checkpoint does not match its config"
+            )
         for hf_name, tensor in keymap.to_hf(name, reader.read(key, layer), cfg).items():
             writer.add(hf_name, tensor.to(torch_dtype))
     files = writer.finish()
@@ -130,8 +152,13 @@ def mcore_to_hf(load: str | Path, save: str | Path, *, dtype: str | None = None,
     if tokenizer_dir and not tokenizer:
         raise ConversionError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files")
     logger.info("exported %s -> %s (%d files, %s)", ckpt, out, len(files), dtype)
-    return {"checkpoint": str(ckpt), "files": files, "tokenizer_files": tokenizer,
-            "dtype": _DTYPE_NAMES[torch_dtype], "rope_theta": cfg.rope_theta,
-            "rope_scaling": cfg.rope_scaling,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "total_bytes": writer.total_bytes}
+    return {
+        "checkpoint": str(ckpt),
+        "files": files,
+        "tokenizer_files": tokenizer,
+        "dtype": _DTYPE_NAMES[torch_dtype],
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "total_bytes": writer.total_bytes,
+    }

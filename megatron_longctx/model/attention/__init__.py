@@ -34,16 +34,27 @@ def core_attention_class(name: str, kernel: str = "torch") -> type:
         return te_core_attention()
     if kernel == "flash":
         if name == "ring":
-            raise ValueError("the flash kernel is wired for 'a2a' and 'local'; for ring CP on GPU "
-                             "use core attention 'te'")
+            raise ValueError(
+                "the flash kernel is wired for 'a2a' and 'local'; for ring CP on GPU "
+                "use core attention 'te'"
+            )
         from megatron_longctx.model.attention.gpu import flash_varlen_local_kernel
 
         base = AllToAllCoreAttention
-        return type(f"Flash{base.__name__}", (base,),
-                    {"local_kernel": staticmethod(flash_varlen_local_kernel)})
-    return {"local": LocalCoreAttention, "ring": RingCoreAttention,
-            "a2a": AllToAllCoreAttention}[name]
+        return type(
+            f"Flash{base.__name__}",
+            (base,),
+            {"local_kernel": staticmethod(flash_varlen_local_kernel)},
+        )
+    return {"local": LocalCoreAttention, "ring": RingCoreAttention, "a2a": AllToAllCoreAttention}[
+        name
+    ]
 
 
-__all__ = ["AllToAllCoreAttention", "CORE_ATTENTIONS", "LocalCoreAttention", "RingCoreAttention",
-           "core_attention_class"]
+__all__ = [
+    "AllToAllCoreAttention",
+    "CORE_ATTENTIONS",
+    "LocalCoreAttention",
+    "RingCoreAttention",
+    "core_attention_class",
+]

@@ -77,11 +77,13 @@ def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
             f"all-to-all context parallelism needs query heads and key/value heads divisible by "
             f"CP {cp_size}: got {num_heads} query heads ({num_heads} % {cp_size} = "
             f"{num_heads % cp_size}) and {num_kv_heads} key/value heads ({num_kv_heads} % "
-            f"{cp_size} = {num_kv_heads % cp_size}) per TP rank; use the ring mode instead")
+            f"{cp_size} = {num_kv_heads % cp_size}) per TP rank; use the ring mode instead"
+        )
 
 
-def a2a_attention(q, k, v, metas: list[TokenMeta], scale: float, group=None,
-                  local_attention=None) -> torch.Tensor:
+def a2a_attention(
+    q, k, v, metas: list[TokenMeta], scale: float, group=None, local_attention=None
+) -> torch.Tensor:
     """Ulysses attention for this rank's local THD tokens.
 
     Args:
@@ -95,9 +97,11 @@ def a2a_attention(q, k, v, metas: list[TokenMeta], scale: float, group=None,
     check_a2a_heads(q.shape[1], k.shape[1], cp)
     meta = TokenMeta.cat(metas)
     if local_attention is None:
+
         def local_attention(q_, k_, v_, meta_, scale_):
             empty = torch.zeros(0, dtype=torch.long, device=q_.device)
             return ring_attention(q_, k_, v_, [meta_], empty, empty, scale_, None)
+
     if cp == 1:
         return local_attention(q, k, v, meta, scale)
     q_h, k_h, v_h = (_SeqToHead.apply(x, group) for x in (q, k, v))

@@ -40,26 +40,40 @@ class _CPCoreAttention(MegatronModule):
 
     mode = "ring"
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str = "self", attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         from megatron.core import parallel_state
 
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"{type(self).__name__} implements causal (document-masked) attention "
-                             f"only, got attn_mask_type {attn_mask_type}")
+            raise ValueError(
+                f"{type(self).__name__} implements causal (document-masked) attention "
+                f"only, got attn_mask_type {attn_mask_type}"
+            )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"{type(self).__name__} has no attention dropout, got {dropout}")
         self.layer_number = max(1, layer_number)
-        self.cp_group = (getattr(pg_collection, "cp", None) if pg_collection is not None
-                         else parallel_state.get_context_parallel_group())
+        self.cp_group = (
+            getattr(pg_collection, "cp", None)
+            if pg_collection is not None
+            else parallel_state.get_context_parallel_group()
+        )
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         if cp_size != config.context_parallel_size:
-            raise ValueError(f"CP group size {cp_size} != config.context_parallel_size "
-                             f"{config.context_parallel_size}")
+            raise ValueError(
+                f"CP group size {cp_size} != config.context_parallel_size "
+                f"{config.context_parallel_size}"
+            )
         self.cp_size = cp_size
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         tp = config.tensor_model_parallel_size
@@ -78,28 +92,41 @@ class _CPCoreAttention(MegatronModule):
         real = packed_seq_params.cu_seqlens_q
         if padded is None:
             padded = real
-        if (packed_seq_params.cu_seqlens_kv_padded is not None
-                and not torch.equal(packed_seq_params.cu_seqlens_kv_padded, padded)):
+        if packed_seq_params.cu_seqlens_kv_padded is not None and not torch.equal(
+            packed_seq_params.cu_seqlens_kv_padded, padded
+        ):
             raise ValueError("self-attention needs cu_seqlens_kv_padded == cu_seqlens_q_padded")
         layouts = _layouts(padded, real, self.cp_size, device)
         packed_seq_params._longctx_layouts = (self.cp_size, layouts)
         return layouts
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         """q/k/v as described in the module docstring; returns ``[t, hq*d]`` or ``[s, b, hq*d]``."""
         if attention_bias is not None:
             raise ValueError(f"{type(self).__name__} does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             layouts = self._layout(packed_seq_params, query.device)
             if query.shape[0] != layouts[0].doc.numel():
-                raise ValueError(f"rank holds {query.shape[0]} tokens but the boundaries give "
-                                 f"{layouts[0].doc.numel()} per CP rank (padded total / CP)")
+                raise ValueError(
+                    f"rank holds {query.shape[0]} tokens but the boundaries give "
+                    f"{layouts[0].doc.numel()} per CP rank (padded total / CP)"
+                )
             out = self._attend(query, key, value, layouts)
             return out.reshape(out.shape[0], -1)
         if packed_seq_params is not None:
-            raise ValueError(f"qkv_format {packed_seq_params.qkv_format!r} is not supported; "
-                             f"use 'thd' or no packed_seq_params")
+            raise ValueError(
+                f"qkv_format {packed_seq_params.qkv_format!r} is not supported; "
+                f"use 'thd' or no packed_seq_params"
+            )
         s, b, hq, d = query.shape
         full = s * self.cp_size
         cu = torch.arange(b + 1, dtype=torch.int32) * full
@@ -123,8 +150,16 @@ class RingCoreAttention(_CPCoreAttention):
     def _attend(self, q, k, v, layouts):
         rank = self.cp_group.rank() if self.cp_size > 1 else 0
         group = self.cp_group if self.cp_size > 1 else None
-        return ring_attention(q, k, v, self._metas(layouts), layouts[rank].early,
-                              layouts[rank].late, self.softmax_scale, group)
+        return ring_attention(
+            q,
+            k,
+            v,
+            self._metas(layouts),
+            layouts[rank].early,
+            layouts[rank].late,
+            self.softmax_scale,
+            group,
+        )
 
 
 class LocalCoreAttention(RingCoreAttention):
@@ -134,8 +169,9 @@ class LocalCoreAttention(RingCoreAttention):
 
     def _check_sizes(self) -> None:
         if self.cp_size != 1:
-            raise ValueError(f"core attention 'local' needs CP 1, got CP {self.cp_size}; "
-                             f"use 'ring' or 'a2a'")
+            raise ValueError(
+                f"core attention 'local' needs CP 1, got CP {self.cp_size}; use 'ring' or 'a2a'"
+            )
 
 
 class AllToAllCoreAttention(_CPCoreAttention):
@@ -150,5 +186,12 @@ class AllToAllCoreAttention(_CPCoreAttention):
 
     def _attend(self, q, k, v, layouts):
         group = self.cp_group if self.cp_size > 1 else None
-        return a2a_attention(q, k, v, self._metas(layouts), self.softmax_scale, group,
-                             local_attention=self.local_kernel)
+        return a2a_attention(
+            q,
+            k,
+            v,
+            self._metas(layouts),
+            self.softmax_scale,
+            group,
+            local_attention=self.local_kernel,
+        )

@@ -31,8 +31,10 @@ def flash_varlen_local_kernel(q, k, v, meta: TokenMeta, scale: float) -> torch.T
     queries are zeroed afterwards (a real query never sees padding: it sits at the document end).
     """
     if not flash_attn_available():
-        raise RuntimeError("flash-attn varlen needs CUDA and the flash_attn package "
-                           "(pip install '.[gpu]'); use the pure-torch kernel on CPU")
+        raise RuntimeError(
+            "flash-attn varlen needs CUDA and the flash_attn package "
+            "(pip install '.[gpu]'); use the pure-torch kernel on CPU"
+        )
     from flash_attn import flash_attn_varlen_func
 
     order = torch.argsort(meta.doc * (meta.pos.max() + 1) + meta.pos)
@@ -40,8 +42,9 @@ def flash_varlen_local_kernel(q, k, v, meta: TokenMeta, scale: float) -> torch.T
     cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=q.device)
     cu[1:] = torch.cumsum(counts, 0)
     max_len = int(counts.max())
-    out = flash_attn_varlen_func(q[order], k[order], v[order], cu, cu, max_len, max_len,
-                                 softmax_scale=scale, causal=True)
+    out = flash_attn_varlen_func(
+        q[order], k[order], v[order], cu, cu, max_len, max_len, softmax_scale=scale, causal=True
+    )
     out = out * meta.valid[order][:, None, None]
     return torch.empty_like(out).index_copy_(0, order, out)
 
@@ -49,8 +52,10 @@ def flash_varlen_local_kernel(q, k, v, meta: TokenMeta, scale: float) -> torch.T
 def te_core_attention() -> type:
     """Transformer Engine's ``TEDotProductAttention`` (CP via TE). Untested on GPU."""
     if not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
-        raise RuntimeError("core attention 'te' needs CUDA and Transformer Engine "
-                           "(pip install '.[gpu]'); on CPU use 'ring' or 'a2a'")
+        raise RuntimeError(
+            "core attention 'te' needs CUDA and Transformer Engine "
+            "(pip install '.[gpu]'); on CPU use 'ring' or 'a2a'"
+        )
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     return TEDotProductAttention

@@ -31,15 +31,18 @@ class TokenMeta:
     pos: torch.Tensor
     valid: torch.Tensor
 
-    def select(self, index: torch.Tensor | None) -> "TokenMeta":
+    def select(self, index: torch.Tensor | None) -> TokenMeta:
         if index is None:
             return self
         return TokenMeta(self.doc[index], self.pos[index], self.valid[index])
 
     @staticmethod
-    def cat(metas: list["TokenMeta"]) -> "TokenMeta":
-        return TokenMeta(torch.cat([m.doc for m in metas]), torch.cat([m.pos for m in metas]),
-                         torch.cat([m.valid for m in metas]))
+    def cat(metas: list[TokenMeta]) -> TokenMeta:
+        return TokenMeta(
+            torch.cat([m.doc for m in metas]),
+            torch.cat([m.pos for m in metas]),
+            torch.cat([m.valid for m in metas]),
+        )
 
 
 def block_mask(q_meta: TokenMeta, k_meta: TokenMeta) -> torch.Tensor:
@@ -101,8 +104,9 @@ def merge_blocks(out, lse, block_out, block_lse):
     """Online-softmax merge of a block into the running (out, lse); safe when both are empty."""
     new_lse = torch.logaddexp(lse, block_lse)
     safe = _safe(new_lse)
-    out = (out * torch.exp(lse - safe)[..., None]
-           + block_out * torch.exp(block_lse - safe)[..., None])
+    out = (
+        out * torch.exp(lse - safe)[..., None] + block_out * torch.exp(block_lse - safe)[..., None]
+    )
     return out, new_lse
 
 

@@ -49,8 +49,10 @@ class _Ring:
         """Posts isend(send -> next) and irecv(<- prev); returns (recv buffer, requests)."""
         recv = torch.empty_like(send)
         COMM_BYTES[kind] = COMM_BYTES.get(kind, 0) + send.numel() * send.element_size()
-        reqs = [dist.isend(send, self.next, group=self.group, tag=tag),
-                dist.irecv(recv, self.prev, group=self.group, tag=tag)]
+        reqs = [
+            dist.isend(send, self.next, group=self.group, tag=tag),
+            dist.irecv(recv, self.prev, group=self.group, tag=tag),
+        ]
         return recv, reqs
 
 
@@ -83,8 +85,14 @@ class RingAttention(torch.autograd.Function):
             if step < size - 1:
                 next_kv, reqs = ring.exchange(kv, _TAG_KV, "kv_fwd")
             q_idx, k_idx = _block_plan(step, rank, src, early, late)
-            b_out, b_lse = block_forward(_sel(q, q_idx), _sel(kv[0], k_idx), _sel(kv[1], k_idx),
-                                         q_meta.select(q_idx), metas[src].select(k_idx), scale)
+            b_out, b_lse = block_forward(
+                _sel(q, q_idx),
+                _sel(kv[0], k_idx),
+                _sel(kv[1], k_idx),
+                q_meta.select(q_idx),
+                metas[src].select(k_idx),
+                scale,
+            )
             if q_idx is None:
                 out, lse = merge_blocks(out, lse, b_out, b_lse)
             else:
@@ -114,9 +122,16 @@ class RingAttention(torch.autograd.Function):
                 next_kv, kv_reqs = ring.exchange(kv, _TAG_KV, "kv_bwd")
             q_idx, k_idx = _block_plan(step, rank, src, early, late)
             b_dq, b_dk, b_dv = block_backward(
-                _sel(q, q_idx), _sel(kv[0], k_idx), _sel(kv[1], k_idx), _sel(dout, q_idx),
-                _sel(lse, q_idx), _sel(delta, q_idx), metas[rank].select(q_idx),
-                metas[src].select(k_idx), scale)
+                _sel(q, q_idx),
+                _sel(kv[0], k_idx),
+                _sel(kv[1], k_idx),
+                _sel(dout, q_idx),
+                _sel(lse, q_idx),
+                _sel(delta, q_idx),
+                metas[rank].select(q_idx),
+                metas[src].select(k_idx),
+                scale,
+            )
             if q_idx is None:
                 dq += b_dq
             else:
@@ -145,12 +160,28 @@ class RingAttention(torch.autograd.Function):
             for req in dkv_reqs:
                 req.wait()
             dkv_own += dkv_recv
-        return (dq.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype),
-                None, None, None, None, None)
+        return (
+            dq.to(q.dtype),
+            dkv_own[0].to(k.dtype),
+            dkv_own[1].to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def ring_attention(q, k, v, metas: list[TokenMeta], early: torch.Tensor, late: torch.Tensor,
-                   scale: float, group=None) -> torch.Tensor:
+def ring_attention(
+    q,
+    k,
+    v,
+    metas: list[TokenMeta],
+    early: torch.Tensor,
+    late: torch.Tensor,
+    scale: float,
+    group=None,
+) -> torch.Tensor:
     """Ring attention for this rank's local THD tokens.
 
     Args:
@@ -160,6 +191,7 @@ def ring_attention(q, k, v, metas: list[TokenMeta], early: torch.Tensor, late: t
         scale: softmax scale. group: the CP process group (None or size 1: local attention).
     """
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads {q.shape[1]} are not divisible by key/value heads "
-                         f"{k.shape[1]}")
+        raise ValueError(
+            f"query heads {q.shape[1]} are not divisible by key/value heads {k.shape[1]}"
+        )
     return RingAttention.apply(q, k, v, metas, early, late, scale, group)
