@@ -14,7 +14,9 @@ def choose_device(requested: str | None = None) -> torch.device:
         requested: "cuda", "cpu" or None/"auto" (CUDA if available). Also read from the
             ``LONGCTX_DEVICE`` environment variable when not given, so launch scripts can force CPU.
     """
-    requested = (requested or os.environ.get("LONGCTX_DEVICE") or "auto").lower()
+    if requested in (None, "", "auto"):  # an explicit config value wins over the environment
+        requested = os.environ.get("LONGCTX_DEVICE") or "auto"
+    requested = requested.lower()
     if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -24,7 +26,8 @@ def choose_device(requested: str | None = None) -> torch.device:
         )
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+    return torch.device("cuda", int(local_rank))
 
 
 def backend_for(device: torch.device) -> str:
