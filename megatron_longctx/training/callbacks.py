@@ -26,12 +26,26 @@ EXIT_CONFIG = 2
 
 
 class SignalWatcher:
-    """Records SIGTERM / SIGUSR1 on this rank; ``agreed()`` is a collective OR over all ranks."""
+    """Records SIGTERM / SIGUSR1 on this rank; ``agreed()`` is a collective OR over all ranks.
+
+    SLURM signals every process of a job on preemption, including the helper process megatron's
+    checkpoint writer starts (a multiprocessing manager); killed mid-save, it breaks the save we
+    are about to make. So the helper is started here, once, with those signals ignored (an
+    ignored disposition survives the helper's exec), before our handlers are installed.
+    """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+        try:
+            from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+            filesystem_async._get_write_results_queue()
+        except (ImportError, AttributeError):  # another megatron version: nothing to pre-start
+            pass
+        finally:
+            for sig in previous:
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
