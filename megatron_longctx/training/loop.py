@@ -37,9 +37,9 @@ from megatron_longctx.training.callbacks import (
     FaultInjector,
     MetricsLogger,
     SignalWatcher,
-    memory_gib,
 )
 from megatron_longctx.training.data import build_stage_loader
+from megatron_longctx.training.reporting import evaluate_stage, step_record
 from megatron_longctx.training.setup import (
     OptimizerSettings,
     build_optimizer,
@@ -303,7 +303,7 @@ def _run_stage(
         stage_step += 1
         iteration += 1
         metrics.log(
-            _record(
+            step_record(
                 stage,
                 stage_step,
                 total,
@@ -324,7 +324,7 @@ def _run_stage(
         if stage_step == total:
             save(protected=True)
             if stage.eval:
-                _evaluate_stage(cfg, stage, iteration_dir(save_dir, iteration), metrics, iteration)
+                evaluate_stage(cfg, stage, iteration_dir(save_dir, iteration), metrics, iteration)
         elif interval_due:
             save()
         if signals.agreed():
@@ -336,80 +336,6 @@ def _run_stage(
             )
             return EXIT_PREEMPTED, iteration
     return 0, iteration
-
-
-def _evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration: int) -> None:
-    """Rank 0 exports the stage's final checkpoint to HF and evaluates it; others wait."""
-    if dist.get_rank() == 0:
-        from megatron_longctx.eval import EvalSettings, evaluate_checkpoint
-
-        settings = EvalSettings.from_dict(expand_env(dict(stage.eval_settings or {})))
-        out = Path(expand_env(cfg.logging.run_dir)) / "eval" / stage.name
-        results = evaluate_checkpoint(
-            str(ckpt_dir),
-            str(out),
-            settings,
-            tokenizer_type=expand_env(cfg.data.tokenizer_type or "") or None,
-            tokenizer_model=expand_env(cfg.data.tokenizer_model or "") or None,
-        )
-        summary = {f"eval/{k}": v for k, v in _flat_scores(results).items()}
-        _log0(
-            f"[{stage.name}] evaluation -> {out}: "
-            + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items())
-        )
-        if metrics.wandb is not None:
-            metrics.wandb.log(summary, step=iteration)
-    dist.barrier()
-
-
-def _flat_scores(results: dict) -> dict[str, float]:
-    """Headline accuracies of an evaluation result (for logs and wandb)."""
-    scores = {}
-    if (results.get("needle") or {}).get("accuracy") is not None:
-        scores["needle"] = results["needle"]["accuracy"]
-    for task, res in (results.get("ruler") or {}).items():
-        if res.get("accuracy") is not None:
-            scores[task] = res["accuracy"]
-    return scores
-
-
-def _record(
-    stage,
-    stage_step,
-    total,
-    iteration,
-    result,
-    optimizer,
-    grad_norm,
-    skipped,
-    micro,
-    model_cfg,
-    peak,
-    world,
-    metrics,
-) -> dict:
-    import time
-
-    from megatron_longctx.perf.flops import flops_per_token, mfu
-
-    elapsed = max(time.perf_counter() - metrics._t, 1e-9)
-    tokens = stage.samples_per_step * stage.seq_length
-    docs = micro[0]["doc_lengths"].tolist()
-    fpt = flops_per_token(model_cfg, int(sum(docs)), docs)
-    return {
-        "stage": stage.name,
-        "stage_step": stage_step,
-        "stage_steps": total,
-        "iteration": iteration,
-        "loss": result.loss,
-        "loss_tokens": result.num_tokens,
-        "lr": optimizer.param_groups[0]["lr"],
-        "grad_norm": float(grad_norm),
-        "tokens_per_s": tokens / elapsed,
-        "mfu": mfu(tokens / elapsed, fpt, peak * world),
-        "memory_gib": memory_gib(),
-        "skipped": skipped,
-    }
 
 
 def _log0(msg: str) -> None:

@@ -1,0 +1,91 @@
+"""What the loop reports: the per-step metrics record (loss, LR, throughput, MFU from the perf
+model with the document-masked attention term, memory) and the stage-end evaluation (rank 0 exports
+the stage's final checkpoint to HF and runs megatron_longctx.eval; the others wait)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_longctx.config.loading import expand_env
+from megatron_longctx.training.callbacks import MetricsLogger, memory_gib
+
+
+def _log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration: int) -> None:
+    """Rank 0 exports the stage's final checkpoint to HF and evaluates it; others wait."""
+    if dist.get_rank() == 0:
+        from megatron_longctx.eval import EvalSettings, evaluate_checkpoint
+
+        settings = EvalSettings.from_dict(expand_env(dict(stage.eval_settings or {})))
+        out = Path(expand_env(cfg.logging.run_dir)) / "eval" / stage.name
+        results = evaluate_checkpoint(
+            str(ckpt_dir),
+            str(out),
+            settings,
+            tokenizer_type=expand_env(cfg.data.tokenizer_type or "") or None,
+            tokenizer_model=expand_env(cfg.data.tokenizer_model or "") or None,
+        )
+        summary = {f"eval/{k}": v for k, v in _flat_scores(results).items()}
+        _log0(
+            f"[{stage.name}] evaluation -> {out}: "
+            + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items())
+        )
+        if metrics.wandb is not None:
+            metrics.wandb.log(summary, step=iteration)
+    dist.barrier()
+
+
+def _flat_scores(results: dict) -> dict[str, float]:
+    """Headline accuracies of an evaluation result (for logs and wandb)."""
+    scores = {}
+    if (results.get("needle") or {}).get("accuracy") is not None:
+        scores["needle"] = results["needle"]["accuracy"]
+    for task, res in (results.get("ruler") or {}).items():
+        if res.get("accuracy") is not None:
+            scores[task] = res["accuracy"]
+    return scores
+
+
+def step_record(
+    stage,
+    stage_step,
+    total,
+    iteration,
+    result,
+    optimizer,
+    grad_norm,
+    skipped,
+    micro,
+    model_cfg,
+    peak,
+    world,
+    metrics,
+) -> dict:
+    import time
+
+    from megatron_longctx.perf.flops import flops_per_token, mfu
+
+    elapsed = max(time.perf_counter() - metrics._t, 1e-9)
+    tokens = stage.samples_per_step * stage.seq_length
+    docs = micro[0]["doc_lengths"].tolist()
+    fpt = flops_per_token(model_cfg, int(sum(docs)), docs)
+    return {
+        "stage": stage.name,
+        "stage_step": stage_step,
+        "stage_steps": total,
+        "iteration": iteration,
+        "loss": result.loss,
+        "loss_tokens": result.num_tokens,
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tokens / elapsed,
+        "mfu": mfu(tokens / elapsed, fpt, peak * world),
+        "memory_gib": memory_gib(),
+        "skipped": skipped,
+    }
