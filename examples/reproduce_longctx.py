@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/reproduce", help="results directory (recreated)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage0-steps", type=int, default=800)
+    p.add_argument("--stage0-steps", type=int, default=1500)
     p.add_argument("--stage0-batch", type=int, default=8, help="samples of 256 tokens per step")
     p.add_argument(
         "--stage0-micro",
@@ -82,8 +82,8 @@ def parse_args(argv=None):
         help="token shares of the 32/64/128/256-token documents in stage 0",
     )
     p.add_argument("--stage0-lr", type=float, default=2e-3)
-    p.add_argument("--ext-steps", type=int, default=100)
-    p.add_argument("--ext-batch", type=int, default=4, help="samples of 1,024 tokens per step")
+    p.add_argument("--ext-steps", type=int, default=200)
+    p.add_argument("--ext-batch", type=int, default=8, help="samples of 1,024 tokens per step")
     p.add_argument("--ext-lr", type=float, default=1e-3)
     p.add_argument("--clip-grad", type=float, default=0.0, help="0 disables clipping")
     p.add_argument("--weight-decay", type=float, default=0.0)
