@@ -40,6 +40,7 @@ from megatron_longctx.training.callbacks import (
 )
 from megatron_longctx.training.data import build_stage_loader
 from megatron_longctx.training.reporting import evaluate_stage, step_record
+from megatron_longctx.training.reporting import log0 as _log0
 from megatron_longctx.training.setup import (
     OptimizerSettings,
     build_optimizer,
@@ -336,8 +337,3 @@ def _run_stage(
             )
             return EXIT_PREEMPTED, iteration
     return 0, iteration
-
-
-def _log0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)

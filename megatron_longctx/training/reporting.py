@@ -12,7 +12,8 @@ from megatron_longctx.config.loading import expand_env
 from megatron_longctx.training.callbacks import MetricsLogger, memory_gib
 
 
-def _log0(msg: str) -> None:
+def log0(msg: str) -> None:
+    """Prints on global rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
 
@@ -32,7 +33,7 @@ def evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration
             tokenizer_model=expand_env(cfg.data.tokenizer_model or "") or None,
         )
         summary = {f"eval/{k}": v for k, v in _flat_scores(results).items()}
-        _log0(
+        log0(
             f"[{stage.name}] evaluation -> {out}: "
             + ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in summary.items())
         )
