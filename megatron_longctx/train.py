@@ -45,15 +45,7 @@ def dry_run(cfg: ExperimentConfig, world_size: int, config_dir: Path | None = No
                 + ", ".join(f"{c.name} {c.weight:g}" for c in spec.components)
             )
         m = cfg.model_config(stage)
-        dp = stage.parallel.validate(
-            world_size=world_size,
-            num_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups,
-            seq_length=stage.seq_length,
-            micro_batch_size=stage.micro_batch_size,
-            global_batch_size=stage.samples_per_step,
-        )
+        dp = stage.validate_layout(m, world_size)
         lines.append(
             f"stage {stage.name}: world {world_size} = {stage.parallel.describe(dp)}; "
             f"S={stage.seq_length}, {stage.samples_per_step} samples/step "

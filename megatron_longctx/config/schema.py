@@ -90,6 +90,18 @@ class StageConfig:
         if self.lr <= 0:
             raise ConfigError(f"{where}: lr must be > 0, got {self.lr}")
 
+    def validate_layout(self, model: ModelConfig, world_size: int) -> int:
+        """Checks every size rule of this stage's layout for ``model``; returns the DP size."""
+        return self.parallel.validate(
+            world_size=world_size,
+            num_layers=model.num_layers,
+            num_attention_heads=model.num_attention_heads,
+            num_query_groups=model.num_query_groups,
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            global_batch_size=self.samples_per_step,
+        )
+
     @property
     def samples_per_step(self) -> int:
         if self.global_batch_size is not None:

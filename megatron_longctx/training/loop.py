@@ -151,15 +151,7 @@ def _run_stage(
     layout = stage.parallel
     world = dist.get_world_size()
     # 1. groups
-    dp = layout.validate(
-        world_size=world,
-        num_layers=model_cfg.num_layers,
-        num_attention_heads=model_cfg.num_attention_heads,
-        num_query_groups=model_cfg.num_query_groups,
-        seq_length=stage.seq_length,
-        micro_batch_size=stage.micro_batch_size,
-        global_batch_size=stage.samples_per_step,
-    )
+    dp = stage.validate_layout(model_cfg, world)
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed + idx)
     torch.manual_seed(cfg.seed + idx)
