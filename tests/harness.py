@@ -3,8 +3,8 @@
     results = run_distributed(fn, world_size=2, args=(...,), timeout=120)
 
 ``fn(rank, world_size, *args)`` runs in each spawned process after torch.distributed is initialised
-over gloo (the megatron-core CPU shim is applied first). Its return value (picklable) comes back in a
-list indexed by rank. A rank that raises fails the test with that rank's traceback; a hang past
+over gloo (the megatron-core CPU shim is applied first). Its return value (picklable) comes back
+in a list indexed by rank. A rank that raises fails the test with that rank's traceback; a hang past
 ``timeout`` kills every rank and reports the faulthandler dump of each (the stacks where they hung).
 """
 
@@ -66,7 +66,7 @@ def _worker(rank, world_size, port, fn, args, workdir, timeout):
 
 
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 180) -> list:
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes; returns per-rank results."""
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes; per-rank results."""
     ctx = mp.get_context("spawn")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="longctx-dist-")
@@ -111,6 +111,6 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
             errors.append(f"--- rank {rank} raised:\n{value}")
         results.append(value)
     if errors:
-        head = f"distributed test failed ({'timeout after %ss' % timeout if hung else 'error'})"
+        head = f"distributed test failed ({f'timeout after {timeout}s' if hung else 'error'})"
         raise DistributedTestError(head + "\n" + "\n".join(errors))
     return results

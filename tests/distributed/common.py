@@ -8,7 +8,7 @@ import torch
 def make_batches(
     num_micro: int, micro_batch: int, seq: int, vocab: int, seed: int = 0
 ) -> list[dict]:
-    """Random next-token batches; loss_mask zeroes a few tokens so the token average is non-trivial."""
+    """Random next-token batches; loss_mask zeroes a few tokens (a non-trivial token average)."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(num_micro):

@@ -117,3 +117,17 @@ def test_reproduce_smoke(tmp_path):
     ext = [r for r in rows if r["stage"] == "ext_abf"]
     assert len(ext) == 2 and all(np.isfinite(r["loss"]) and r["loss_tokens"] > 0 for r in ext)
     assert "| stage 0 |" in (out / "results.md").read_text()
+
+
+def test_plain_reference_smoke():
+    """The plain-PyTorch side-by-side reference runs its stage 0 + one arm and fills the table."""
+    spec = importlib.util.spec_from_file_location(
+        "reference_passkey_plain", ROOT / "examples" / "reference_passkey_plain.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--stage0-steps", "2", "--ext-steps", "1", "--ext-batch", "1", "--eval-samples", "10"]
+    table = mod.main([*args, "--arms", "abf"])
+    assert set(table) == {"stage0", "abf"}
+    assert all(sorted(row) == [256, 512, 1024, 2048] for row in table.values())
+    assert all(0 <= a <= 1 for row in table.values() for a in row.values())

@@ -48,7 +48,9 @@ def _measure(rank, world_size, cases):
         labels = ids if with_labels else None
         results.append(
             saved_activation_bytes(
-                lambda: model(input_ids=ids, position_ids=pos, attention_mask=None, labels=labels),
+                lambda m=model, i=ids, p=pos, y=labels: m(
+                    input_ids=i, position_ids=p, attention_mask=None, labels=y
+                ),
                 exclude=list(model.parameters()),
             )
         )

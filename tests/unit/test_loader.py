@@ -146,7 +146,7 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
         "cp": (_spec(tmp_path / "ok"), {"cp_size": 3}, "not divisible by 2 x"),
     }
     monkeypatch.delenv("LONGCTX_TEST_UNSET", raising=False)
-    for name, (spec, kw, needle) in cases.items():
+    for spec, kw, needle in cases.values():
         with pytest.raises(MixtureError, match=needle):
             build_mixture_index(spec, S, 8, **kw)  # S=32: 32 % 6 != 0
     for ext, needle in (("bin", r"ok_t\.bin is truncated"), ("idx", r"ok_t\.idx is truncated")):

@@ -67,7 +67,6 @@ def _safe(lse: torch.Tensor) -> torch.Tensor:
 def block_forward(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, scale: float):
     """One block: (out ``[tq, hq, d]`` fp32, normalised within the block; lse ``[tq, hq]`` fp32)."""
     tq, hq, d = q.shape
-    hk = k.shape[1]
     scores = _scores(q, k, block_mask(q_meta, k_meta), scale)  # [hk, g, tq, tk]
     lse = torch.logsumexp(scores, dim=-1)  # -inf for empty rows
     probs = torch.exp(scores - _safe(lse)[..., None])
