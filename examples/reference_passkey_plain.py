@@ -7,8 +7,9 @@ Issue 11 asks that a difference between the project's pipeline and a plain refer
 a bug to find. This script is that reference, outside the pipeline: transformers'
 ``LlamaForCausalLM`` (SDPA attention), one process, ``torch.optim.AdamW``, no Megatron, no packing,
 no context parallelism. It shares only the task definition (``passkey_document`` /
-``eval_prompts``) and the hyper-parameters of ``reproduce_longctx.py``, so the two runs differ
-only in the training machinery:
+``eval_prompts``) and the settings of ``reproduce_longctx.py`` (model shape, arms, lengths, stage-0
+token shares, imported from it so the two cannot drift apart), so the two runs differ only in the
+training machinery:
 
 - stage 0 at RoPE theta 1e4 with documents of 32/64/128/256 tokens (``--mix tokens``: each step
   holds the pipeline's 26/10/3/1 documents, its 0.4/0.3/0.2/0.1 token shares; ``--mix per-step``:
@@ -32,30 +33,43 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reproduce_longctx import (  # noqa: E402
+    ARMS,
+    EVAL_LENGTHS,
+    EXT_LENGTH,
+    MODEL,
+    STAGE0_LENGTHS,
+    VOCAB,
+    parse_args,
+    weights,
+)
 
 from megatron_longctx.eval.passkey import NUM_DIGITS, eval_prompts, passkey_document  # noqa: E402
 
-VOCAB = 128
-EVAL_LENGTHS = (256, 512, 1024, 2048)
-ARMS = {
-    "unchanged": {"rope_theta": 1e4},
-    "pi4": {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    "abf": {"rope_theta": 5e5},
-}
-TOKEN_MIX = ((32, 26), (64, 10), (128, 3), (256, 1))  # (length, documents per step)
+# the pipeline's defaults: stage-0 samples of 256 tokens, token shares per document length
+_DEFAULTS = parse_args([])
+STAGE0_TOKENS = _DEFAULTS.stage0_batch * STAGE0_LENGTHS[-1]
+# (length, documents per step) with the pipeline's token shares: 26/10/3/1 at the defaults
+TOKEN_MIX = tuple(
+    (n, max(1, round(w * STAGE0_TOKENS / n))) for n, w in zip(STAGE0_LENGTHS, weights(_DEFAULTS))
+)
+# the long-only arms (the short-mix arm needs packing, which this reference leaves out)
+PLAIN_ARMS = {name: rope for name, (_, rope, share) in ARMS.items() if share == 1.0}
 
 
 def build(rope: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
+        vocab_size=MODEL["vocab_size"],
+        hidden_size=MODEL["hidden_size"],
+        intermediate_size=MODEL["ffn_hidden_size"],
+        num_hidden_layers=MODEL["num_layers"],
+        num_attention_heads=MODEL["num_attention_heads"],
+        num_key_value_heads=MODEL["num_query_groups"],
+        max_position_embeddings=2 * EVAL_LENGTHS[-1],
         tie_word_embeddings=False,
         attn_implementation="sdpa",
         **rope,
@@ -98,7 +112,7 @@ def stage0(args, rng):
         for g in opt.param_groups:
             g["lr"] = args.lr * warm * cos
         if args.mix == "per-step":
-            loss = answer_loss(model, documents(rng, int(rng.choice([32, 64, 128, 256])), 16))
+            loss = answer_loss(model, documents(rng, int(rng.choice(STAGE0_LENGTHS)), 16))
         else:
             n = sum(c for _, c in TOKEN_MIX)
             loss = sum(answer_loss(model, documents(rng, n_, c)) * c for n_, c in TOKEN_MIX) / n
@@ -108,12 +122,12 @@ def stage0(args, rng):
     return model
 
 
-def extend(args, rng, weights: dict, rope: dict):
+def extend(args, rng, state: dict, rope: dict):
     model = build(rope)
-    model.load_state_dict(weights)
+    model.load_state_dict(state)
     opt = torch.optim.AdamW(model.parameters(), lr=args.ext_lr, betas=(0.9, 0.95), weight_decay=0.0)
     for _ in range(args.ext_steps):
-        loss = answer_loss(model, documents(rng, 1024, args.ext_batch))
+        loss = answer_loss(model, documents(rng, EXT_LENGTH, args.ext_batch))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -124,22 +138,22 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", choices=("tokens", "per-step"), default="tokens")
-    p.add_argument("--stage0-steps", type=int, default=1500)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ext-steps", type=int, default=100)
-    p.add_argument("--ext-batch", type=int, default=8)
-    p.add_argument("--ext-lr", type=float, default=3e-4)
-    p.add_argument("--eval-samples", type=int, default=100)
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--stage0-steps", type=int, default=_DEFAULTS.stage0_steps)
+    p.add_argument("--lr", type=float, default=_DEFAULTS.stage0_lr)
+    p.add_argument("--ext-steps", type=int, default=_DEFAULTS.ext_steps)
+    p.add_argument("--ext-batch", type=int, default=_DEFAULTS.ext_batch)
+    p.add_argument("--ext-lr", type=float, default=_DEFAULTS.ext_lr)
+    p.add_argument("--eval-samples", type=int, default=_DEFAULTS.eval_samples)
+    p.add_argument("--arms", default=",".join(PLAIN_ARMS))
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     model = stage0(args, rng)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     table = {"stage0": {n: accuracy(model, n, args.eval_samples) for n in EVAL_LENGTHS}}
     for arm in [a for a in args.arms.split(",") if a]:
-        ext = extend(args, rng, weights, ARMS[arm])
+        ext = extend(args, rng, state, PLAIN_ARMS[arm])
         table[arm] = {n: accuracy(ext, n, args.eval_samples) for n in EVAL_LENGTHS}
     print(
         f"| plain reference (seed {args.seed}, mix {args.mix}) | "

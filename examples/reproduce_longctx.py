@@ -309,9 +309,9 @@ def conclusion(grid: dict) -> list[str]:
             + (
                 "frequency learned the longer context."
                 if learned
-                else "frequency did not learn the longer context in these steps. The plain-PyTorch "
-                "reference with the same hyper-parameters (examples/reference_passkey_plain.py) "
-                "behaves the same way, so this is the recipe at this scale, not the pipeline."
+                else "frequency did not learn the longer context in these steps (compare the "
+                "plain-PyTorch reference, examples/reference_passkey_plain.py, and "
+                "docs/REPRODUCE_RESULTS.md)."
             )
         )
     if pi in grid and abf in grid:
