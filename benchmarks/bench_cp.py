@@ -92,12 +92,10 @@ def _comm_worker(rank, world, seq, repeats):
     import torch.distributed as dist
 
     from megatron_longctx.model.attention import a2a, ring
-    from megatron_longctx.model.attention.kernel_torch import TokenMeta
-    from megatron_longctx.parallel.cp_split import rank_token_layout
+    from megatron_longctx.model.attention.blocks import CPLayout
 
     cu = [0, seq // 2, seq]
-    lays = [rank_token_layout(cu, cu, world, r) for r in range(world)]
-    metas = [TokenMeta(x.doc, x.pos, x.valid) for x in lays]
+    layout = CPLayout(cu, cu, world)
     t = seq // world
     g = torch.Generator().manual_seed(rank)
     out = {}
@@ -114,18 +112,10 @@ def _comm_worker(rank, world, seq, repeats):
                 dist.barrier()
             start = time.perf_counter()
             if mode == "ring":
-                y = ring.ring_attention(
-                    q,
-                    k,
-                    v,
-                    metas,
-                    lays[rank].early,
-                    lays[rank].late,
-                    D**-0.5,
-                    dist.group.WORLD if world > 1 else None,
-                )
+                group = dist.group.WORLD if world > 1 else None
+                y = ring.ring_attention(q, k, v, layout, D**-0.5, group)
             else:
-                y = a2a.a2a_attention(q, k, v, metas, D**-0.5, dist.group.WORLD)
+                y = a2a.a2a_attention(q, k, v, layout, D**-0.5, dist.group.WORLD)
             y.sum().backward()
             times.append(time.perf_counter() - start)
         sent = {**ring.COMM_BYTES, **a2a.COMM_BYTES}

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        from megatron_longctx.model.attention.blocks import CPLayout
         from megatron_longctx.model.attention.ring import ring_attention
-        from megatron_longctx.parallel.cp_split import rank_token_layout
     except ImportError as err:
         print(f"the project's ring attention is not importable: {err}", file=sys.stderr)
         return 2
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cuda")
     cu = [0, s]
-    layouts = [rank_token_layout(cu, cu, cp, r, dev) for r in range(cp)]
-    from megatron_longctx.model.attention.kernel_torch import TokenMeta
-
-    metas = [TokenMeta(lay.doc, lay.pos, lay.valid) for lay in layouts]
+    layout = CPLayout(cu, cu, cp)
     t = s // cp
     q = torch.randn(
         t, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.head_dim**-0.5
 
     def step():
-        out = ring_attention(q, k, v, metas, layouts[rank].early, layouts[rank].late, scale, group)
+        out = ring_attention(q, k, v, layout, scale, group)
         out.float().sum().backward()
 
     step()  # warm-up

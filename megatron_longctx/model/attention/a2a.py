@@ -1,10 +1,15 @@
 """All-to-all (Ulysses) context-parallel attention: scatter heads, gather the sequence.
 
 Each rank starts with its local tokens for all heads; one all-to-all gives every rank all tokens
-(concatenated in CP-rank order) for hq / CP query heads and hk / CP key/value heads; attention runs
-locally with the document + causal mask built from the tokens' metadata (the concatenation of every
-rank's ``TokenMeta``, so the zigzag order needs no reordering); a second all-to-all returns each
-token's output to its rank. ProLong's choice. Needs hq and hk both divisible by CP.
+(concatenated in CP-rank order) for hq / CP query heads and their key/value heads; the gathered
+tokens are put in document order (``CPLayout.gathered_order``), the block kernel runs causal
+attention per document (``CPLayout.document_block``), and a second all-to-all returns each token's
+output to its rank. ProLong's choice.
+
+Heads: hq must be divisible by CP. When hk is not (Llama-3-8B at TP 2 has 4 KV heads per rank,
+and CP 8 is common), each K/V head is replicated ``lcm(hk, CP) / hk`` times before the exchange, so
+every rank receives exactly the K/V heads its query heads use (query head i of rank j belongs to
+group (j hq / CP + i) // (hq / hk) either way); autograd sums the replicas' gradients.
 
 Shape legend (THD): local q ``[t, hq, d]`` -> gathered ``[CP * t, hq / CP, d]`` -> local out
 ``[t, hq, d]``.
@@ -12,11 +17,14 @@ Shape legend (THD): local q ``[t, hq, d]`` -> gathered ``[CP * t, hq / CP, d]`` 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_longctx.model.attention.kernel_torch import TokenMeta
-from megatron_longctx.model.attention.ring import ring_attention
+from megatron_longctx.model.attention.blocks import CPLayout
+from megatron_longctx.model.attention.kernels import BlockKernel, block_attention, resolve_kernel
 
 #: bytes sent by this process's all-to-alls (excluding the slice kept locally), for benchmarks.
 COMM_BYTES: dict[str, int] = {"a2a_fwd": 0, "a2a_bwd": 0}
@@ -71,39 +79,60 @@ class _HeadToSeq(torch.autograd.Function):
 
 
 def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
-    """Ulysses needs the local query heads and key/value heads both divisible by CP."""
-    if num_heads % cp_size or num_kv_heads % cp_size:
+    """Ulysses needs the local query heads divisible by CP (K/V heads are replicated if needed)."""
+    if num_heads % cp_size:
         raise ValueError(
-            f"all-to-all context parallelism needs query heads and key/value heads divisible by "
-            f"CP {cp_size}: got {num_heads} query heads ({num_heads} % {cp_size} = "
-            f"{num_heads % cp_size}) and {num_kv_heads} key/value heads ({num_kv_heads} % "
-            f"{cp_size} = {num_kv_heads % cp_size}) per TP rank; use the ring mode instead"
+            f"all-to-all context parallelism needs the query heads per TP rank divisible by CP "
+            f"{cp_size}: got {num_heads} query heads ({num_heads} % {cp_size} = "
+            f"{num_heads % cp_size}); use the ring mode, or a CP size that divides {num_heads}"
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads {num_heads} are not divisible by key/value heads {num_kv_heads}"
         )
 
 
+def kv_replication(num_kv_heads: int, cp_size: int) -> int:
+    """How many times each K/V head is repeated so that CP divides the K/V heads."""
+    return math.lcm(num_kv_heads, cp_size) // num_kv_heads
+
+
 def a2a_attention(
-    q, k, v, metas: list[TokenMeta], scale: float, group=None, local_attention=None
+    q, k, v, layout: CPLayout, scale: float, group=None, kernel: BlockKernel | None = None
 ) -> torch.Tensor:
     """Ulysses attention for this rank's local THD tokens.
 
     Args:
-        q: ``[t, hq, d]``; k, v: ``[t, hk, d]``.
-        metas: ``TokenMeta`` of every CP rank's local tokens (index = CP rank).
+        q: ``[t, hq, d]``; k, v: ``[t, hk, d]``; t = layout.local_tokens.
+        layout: the batch's ``CPLayout`` (CP size = the group's size).
         scale: softmax scale. group: CP process group (None or size 1: local attention).
-        local_attention: optional ``fn(q, k, v, meta, scale)`` for the gathered sequence (e.g. a
-            GPU kernel); default: the pure-torch kernel.
+        kernel: the block kernel for the gathered sequence (default: ``auto``).
     """
     cp = dist.get_world_size(group) if group is not None else 1
     check_a2a_heads(q.shape[1], k.shape[1], cp)
-    meta = TokenMeta.cat(metas)
-    if local_attention is None:
-
-        def local_attention(q_, k_, v_, meta_, scale_):
-            empty = torch.zeros(0, dtype=torch.long, device=q_.device)
-            return ring_attention(q_, k_, v_, [meta_], empty, empty, scale_, None)
-
+    if layout.cp_size != cp or q.shape[0] != layout.local_tokens:
+        raise ValueError(
+            f"the layout is for CP {layout.cp_size} with {layout.local_tokens} tokens per rank, "
+            f"but the CP group has {cp} ranks and this rank holds {q.shape[0]} tokens"
+        )
+    kernel = kernel or resolve_kernel("auto", q.device, q.dtype)
+    block = layout.document_block()
     if cp == 1:
-        return local_attention(q, k, v, meta, scale)
-    q_h, k_h, v_h = (_SeqToHead.apply(x, group) for x in (q, k, v))
-    out_h = local_attention(q_h, k_h, v_h, meta, scale)
-    return _HeadToSeq.apply(out_h, group)
+        return block_attention(q, k, v, block, scale, kernel)
+    rep = kv_replication(k.shape[1], cp)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    order = _order(layout, q.device)
+    q_h, k_h, v_h = (_SeqToHead.apply(x, group).index_select(0, order) for x in (q, k, v))
+    out_d = block_attention(q_h, k_h, v_h, block, scale, kernel)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return _HeadToSeq.apply(out_d.index_select(0, inverse), group)
+
+
+def _order(layout: CPLayout, device) -> torch.Tensor:
+    cache = layout._blocks
+    key = ("order", str(device))
+    if key not in cache:
+        cache[key] = torch.from_numpy(layout.gathered_order().astype(np.int64)).to(device)
+    return cache[key]

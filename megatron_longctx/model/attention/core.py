@@ -24,21 +24,19 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_longctx.model.attention.a2a import a2a_attention, check_a2a_heads
-from megatron_longctx.model.attention.kernel_torch import TokenMeta
+from megatron_longctx.model.attention.blocks import CPLayout
+from megatron_longctx.model.attention.kernels import resolve_kernel
 from megatron_longctx.model.attention.ring import ring_attention
-from megatron_longctx.parallel.cp_split import rank_token_layout
 
 logger = logging.getLogger(__name__)
-
-
-def _layouts(cu_padded: torch.Tensor, cu_real: torch.Tensor, cp_size: int, device):
-    return [rank_token_layout(cu_padded, cu_real, cp_size, r, device) for r in range(cp_size)]
 
 
 class _CPCoreAttention(MegatronModule):
     """Shared plumbing: argument checks, THD/SBHD handling, layout caching. See module docstring."""
 
     mode = "ring"
+    #: block kernel name (model/attention/kernels.py KERNELS); "auto" picks per device and dtype.
+    kernel_name = "auto"
 
     def __init__(
         self,
@@ -84,10 +82,18 @@ class _CPCoreAttention(MegatronModule):
     def _check_sizes(self) -> None:
         pass
 
-    def _layout(self, packed_seq_params, device):
-        cached = getattr(packed_seq_params, "_longctx_layouts", None)
-        if cached is not None and cached[0] == self.cp_size:
-            return cached[1]
+    def _kernel(self, q: torch.Tensor):
+        key = (q.device, q.dtype)
+        cache = self.__dict__.setdefault("_kernels", {})
+        if key not in cache:
+            cache[key] = resolve_kernel(self.kernel_name, q.device, q.dtype)
+        return cache[key]
+
+    def _layout(self, packed_seq_params) -> CPLayout:
+        """The batch's CPLayout, built once per micro-batch and shared by every layer."""
+        cached = getattr(packed_seq_params, "_longctx_layout", None)
+        if cached is not None and cached.cp_size == self.cp_size:
+            return cached
         padded = packed_seq_params.cu_seqlens_q_padded
         real = packed_seq_params.cu_seqlens_q
         if padded is None:
@@ -96,9 +102,9 @@ class _CPCoreAttention(MegatronModule):
             packed_seq_params.cu_seqlens_kv_padded, padded
         ):
             raise ValueError("self-attention needs cu_seqlens_kv_padded == cu_seqlens_q_padded")
-        layouts = _layouts(padded, real, self.cp_size, device)
-        packed_seq_params._longctx_layouts = (self.cp_size, layouts)
-        return layouts
+        layout = CPLayout(padded, real, self.cp_size)
+        packed_seq_params._longctx_layout = layout
+        return layout
 
     def forward(
         self,
@@ -114,13 +120,13 @@ class _CPCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError(f"{type(self).__name__} does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            layouts = self._layout(packed_seq_params, query.device)
-            if query.shape[0] != layouts[0].doc.numel():
+            layout = self._layout(packed_seq_params)
+            if query.shape[0] != layout.local_tokens:
                 raise ValueError(
                     f"rank holds {query.shape[0]} tokens but the boundaries give "
-                    f"{layouts[0].doc.numel()} per CP rank (padded total / CP)"
+                    f"{layout.local_tokens} per CP rank (padded total / CP)"
                 )
-            out = self._attend(query, key, value, layouts)
+            out = self._attend(query, key, value, layout)
             return out.reshape(out.shape[0], -1)
         if packed_seq_params is not None:
             raise ValueError(
@@ -129,16 +135,13 @@ class _CPCoreAttention(MegatronModule):
             )
         s, b, hq, d = query.shape
         full = s * self.cp_size
-        cu = torch.arange(b + 1, dtype=torch.int32) * full
-        layouts = _layouts(cu, cu, self.cp_size, query.device)
+        cu = [i * full for i in range(b + 1)]
+        layout = CPLayout(cu, cu, self.cp_size)
         to_thd = lambda x: x.transpose(0, 1).reshape(b * s, x.shape[2], d)  # noqa: E731
-        out = self._attend(to_thd(query), to_thd(key), to_thd(value), layouts)
+        out = self._attend(to_thd(query), to_thd(key), to_thd(value), layout)
         return out.reshape(b, s, hq * d).transpose(0, 1).contiguous()
 
-    def _metas(self, layouts):
-        return [TokenMeta(lay.doc, lay.pos, lay.valid) for lay in layouts]
-
-    def _attend(self, q, k, v, layouts):
+    def _attend(self, q, k, v, layout: CPLayout):
         raise NotImplementedError
 
 
@@ -147,19 +150,9 @@ class RingCoreAttention(_CPCoreAttention):
 
     mode = "ring"
 
-    def _attend(self, q, k, v, layouts):
-        rank = self.cp_group.rank() if self.cp_size > 1 else 0
+    def _attend(self, q, k, v, layout: CPLayout):
         group = self.cp_group if self.cp_size > 1 else None
-        return ring_attention(
-            q,
-            k,
-            v,
-            self._metas(layouts),
-            layouts[rank].early,
-            layouts[rank].late,
-            self.softmax_scale,
-            group,
-        )
+        return ring_attention(q, k, v, layout, self.softmax_scale, group, self._kernel(q))
 
 
 class LocalCoreAttention(RingCoreAttention):
@@ -178,20 +171,10 @@ class AllToAllCoreAttention(_CPCoreAttention):
     """All-to-all (Ulysses) CP attention (model/attention/a2a.py)."""
 
     mode = "a2a"
-    #: optional ``fn(q, k, v, meta, scale)`` for the gathered sequence (e.g. a GPU kernel).
-    local_kernel = None
 
     def _check_sizes(self) -> None:
         check_a2a_heads(self.num_heads, self.num_kv_heads, self.cp_size)
 
-    def _attend(self, q, k, v, layouts):
+    def _attend(self, q, k, v, layout: CPLayout):
         group = self.cp_group if self.cp_size > 1 else None
-        return a2a_attention(
-            q,
-            k,
-            v,
-            self._metas(layouts),
-            self.softmax_scale,
-            group,
-            local_attention=self.local_kernel,
-        )
+        return a2a_attention(q, k, v, layout, self.softmax_scale, group, self._kernel(q))
