@@ -182,6 +182,10 @@ class TrainingSection:
     nan_policy: halt (default; nothing is checkpointed after a NaN/inf) or skip the step.
     peak_flops_per_device: for the MFU estimate (None: H100 bf16 dense on GPU, nominal on CPU).
     bf16: bf16 parameters and activations with fp32 main weights in the optimizer (GPU recipes).
+    attention_kernel: block kernel under the project's local / ring / a2a attention: auto (CPU:
+        torch's CPU flash kernel; CUDA: flash-attn if installed, else torch's flash varlen; CUDA
+        fp32: tiled), cpu_flash, torch_flash, flash_attn, tiled (model/attention/kernels.py).
+        Ignored by 'te'.
     """
 
     device: str = "auto"
@@ -189,10 +193,17 @@ class TrainingSection:
     nan_policy: str = "halt"
     peak_flops_per_device: float | None = None
     bf16: bool = False
+    attention_kernel: str = "auto"
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"training.nan_policy must be one of {NAN_POLICIES}")
+        kernels = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")  # attention.KERNELS
+        if self.attention_kernel not in kernels:
+            raise ConfigError(
+                f"training.attention_kernel must be one of {kernels}, got "
+                f"{self.attention_kernel!r}"
+            )
 
 
 @dataclass

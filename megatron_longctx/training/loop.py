@@ -67,6 +67,14 @@ def core_attention_name(stage: StageConfig, backend: str = "auto") -> str | None
     return "local" if stage.parallel.context_parallel_size == 1 else "ring"
 
 
+def core_attention_for(stage: StageConfig, training) -> type | None:
+    """The stage's core-attention class with the configured block kernel (None: the backend's)."""
+    from megatron_longctx.model.attention import core_attention_class
+
+    name = core_attention_name(stage, training.backend)
+    return None if name is None else core_attention_class(name, training.attention_kernel)
+
+
 def _start_point(cfg: ExperimentConfig, save_dir: str) -> tuple[int, Path | None, Path | None, int]:
     """(first stage to run, checkpoint to resume inside it, checkpoint to transition from, iter)."""
     latest = find_latest(save_dir)
@@ -167,7 +175,7 @@ def _run_stage(
         model_cfg,
         layout,
         backend=cfg.training.backend,
-        core_attention=core_attention_name(stage, cfg.training.backend),
+        core_attention=core_attention_for(stage, cfg.training),
         recompute=stage.recompute,
         seq_length=stage.seq_length,
         params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,

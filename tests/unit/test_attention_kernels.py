@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -65,15 +66,20 @@ def _reference(q, k, v, w, cu_p, cu_r):
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("scheduler", ["local_block", "ring_cp1"])
-def test_cpu_kernel_matches_dense_oracle(name, heads, scheduler):
+@pytest.mark.parametrize("scheduler", ["local_block", "ring_cp1", "tiled"])
+def test_cpu_kernels_match_dense_oracle(name, heads, scheduler, monkeypatch):
     cu_p, cu_r = _cu(CASES[name], 1, pad_doc=2)
     q, k, v, w = _inputs(cu_p[-1], *heads)
     refs = _reference(q, k, v, w, cu_p, cu_r)
     layout = CPLayout(cu_p, cu_r, 1)
     qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
-    if scheduler == "local_block":
-        kernel = resolve_kernel("cpu_flash", qf.device, qf.dtype)
+    if scheduler != "ring_cp1":
+        from megatron_longctx.model.attention import kernel_tiled
+
+        monkeypatch.setattr(kernel_tiled, "TILE", 8)  # many tiles, diagonal and partial ones
+        kernel = resolve_kernel(
+            "cpu_flash" if scheduler == "local_block" else "tiled", qf.device, qf.dtype
+        )
         out = block_attention(qf, kf, vf, layout.document_block(), SCALE, kernel)
     else:
         out = ring_attention(qf, kf, vf, layout, SCALE)
@@ -177,3 +183,22 @@ def test_16k_document_needs_no_s_by_s_memory():
     assert res.returncode == 0, res.stderr[-2000:]
     grew = json.loads(res.stdout.strip().splitlines()[-1])["grew_mb"]
     assert grew < 64, f"peak RSS grew {grew:.0f} MB for {s} tokens (S x S fp32 = 1024 MB)"
+
+
+def test_auto_picks_the_scalable_kernel_per_device():
+    from megatron_longctx.config.schema import ConfigError, TrainingSection
+    from megatron_longctx.model.attention.kernel_cpu import CPUFlashKernel
+    from megatron_longctx.model.attention.kernel_cuda import TorchFlashKernel
+    from megatron_longctx.model.attention.kernels import KERNELS
+
+    assert isinstance(resolve_kernel("auto", torch.device("cpu"), torch.float32), CPUFlashKernel)
+    cuda = torch.device("cuda", 0)  # a device object; nothing runs on it
+    if importlib.util.find_spec("flash_attn") is None:
+        assert isinstance(resolve_kernel("auto", cuda, torch.bfloat16), TorchFlashKernel)
+    assert resolve_kernel("auto", cuda, torch.float32).name == "tiled"  # no fp32 flash
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        resolve_kernel("cpu_flash", cuda, torch.bfloat16)
+    for name in KERNELS:
+        TrainingSection(attention_kernel=name)
+    with pytest.raises(ConfigError, match="attention_kernel must be one of"):
+        TrainingSection(attention_kernel="dense")

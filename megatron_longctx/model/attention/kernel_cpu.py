@@ -5,8 +5,8 @@
 outputs, never a ``t x t`` tensor), skips tiles above the diagonal when causal (work = allowed
 pairs), handles GQA natively (hk < hq without repeating K/V), and returns / takes the logsumexp,
 which is what ring merging and the split backward need. Segments of identical (q_len, k_len) are
-batched into one call (e.g. 64 documents of 1K); a lone segment is passed as a strided view, no
-copy. Empty segments never reach it (the kernel crashes on length 0).
+batched into calls of at most ``BATCH_ROWS`` rows (e.g. 8 documents of 1K); a lone segment is
+passed as a strided view, no copy. Empty segments never reach it (the kernel crashes on length 0).
 
 Shape legend: THD q ``[t, hq, d]``; the kernel's layout is ``[B, h, L, d]`` (a transposed view of
 ``[B, L, h, d]``), lse ``[B, h, L]``.
@@ -55,10 +55,18 @@ class _Group:
             dst.index_copy_(0, rows, src.reshape(-1, *src.shape[2:]).to(dst.dtype))
 
 
+#: rows per batched call: bounds the gathered copies (q, k, v, out, grads) to a tile, not t.
+BATCH_ROWS = 8192
+
+
 def _groups(block) -> list[_Group]:
     cached = block._device_cache.get("cpu_groups")
     if cached is None:
-        cached = [_Group(block, lq, lk, segs) for lq, lk, segs in block.shape_groups]
+        cached = []
+        for lq, lk, segs in block.shape_groups:
+            per_call = max(1, BATCH_ROWS // max(lq, lk))
+            for i in range(0, len(segs), per_call):
+                cached.append(_Group(block, lq, lk, segs[i : i + per_call]))
         block._device_cache["cpu_groups"] = cached
     return cached
 

@@ -13,7 +13,8 @@ GQA: q has hq = g x hk heads; query head i uses key/value head i // g; K/V are n
 
 Kernels (``KERNELS``): ``cpu_flash`` (torch's CPU flash kernel, kernel_cpu.py), ``torch_flash``
 (torch's CUDA flash-attention varlen ops, kernel_cuda.py), ``flash_attn`` (the flash-attn package's
-varlen ops, kernel_cuda.py). ``auto`` picks per device and dtype (``resolve_kernel``). The dense
+varlen ops, kernel_cuda.py), ``tiled`` (a plain-torch tiled online softmax for any device and
+dtype, kernel_tiled.py). ``auto`` picks per device and dtype (``resolve_kernel``). The dense
 reference (reference.py) is the tests' oracle, not a kernel.
 
 Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``, lse ``[t, hq]``.
@@ -25,7 +26,7 @@ import importlib.util
 
 import torch
 
-KERNELS = ("auto", "cpu_flash", "torch_flash", "flash_attn")
+KERNELS = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")
 
 
 class BlockKernel:
@@ -48,7 +49,7 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Block
     """The kernel for ``name`` on this device and dtype; ``auto`` picks the scalable one.
 
     auto: CPU -> cpu_flash; CUDA with fp16/bf16 -> flash_attn when installed, else torch_flash;
-    CUDA fp32 -> cpu_flash's algorithm is CPU-only, so fp32 on CUDA is refused with the fix.
+    CUDA fp32 (flash-attention has no fp32 path) -> tiled.
     """
     if name not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {name!r}")
@@ -56,12 +57,13 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Block
         if device.type != "cuda":
             name = "cpu_flash"
         elif not _cuda_half(dtype):
-            raise ValueError(
-                f"the CUDA attention kernels (flash-attention) need fp16 or bf16 inputs, got "
-                f"{dtype}; train with bf16: true (the recipes' default on GPU)"
-            )
+            name = "tiled"
         else:
             name = "flash_attn" if importlib.util.find_spec("flash_attn") else "torch_flash"
+    if name == "tiled":
+        from megatron_longctx.model.attention.kernel_tiled import TiledKernel
+
+        return TiledKernel()
     if name == "cpu_flash":
         if device.type != "cpu":
             raise ValueError(f"attention kernel 'cpu_flash' runs on CPU tensors, got {device}")

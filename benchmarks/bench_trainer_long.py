@@ -1,0 +1,129 @@
+"""The trainer at 64K tokens per sequence on CPU: CP 1 (one process) and CP 2 ring (two processes).
+
+    python benchmarks/bench_trainer_long.py [--seq-length 65536] [--steps 2] [--cp 1 2]
+
+Runs ``python -m torch.distributed.run ... -m megatron_longctx.train`` (the user's command) with
+the tiny model (examples/tiny_test.yaml's model) on a generated corpus: long documents of 64K-96K
+tokens (ProLong's long bucket, min_tokens = the sequence length) and short ones of 20-2,000 tokens,
+mixed 50/50, one sequence per step. Prints tok/s (rank 0's metrics.jsonl, the steps after the
+first) and the peak RSS of every rank (psutil, sampled every 0.2 s; target <= 3 GiB per rank).
+Baseline for scale: the dense kernel this replaced could not allocate past ~8K tokens
+(issue 19's table: 10.6 GB at 8K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = """
+name: bench_long
+seed: 3
+model: {{preset: tiny, vocab_size: 512, num_layers: 2}}
+data: {{cache_dir: "{run}/cache"}}
+checkpoint: {{save_dir: "{run}/checkpoints", interval: 1000, keep_last: 1}}
+logging: {{run_dir: "{run}", interval: 1, wandb_mode: disabled}}
+stages:
+  - name: long
+    seq_length: {seq}
+    rope_theta: 8.0e6
+    global_batch_size: 1
+    micro_batch_size: 1
+    lr: 1.0e-4
+    steps: {steps}
+    parallel:
+      tensor_model_parallel_size: 1
+      pipeline_model_parallel_size: 1
+      context_parallel_size: {cp}
+    mixture:
+      seed: 1
+      components:
+        - {{name: long, prefixes: ["{data}/long"], weight: 0.5, min_tokens: {seq}}}
+        - {{name: short, prefixes: ["{data}/short"], weight: 0.5}}
+"""
+
+
+def _corpus(root: Path, seq: int) -> None:
+    import numpy as np
+
+    from tests.integration.data import write_indexed
+
+    rng = np.random.default_rng(0)
+    write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), 512, 0)
+    write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), 512, 1)
+
+
+def _run(cp: int, seq: int, steps: int, root: Path) -> dict:
+    run = root / f"cp{cp}"
+    cfg = run / "config.yaml"
+    run.mkdir(parents=True)
+    cfg.write_text(CONFIG.format(run=run, data=root / "data", seq=seq, steps=steps, cp=cp))
+    env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={cp}", "-m", "megatron_longctx.train", "--config",
+           str(cfg)]  # fmt: skip
+    with open(run / "out.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        peaks: dict[int, float] = {}
+        start = time.perf_counter()
+        while proc.poll() is None:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    rss = child.memory_info().rss / 2**30
+                    peaks[child.pid] = max(peaks.get(child.pid, 0.0), rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"CP {cp} run failed; see {run / 'out.log'}:\n"
+                           + (run / "out.log").read_text()[-3000:])  # fmt: skip
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    later = records[1:] or records
+    ranks = sorted(peaks.values(), reverse=True)[:cp]  # the trainer ranks are the largest
+    return {
+        "tok_s": sum(r["tokens_per_s"] for r in later) / len(later),
+        "steps": len(records),
+        "loss": [round(r["loss"], 4) for r in records],
+        "peak_rss_gib": ranks,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-length", type=int, default=65536)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--cp", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _corpus(root / "data", args.seq_length)
+        print(
+            f"== trainer, tiny model (2 layers), seq_length {args.seq_length}, CPU, 1 thread "
+            f"per rank =="
+        )
+        for cp in args.cp:
+            r = _run(cp, args.seq_length, args.steps, root)
+            worst = max(r["peak_rss_gib"])
+            print(
+                f"CP {cp}: {r['steps']} steps, {r['tok_s']:.0f} tok/s, losses {r['loss']}, "
+                f"peak RSS per rank {', '.join(f'{x:.2f}' for x in r['peak_rss_gib'])} GiB "
+                f"(target <= 3: {'ok' if worst <= 3 else 'OVER'}), wall {r['wall_s']:.0f} s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
