@@ -1,4 +1,4 @@
-"""Long documents encoded in pieces: identical tokens to whole-document encoding, for a Llama-3-style
+"""Long documents encoded in pieces give the tokens of whole-document encoding, for a Llama-3-style
 byte-level BPE, a GPT-2-style one and sentencepiece BPE (all trained here), on adversarial text."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from tests.unit.conftest import run_tool
 FRAGMENTS = [
     "\n", "\r\n", "\r", "\t", " ", "  ", "    ", "\n\n", " \n", "\t\n", "\n ", "\n\t", "12",
     "12345", "3.14", "2024-01-01", "🤖", "🚀🚀", "Hello", "world", "x", "A", "it's", "THEY'LL",
-    "'s", "'", "Grüße", "Köln", "日本語", "テキスト", "。", "、", "，", "x=f(1,2);", "<|end_of_text|>",
+    "'s", "'", "Grüße", "Köln", "日本語", "テキスト", "。", "、", "，", "x=f(1,2);",
+    "<|end_of_text|>",
     "\u2581", "▁▁", "naïve", "Ωmega", "привет", "µ", "ª", "--", "//", "{", "}", "\u00a0", "\u3000",
     "Z9", "_x", "a\u0301", "\u200b", "ﬀ", "ǅ", "한국어", "\\n", "\"q\"", "#", "$x", "%",
 ]  # fmt: skip
@@ -209,5 +210,39 @@ def test_cli_reports_split_documents(tokenizers, tmp_path):
     out = run_tool("preprocess_data", *args)
     assert out.returncode == 0, out.stderr
     assert "split documents: 1 (" in out.stdout and "llama-3" in out.stdout.lower()
-    bad = run_tool("preprocess_data", *args[:-3], "0")
+    bad = run_tool("preprocess_data", *args[:-2], "0")
     assert bad.returncode == 1 and "--max-piece-chars" in bad.stderr
+
+
+def test_no_tokenizer_call_sees_more_than_the_piece_size(tokenizers, tmp_path, monkeypatch):
+    """What bounds a worker's memory: the longest text handed to the tokenizer in one call."""
+    from megatron_longctx.data.preprocess.tokenizer import HuggingFaceTokenizer
+
+    longest = [0]
+    encode, encode_batch = HuggingFaceTokenizer.encode, HuggingFaceTokenizer.encode_batch
+
+    def spy(self, text):
+        longest[0] = max(longest[0], len(text))
+        return encode(self, text)
+
+    def spy_batch(self, texts):
+        longest[0] = max([longest[0], *map(len, texts)])
+        return encode_batch(self, texts)
+
+    monkeypatch.setattr(HuggingFaceTokenizer, "encode", spy)
+    monkeypatch.setattr(HuggingFaceTokenizer, "encode_batch", spy_batch)
+    corpus = tmp_path / "c.jsonl"
+    giant = adversarial(8, 100_000)
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in ["a b", giant, "c"]))
+    report = preprocess(
+        PreprocessConfig(
+            input=str(corpus),
+            output_prefix=str(tmp_path / "o"),
+            tokenizer_type=tokenizers["llama3"][0],
+            tokenizer_model=tokenizers["llama3"][1],
+            quiet=True,
+            max_piece_chars=10_000,
+        )
+    )
+    assert report.split.documents == 1 and len(giant) > 20 * 10_000
+    assert 9_000 < longest[0] <= 10_000

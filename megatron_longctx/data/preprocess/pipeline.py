@@ -11,8 +11,9 @@ Shape of the pipeline:
 At most ``2 x workers + 2`` tasks are in flight, so memory is bounded by the batch and piece sizes,
 not the corpus or the longest document; the output is byte-identical for any number of workers (and
 to whole-document encoding) because results are consumed in input order and the pieces' encodings
-concatenate to the whole document's. With ``--on-error fail`` the first bad record (in input order) aborts the run and every
-temporary file is deleted; nothing is renamed to a final name until all outputs are complete.
+concatenate to the whole document's. With ``--on-error fail`` the first bad record (in input order)
+aborts the run and every temporary file is deleted; nothing is renamed to a final name until all
+outputs are complete.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def output_paths(output_prefix: str, key: str) -> dict[str, str]:
 
 
 def _ordered_results(tasks, settings: WorkerSettings, workers: int):
-    """Yields ``(meta, run_task(task))`` in input order, with a bounded number of tasks in flight."""
+    """Yields ``(meta, run_task(task))`` in input order, a bounded number of tasks in flight."""
     if workers == 1:
         init_worker(settings, in_child=False)
         for meta, task in tasks:

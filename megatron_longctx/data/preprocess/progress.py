@@ -3,6 +3,8 @@ and the share of the input read with an ETA."""
 
 from __future__ import annotations
 
+import shutil
+
 from tqdm import tqdm
 
 
@@ -23,7 +25,10 @@ class Progress:
         self.read_bytes = 0
         self._next = 0
         self._bar = tqdm(
-            unit="tok", unit_scale=True, dynamic_ncols=True, disable=None if enabled else True
+            unit="tok",
+            unit_scale=True,
+            disable=None if enabled else True,
+            ncols=shutil.get_terminal_size((120, 20)).columns,  # a 0-wide pty would print nothing
         )
         self.enabled = not self._bar.disable
 

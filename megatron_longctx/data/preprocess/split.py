@@ -1,4 +1,4 @@
-"""Cutting one long document into pieces whose encodings concatenate to the whole encoding.
+r"""Cutting one long document into pieces whose encodings concatenate to the whole encoding.
 
 A cut at character ``p`` is *safe* when ``encode(text) == encode(text[:p]) + encode(text[p:])`` for
 every text, which holds when no step of the tokenizer looks across ``p``. Safe cuts are recognised
@@ -9,21 +9,21 @@ Byte-level BPE with Llama-3's split regex (``LLAMA3_PATTERN``; Hugging Face ``Sp
 ``ByteLevel(use_regex=False)``, no normalizer). BPE merges never cross a pre-token, so a cut is safe
 if it is a pre-token boundary of the whole text that the left and right pieces reproduce. The regex
 has no lookbehind and no anchors, so matches from ``p`` on do not depend on ``text[:p]``; its only
-lookaround is the ``(?!\\S)`` of ``\\s+(?!\\S)``. Every character is matched (``\\p{L}``, ``\\p{N}``,
-``\\s`` and "other" each have an alternative), so there are no unmatched gaps. Two rules:
+lookaround is the ``(?!\S)`` of ``\s+(?!\S)``. Every character is matched (``\p{L}``,
+``\p{N}``, ``\s`` and "other" each have an alternative), so there are no unmatched gaps. Rules:
 
-- A. ``text[p-1] == "\\n"`` and ``text[p]`` is a letter. No alternative matches "\\n" followed by a
-  letter (the optional prefix of ``[^\\r\\n\\p{L}\\p{N}]?\\p{L}+`` excludes "\\r\\n"; the others
+- A. ``text[p-1] == "\n"`` and ``text[p]`` is a letter. No alternative matches "\n" followed by a
+  letter (the optional prefix of ``[^\r\n\p{L}\p{N}]?\p{L}+`` excludes "\r\n"; the others
   hold no letters after a newline), so the match holding the newline ends at ``p``. That match is
-  ``' ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*'`` or ``\\s*[\\r\\n]+`` (a whitespace run ending in "\\n" is taken
-  by ``\\s*[\\r\\n]+`` before ``\\s+(?!\\S)`` is tried); neither has lookaround, and alternatives
+  ``' ?[^\s\p{L}\p{N}]+[\r\n]*'`` or ``\s*[\r\n]+`` (a whitespace run ending in "\n" is taken
+  by ``\s*[\r\n]+`` before ``\s+(?!\S)`` is tried); neither has lookaround, and alternatives
   before them have none either, so the truncated left piece makes the same match.
 - B. ``text[p-1]`` is a letter and ``text[p]`` is not. Only the contractions and
-  ``[^\\r\\n\\p{L}\\p{N}]?\\p{L}+`` match letters; both end inside the letter run and have no
+  ``[^\r\n\p{L}\p{N}]?\p{L}+`` match letters; both end inside the letter run and have no
   lookaround, so the match holding ``text[p-1]`` ends at ``p`` and is the same in the left piece.
 
-GPT-2's ``ByteLevel(use_regex=True)`` regex gets rule B only (rule A fails there: ``\\s+(?!\\S)``
-sees past the cut: ``"x \\nA"`` splits ``" "|"\\n"`` whole, ``" \\n"`` truncated). "Letter" is
+GPT-2's ``ByteLevel(use_regex=True)`` regex gets rule B only (rule A fails there: ``\s+(?!\S)``
+sees past the cut: ``"x \nA"`` splits ``" "|"\n"`` whole, ``" \n"`` truncated). "Letter" is
 restricted to characters whose Unicode category has been ``L*`` for decades (ASCII, Latin-1 and
 Latin Extended-A/B, Greek, Cyrillic, kana, CJK U+4E00-U+9FA5, Hangul syllables), "not a letter" to
 ASCII non-letters and common CJK punctuation, so Python's tables and the Rust regex engine agree.
@@ -58,7 +58,7 @@ _LETTER_BLOCKS = (
     (0x4E00, 0x9FA5),
     (0xAC00, 0xD7A3),
 )
-_CJK_PUNCTUATION = "\u3000\u3001\u3002\u300c\u300d\u300e\u300f\uff01\uff08\uff09\uff0c\uff1a\uff1b\uff1f"
+_CJK_PUNCTUATION = "\u3000\u3001\u3002\u300c\u300d\u300e\u300f\uff01\uff08\uff09\uff0c\uff1a\uff1b"
 
 
 def _letter_class() -> str:

@@ -1,8 +1,8 @@
 """The tokenizing half of the pipeline: raw JSONL lines in, flat token arrays out.
 
 Runs in worker processes (or in-process with one worker). Each worker loads the tokenizer once, in
-``init_worker``; ``tokenize_batch`` (a batch of short records) and ``tokenize_piece`` (one piece of a
-long document, cut by the parent at a safe boundary, see ``split.py``) are pure functions of their
+``init_worker``; ``tokenize_batch`` (a batch of short records) and ``tokenize_piece`` (one piece of
+a long document, cut by the parent at a safe boundary, see ``split.py``) are pure functions of their
 input, so the output does not depend on how tasks are spread over workers.
 """
 
