@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"split documents: {split.documents:,} ({split.pieces:,} pieces; {report.split_method})"
         + (f"; {split.unsplit:,} long records encoded whole" if split.unsplit else "")
+        + (f"; {split.oversized:,} pieces over the size (no safe cut)" if split.oversized else "")
     )
     return 0
 

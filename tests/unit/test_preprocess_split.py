@@ -246,3 +246,26 @@ def test_no_tokenizer_call_sees_more_than_the_piece_size(tokenizers, tmp_path, m
     )
     assert report.split.documents == 1 and len(giant) > 20 * 10_000
     assert 9_000 < longest[0] <= 10_000
+
+
+def test_stretch_without_safe_cut_becomes_one_counted_piece(tokenizers, tmp_path):
+    digits = "1234567890" * 3000  # no letter anywhere: no safe cut for the byte-level regex
+    text = "intro words\n" + digits + " tail words\n" + "more text " * 2000
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n")
+    report = preprocess(
+        PreprocessConfig(
+            input=str(corpus),
+            output_prefix=str(tmp_path / "o"),
+            tokenizer_type=tokenizers["llama3"][0],
+            tokenizer_model=tokenizers["llama3"][1],
+            quiet=True,
+            max_piece_chars=5000,
+        )
+    )
+    tok = load_tokenizer(*tokenizers["llama3"])
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(report.outputs["text"]["prefix"])  # kept alive: ds[0] views its mmap
+    assert ds[0].tolist() == tok.encode(text)
+    assert report.split.documents == 1 and report.split.oversized == 1

@@ -39,11 +39,13 @@ class SplitCounts:
         documents: records encoded in more than one piece.
         pieces: pieces those records were cut into (over all keys).
         unsplit: records longer than the piece size encoded whole (no safe boundary known).
+        oversized: pieces longer than the piece size (a stretch without any safe cut).
     """
 
     documents: int = 0
     pieces: int = 0
     unsplit: int = 0
+    oversized: int = 0
 
 
 def iter_tasks(
@@ -106,9 +108,11 @@ def iter_tasks(
                 pieces = splitter.pieces(text, max_piece_chars)
                 piece = next(pieces)
                 for following in pieces:  # one ahead, to flag the last piece
+                    _check_size(piece, max_piece_chars, path, line_number, counts)
                     yield (key_index, False), ("piece", piece)
                     num_pieces += 1
                     piece = following
+                _check_size(piece, max_piece_chars, path, line_number, counts)
                 yield (key_index, True), ("piece", piece)
                 num_pieces += 1
             if num_pieces > len(texts):
@@ -117,6 +121,21 @@ def iter_tasks(
         done_bytes += _size(path)
     if batch:
         yield None, ("batch", batch)
+
+
+def _check_size(piece: str, max_piece_chars: int, path: str, line: int, counts: SplitCounts):
+    if len(piece) <= max_piece_chars:
+        return
+    if not counts.oversized:
+        logger.warning(
+            "%s:%d has %d characters without a safe cut (--max-piece-chars %d): encoded as one "
+            "piece; later such pieces are only counted",
+            path,
+            line,
+            len(piece),
+            max_piece_chars,
+        )
+    counts.oversized += 1
 
 
 def _long_texts(
