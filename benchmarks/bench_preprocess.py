@@ -60,15 +60,17 @@ print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - start}))
 """
 
 TOOL = r"""
-import json, sys, time
+import json, resource, sys, time
 from megatron_longctx.data.preprocess.pipeline import PreprocessConfig, preprocess
 corpus, kind, model, prefix, workers, max_piece_chars = sys.argv[1:7]
 start = time.perf_counter()
 report = preprocess(PreprocessConfig(input=corpus, output_prefix=prefix, quiet=True,
     tokenizer_type=kind, tokenizer_model=model, append_eod=True, workers=int(workers),
     max_piece_chars=int(max_piece_chars)))
+own = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"tokens": report.num_tokens, "seconds": time.perf_counter() - start,
-    "split": report.split.documents, "pieces": report.split.pieces}))
+    "split": report.split.documents, "pieces": report.split.pieces,
+    "parent_cpu": own.ru_utime + own.ru_stime}))
 """
 
 
@@ -202,7 +204,8 @@ def main() -> int:
         if len(cpu) == 2 and sum(cpu):
             # Independent of other load on the machine: the busiest worker bounds the wall time.
             print(
-                f"{name}: worker cpu s {cpu[0]:.1f} + {cpu[1]:.1f}; busiest worker's share "
+                f"{name}: worker cpu s {cpu[0]:.1f} + {cpu[1]:.1f} (parent "
+                f"{runs[name]['parent_cpu']:.1f}, imports included); busiest worker's share "
                 f"{cpu[0] / sum(cpu):.0%} -> at most {sum(cpu) / cpu[0]:.2f}x over one worker"
             )
     one, two = runs["tool, pieces, --workers 1"], runs["tool, pieces, --workers 2"]

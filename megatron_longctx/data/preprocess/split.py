@@ -118,9 +118,8 @@ class Splitter:
             cut = None
             for lo in (max(start + 1, hi - _SEARCH_WINDOW), start + 1):
                 found = [m.start() for m in self.boundary.finditer(text, lo, hi + 1)]
-                found = [p for p in found if p <= hi and self._ok(text, p)]
-                if found:
-                    cut = found[-1]
+                cut = next((p for p in reversed(found) if p <= hi and self._ok(text, p)), None)
+                if cut is not None:
                     break
             if cut is None:  # none within the limit: the first one after it
                 for m in self.boundary.finditer(text, hi + 1):
