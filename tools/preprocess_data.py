@@ -36,7 +36,7 @@ from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags (Megatron-LM names plus --on-error, --quiet, --plot, --max-piece-chars)."""
+    """Command-line flags (Megatron-LM names plus --on-error, --quiet, --plot)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--input",
