@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--plot", action="store_true", help="also write the length histogram as a PNG")
+    p.add_argument(
+        "--max-piece-chars",
+        type=int,
+        default=PreprocessConfig.max_piece_chars,
+        help="most characters per tokenizer call: longer documents are encoded in pieces cut where "
+        "the tokens cannot change, spread over all workers (bounds worker memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             on_error=args.on_error,
             quiet=args.quiet,
             plot=args.plot,
+            max_piece_chars=args.max_piece_chars,
         )
         report = preprocess(config)
     except (PreprocessError, ValueError, FileNotFoundError) as e:
@@ -116,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"skipped records: {skipped}; blank lines: {report.num_blank_lines}; "
         f"{report.num_tokens / max(report.seconds, 1e-9):,.0f} tokens/s in {report.seconds:.1f}s"
+    )
+    split = report.split
+    print(
+        f"split documents: {split.documents:,} ({split.pieces:,} pieces; {report.split_method})"
+        + (f"; {split.unsplit:,} long records encoded whole" if split.unsplit else "")
+        + (f"; {split.oversized:,} pieces over the size (no safe cut)" if split.oversized else "")
     )
     return 0
 

@@ -2,13 +2,18 @@
 
 Shape of the pipeline:
 
-    parent: read raw lines -> batches (<= batch_bytes) ──> worker pool: parse, validate, tokenize
+    parent: read raw lines -> tasks (tasks.py) ──> worker pool: parse, validate, tokenize
+              short records: batches of <= batch_bytes
+              long records:  pieces of <= max_piece_chars, cut at safe boundaries (split.py)
     parent: <── results taken back strictly in submission order ──> IndexedDatasetWriter per key
+              (a long document's pieces are appended as they come: its tokens are never held whole)
 
-At most ``2 x workers + 2`` batches are in flight, so memory is bounded by the batch size, not the
-corpus; the output is byte-identical for any number of workers because results are consumed in input
-order. With ``--on-error fail`` the first bad record (in input order) aborts the run and every
-temporary file is deleted; nothing is renamed to a final name until all outputs are complete.
+At most ``2 x workers + 2`` tasks are in flight, so memory is bounded by the batch and piece sizes,
+not the corpus or the longest document; the output is byte-identical for any number of workers (and
+to whole-document encoding) because results are consumed in input order and the pieces' encodings
+concatenate to the whole document's. With ``--on-error fail`` the first bad record (in input order)
+aborts the run and every temporary file is deleted; nothing is renamed to a final name until all
+outputs are complete.
 """
 
 from __future__ import annotations
@@ -18,21 +23,17 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_longctx.data.preprocess import stats as stats_lib
 from megatron_longctx.data.preprocess.progress import Progress
-from megatron_longctx.data.preprocess.readers import REASONS, expand_inputs, iter_lines
+from megatron_longctx.data.preprocess.readers import REASONS, expand_inputs
+from megatron_longctx.data.preprocess.split import make_splitter
+from megatron_longctx.data.preprocess.tasks import SplitCounts, iter_tasks
 from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES, load_tokenizer
-from megatron_longctx.data.preprocess.worker import (
-    RawLine,
-    WorkerSettings,
-    init_worker,
-    tokenize_batch,
-)
+from megatron_longctx.data.preprocess.worker import WorkerSettings, init_worker, run_task
 from megatron_longctx.data.preprocess.writer import IndexedDatasetWriter, token_dtype
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,13 @@ class PreprocessConfig:
         on_error: ``fail`` (abort, leave nothing) or ``skip`` (count bad records and go on).
         quiet: no progress output even on a TTY.
         plot: also write ``{output_prefix}_{key}_length_hist.png``.
-        batch_bytes: raw bytes per batch sent to a worker.
+        batch_bytes: raw bytes per batch of short records sent to a worker.
+        max_piece_chars: most characters one tokenizer call encodes: a longer document is encoded
+            in pieces cut where the tokens provably do not change (``split.py``), spread over all
+            workers. Bounds each worker's memory whatever the longest document (the tokenizer's
+            working memory grows with the text of one call; Hugging Face tokenizers hold ~600
+            bytes per token). The default keeps a worker well under 1 GB, so 64 workers fit a
+            512 GB node many times over.
     """
 
     input: str | list[str]
@@ -76,6 +83,7 @@ class PreprocessConfig:
     quiet: bool = False
     plot: bool = False
     batch_bytes: int = 1 << 19
+    max_piece_chars: int = 1 << 18
 
     def __post_init__(self) -> None:
         if self.tokenizer_type not in TOKENIZER_TYPES:
@@ -87,6 +95,11 @@ class PreprocessConfig:
             raise ValueError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.max_piece_chars < 1 or self.batch_bytes < 1:
+            raise ValueError(
+                f"--max-piece-chars and batch_bytes must be >= 1, got {self.max_piece_chars} and "
+                f"{self.batch_bytes}"
+            )
         if self.log_interval < 1:
             raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
@@ -106,6 +119,8 @@ class PreprocessReport:
     skipped: dict[str, int]
     num_blank_lines: int
     seconds: float
+    split: SplitCounts = field(default_factory=SplitCounts)
+    split_method: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -125,41 +140,25 @@ def output_paths(output_prefix: str, key: str) -> dict[str, str]:
     }
 
 
-def _batches(files: list[str], batch_bytes: int, progress: Progress) -> Iterator[list[RawLine]]:
-    batch: list[RawLine] = []
-    size = 0
-    done_bytes = 0
-    for file_index, path in enumerate(files):
-        position = 0
-        for line_number, line, position in iter_lines(path):
-            batch.append((file_index, line_number, line))
-            size += len(line)
-            if size >= batch_bytes:
-                progress.read_bytes = done_bytes + position
-                yield batch
-                batch, size = [], 0
-        done_bytes += _size(path)
-    if batch:
-        yield batch
-
-
-def _ordered_results(batches: Iterator[list[RawLine]], settings: WorkerSettings, workers: int):
-    """Yields ``tokenize_batch`` results in input order, with a bounded number in flight."""
+def _ordered_results(tasks, settings: WorkerSettings, workers: int):
+    """Yields ``(meta, run_task(task))`` in input order, a bounded number of tasks in flight."""
     if workers == 1:
         init_worker(settings, in_child=False)
-        for batch in batches:
-            yield tokenize_batch(batch)
+        for meta, task in tasks:
+            yield meta, run_task(task)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
     try:
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(tokenize_batch, (batch,)))
+        for meta, task in tasks:
+            pending.append((meta, pool.apply_async(run_task, (task,))))
             if len(pending) >= 2 * workers + 2:
-                yield pending.popleft().get()
+                meta, result = pending.popleft()
+                yield meta, result.get()
         while pending:
-            yield pending.popleft().get()
+            meta, result = pending.popleft()
+            yield meta, result.get()
         pool.close()
     finally:
         pool.terminate()
@@ -195,6 +194,19 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     paths = {key: output_paths(config.output_prefix, key) for key in config.json_keys}
     total_bytes = sum(_size(p) for p in files)
     progress = Progress(total_bytes, config.log_interval, enabled=not config.quiet)
+    splitter, split_method = make_splitter(tokenizer)
+    counts = SplitCounts()
+    tasks = iter_tasks(
+        files,
+        config.json_keys,
+        config.batch_bytes,
+        config.max_piece_chars,
+        splitter,
+        split_method,
+        progress,
+        counts,
+    )
+    eod = np.array([tokenizer.eod_id] if config.append_eod else [], dtype=dtype)
 
     writers: dict[str, IndexedDatasetWriter] = {}
     temp_files: list[str] = []
@@ -203,9 +215,17 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     try:
         for key in config.json_keys:
             writers[key] = IndexedDatasetWriter(paths[key]["prefix"], dtype)
-        for result in _ordered_results(
-            _batches(files, config.batch_bytes, progress), settings, config.workers
-        ):
+        first = writers[config.json_keys[0]]
+        for meta, result in _ordered_results(tasks, settings, config.workers):
+            if meta is not None:  # one piece of a long document
+                key_index, last = meta
+                writer = writers[config.json_keys[key_index]]
+                writer.append_tokens(result)
+                if last:
+                    writer.append_tokens(eod)
+                    writer.end_document()
+                progress.update(first.num_documents, first.num_tokens, counts.documents)
+                continue
             for file_index, line_number, reason, detail in result.bad:
                 where = f"{files[file_index]}:{line_number}"
                 if config.on_error == "fail":
@@ -219,10 +239,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             num_blank += result.num_blank
             for key, writer in writers.items():
                 writer.add_documents(result.tokens[key], result.lengths[key])
-            first = writers[config.json_keys[0]]
-            progress.update(first.num_documents, first.num_tokens)
+            progress.update(first.num_documents, first.num_tokens, counts.documents)
         progress.close()
-        first = writers[config.json_keys[0]]
         if first.num_documents == 0:
             raise PreprocessError(
                 f"no documents were written from {len(files)} input file(s) "
@@ -235,6 +253,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             all_stats[key] = _stats_payload(
                 config, key, files, dtype, summary, skipped, num_blank, tokenizer.vocab_size
             )
+            all_stats[key]["split_documents"] = counts.documents
             temp_files.append(stats_lib.write_json_atomic(paths[key]["stats"], all_stats[key]))
             if config.plot:
                 temp_files.append(
@@ -257,7 +276,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         os.replace(tmp, os.path.join(directory, name[1:].rsplit(".tmp-", 1)[0]))
     for writer in writers.values():
         writer.commit()
-    return PreprocessReport(paths, all_stats, skipped, num_blank, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return PreprocessReport(paths, all_stats, skipped, num_blank, seconds, counts, split_method)
 
 
 def _stats_payload(

@@ -1,8 +1,9 @@
 """The tokenizing half of the pipeline: raw JSONL lines in, flat token arrays out.
 
 Runs in worker processes (or in-process with one worker). Each worker loads the tokenizer once, in
-``init_worker``; ``tokenize_batch`` is a pure function of its batch, so the output does not depend
-on how batches are spread over workers.
+``init_worker``; ``tokenize_batch`` (a batch of short records) and ``tokenize_piece`` (one piece of
+a long document, cut by the parent at a safe boundary, see ``split.py``) are pure functions of their
+input, so the output does not depend on how tasks are spread over workers.
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ def tokenize_batch(batch: list[RawLine]) -> BatchResult:
         )
         result.lengths[key] = lengths
     return result
+
+
+def tokenize_piece(text: str) -> np.ndarray:
+    """Tokens of one piece of a long document (validated by the parent; no EOD)."""
+    return np.array(_STATE["tokenizer"].encode(text), dtype=_STATE["dtype"])
+
+
+def run_task(task: tuple[str, object]) -> BatchResult | np.ndarray:
+    """Runs one task: ``("batch", raw lines)`` -> ``BatchResult``, ``("piece", text)`` -> tokens."""
+    kind, payload = task
+    return tokenize_batch(payload) if kind == "batch" else tokenize_piece(payload)
 
 
 def _encode_column(tokenizer, key: str, texts: list[str]) -> list:

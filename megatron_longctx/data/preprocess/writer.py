@@ -63,6 +63,7 @@ class IndexedDatasetWriter:
         self._lengths = open(self._tmp_lengths, "wb", buffering=1 << 20)
         self.num_documents = 0
         self.num_tokens = 0
+        self._open_tokens = 0  # tokens of the document being appended piece by piece
         self._finalized = False
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -74,6 +75,8 @@ class IndexedDatasetWriter:
         """
         if tokens.dtype != self.dtype:
             raise TypeError(f"tokens are {tokens.dtype}, writer expects {self.dtype}")
+        if self._open_tokens:
+            raise RuntimeError("add_documents() while a document is open: call end_document()")
         if int(lengths.sum()) != tokens.size:
             raise ValueError(
                 f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given"
@@ -82,6 +85,26 @@ class IndexedDatasetWriter:
         self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
         self.num_documents += int(lengths.size)
         self.num_tokens += int(tokens.size)
+
+    def append_tokens(self, tokens: np.ndarray) -> None:
+        """Appends tokens to the open document (one piece of a long document; streamed, so a long
+        document's tokens are never held whole). ``end_document`` closes it."""
+        if tokens.dtype != self.dtype:
+            raise TypeError(f"tokens are {tokens.dtype}, writer expects {self.dtype}")
+        self._bin.write(tokens.tobytes())
+        self._open_tokens += int(tokens.size)
+        self.num_tokens += int(tokens.size)
+
+    def end_document(self) -> None:
+        """Closes the document built by ``append_tokens`` calls."""
+        if self._open_tokens > np.iinfo(np.int32).max:
+            raise ValueError(
+                f"a document of {self._open_tokens:,} tokens does not fit the .idx format's int32 "
+                "length: split the document before preprocessing"
+            )
+        self._lengths.write(np.int32(self._open_tokens).tobytes())
+        self.num_documents += 1
+        self._open_tokens = 0
 
     def lengths(self) -> np.ndarray:
         """Document lengths written so far, memory-mapped from the spill file (call after
@@ -92,6 +115,8 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         """Closes the ``.bin`` and writes the ``.idx`` (still under temporary names)."""
+        if self._open_tokens:
+            raise RuntimeError("finalize() while a document is open: call end_document()")
         self._bin.close()
         self._lengths.close()
         n = self.num_documents
