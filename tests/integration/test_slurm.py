@@ -237,7 +237,7 @@ def test_cancelled_job_stays_cancelled(submit, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_wall_clock_exit_saves_and_requeues_before_the_time_limit(submit, tmp_path):
-    margin = 95  # of --time=2: the trainer must stop ~25 s into the run, between 2 s steps
+    margin = 90  # of --time=2: the trainer must stop ~30 s into the run, between 2 s steps
     job = submit(tmp_path / "run", sbatch_args=("--time=2", "--signal=B:USR1@5"),
                  LONGCTX_FAULT="slow_steps:2", LONGCTX_EXIT_MARGIN_S=str(margin),
                  LONGCTX_OVERRIDES="stages.0.steps=40 stages.0.checkpoint_interval=3 "
@@ -256,7 +256,6 @@ def test_wall_clock_exit_saves_and_requeues_before_the_time_limit(submit, tmp_pa
     saved = re.search(r"wall-clock exit: the job ends at \S+, next step ~(\d+) s, exit margin "
                       rf"{margin} s: checkpoint at iteration (\d+) saved", log)
     assert saved, log[-3000:]
-    assert int(saved.group(1)) >= 2  # the slow step is in the estimate
     iteration = int(saved.group(2))
     assert 1 <= iteration < 40
     # every 3rd step (the stage's checkpoint_interval) and the wall-clock exit's own save
@@ -266,8 +265,12 @@ def test_wall_clock_exit_saves_and_requeues_before_the_time_limit(submit, tmp_pa
     assert "received SIG" not in log  # no SLURM signal was needed
     (exited,) = _launch_lines(log, "exited 75 (preempted)")
     assert exited < end - 30, (exited, end)  # done before SIGTERM + KillWait at the limit
-    if iteration > 1:  # (unless the first step already ended past end - margin: a loaded machine)
-        assert exited <= end - margin + 10, (exited, end)  # the save began before end - margin
+    # Unless the first step already ended past end - margin (a loaded machine; then there was no
+    # earlier step to stop after), the exit is predictive: the slow step is in the estimate, and
+    # the save began before end - margin.
+    if iteration > 1:
+        assert int(saved.group(1)) >= 2, saved.group(0)
+        assert exited <= end - margin + 10, (exited, end)
     assert log.count("requeueing job") == 1
 
 
