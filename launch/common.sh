@@ -90,7 +90,8 @@ longctx_settings() {
     # CPUs per task: sbatch's -c, else the node's CPUs shared by its tasks (--exclusive: all).
     local per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_NNODES))}
     per_node=${per_node%%(*}
-    LONGCTX_CPUS_PER_TASK=${LONGCTX_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$((${SLURM_CPUS_ON_NODE:-$per_node} / per_node))}}
+    local shared=$((${SLURM_CPUS_ON_NODE:-$per_node} / per_node))
+    LONGCTX_CPUS_PER_TASK=${LONGCTX_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$shared}}
     ((LONGCTX_CPUS_PER_TASK >= 1)) || LONGCTX_CPUS_PER_TASK=1
     export SRUN_CPUS_PER_TASK=$LONGCTX_CPUS_PER_TASK  # for any other srun in this allocation
     # Helper steps (config check, signalling): one CPU, no memory taken from the trainer, and no GPUs
@@ -407,14 +408,4 @@ _submit_eval() {
         _log "submitting the evaluation job failed (training is done): submit" \
             "launch/eval_longctx.sh with LONGCTX_EVAL_CHECKPOINT=$load by hand"
     fi
-}
-
-longctx_eval() {
-    _base_settings
-    local load=${LONGCTX_EVAL_CHECKPOINT:-$LONGCTX_RUN/checkpoints} args
-    local out=${LONGCTX_EVAL_OUTPUT:-$LONGCTX_RUN/eval/${load##*/}}
-    read -r -a args <<<"${LONGCTX_EVAL_ARGS:-}"
-    _log "job $SLURM_JOB_ID: evaluating $load -> $out (tools/eval_longctx.py ${args[*]})"
-    srun --nodes=1 --ntasks=1 "${LONGCTX_CONTAINER[@]}" \
-        "$LONGCTX_PYTHON" tools/eval_longctx.py --load "$load" --output-dir "$out" "${args[@]}"
 }

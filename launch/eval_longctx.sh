@@ -22,4 +22,10 @@
 #SBATCH --output=%x-%j.out
 
 source "${LONGCTX_HOME:-${SLURM_SUBMIT_DIR:-.}}/launch/common.sh"
-longctx_eval
+_base_settings  # checkout, run directory, interpreter, container (launch/common.sh)
+load=${LONGCTX_EVAL_CHECKPOINT:-$LONGCTX_RUN/checkpoints}
+out=${LONGCTX_EVAL_OUTPUT:-$LONGCTX_RUN/eval/${load##*/}}
+read -r -a args <<<"${LONGCTX_EVAL_ARGS:-}"
+_log "job $SLURM_JOB_ID: evaluating $load -> $out (tools/eval_longctx.py ${args[*]})"
+srun --nodes=1 --ntasks=1 "${LONGCTX_CONTAINER[@]}" \
+    "$LONGCTX_PYTHON" tools/eval_longctx.py --load "$load" --output-dir "$out" "${args[@]}"
