@@ -274,14 +274,14 @@ def test_wall_clock_exit_saves_and_requeues_before_the_time_limit(submit, tmp_pa
     assert log.count("requeueing job") == 1
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_second_job_on_the_run_directory_is_refused(submit, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--time=2", "--output=/dev/null",
                              "--wrap=sleep 100"], capture_output=True, text=True, timeout=30)
     holder_id = holder.stdout.strip().split(";")[0]
     try:
-        end = time.monotonic() + 30
+        end = time.monotonic() + 60  # (a previous test's job may still be completing)
         while "JobState=RUNNING" not in subprocess.run(
                 ["scontrol", "show", "job", holder_id], capture_output=True, text=True,
                 timeout=30).stdout:
