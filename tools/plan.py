@@ -16,7 +16,13 @@ import sys
 
 from megatron_longctx.model.config import PRESETS, get_preset
 from megatron_longctx.perf.hardware import HARDWARE, get_hardware
-from megatron_longctx.perf.planner import DEFAULT_GLOBAL_BATCH_TOKENS, PlanRequest, enumerate_plans
+from megatron_longctx.perf.planner import (
+    CHECKPOINT_EVERY_S,
+    DEFAULT_GLOBAL_BATCH_TOKENS,
+    PlanRequest,
+    checkpoint_interval,
+    enumerate_plans,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if q.distributed_optimizer:
             print("   distributed optimizer: on (Megatron's use_distributed_optimizer)")
         print("   " + " ".join(q.overrides(args.stage)))
+        print(
+            f"   checkpoint about every {CHECKPOINT_EVERY_S / 60:.0f} min at this step time: "
+            f"stages.{args.stage}.checkpoint_interval={checkpoint_interval(q.step_time_s)}"
+        )
     return 0
 
 

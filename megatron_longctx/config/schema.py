@@ -44,6 +44,9 @@ class StageConfig:
             stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
         eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,
             num_samples, tasks, loss_data, ...); lengths beyond seq_length are skipped.
+        checkpoint_interval: save every N steps of this stage (None: checkpoint.interval). Step
+            times differ ~10x between 64K and 512K stages; tools/plan.py prints the interval that
+            saves about every 30 minutes at its estimated step time.
     """
 
     name: str
@@ -67,9 +70,15 @@ class StageConfig:
     core_attention: str = "auto"
     eval: bool = False
     eval_settings: dict | None = None
+    checkpoint_interval: int | None = None
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
+        if self.checkpoint_interval is not None and self.checkpoint_interval < 1:
+            raise ConfigError(
+                f"{where}: checkpoint_interval must be >= 1 (or null for checkpoint.interval), "
+                f"got {self.checkpoint_interval}"
+            )
         if (self.steps is None) == (self.tokens is None):
             raise ConfigError(f"{where}: give exactly one of steps or tokens")
         if (self.global_batch_tokens is None) == (self.global_batch_size is None):
@@ -186,6 +195,9 @@ class TrainingSection:
         torch's CPU flash kernel; CUDA: flash-attn if installed, else torch's flash varlen; CUDA
         fp32: tiled), cpu_flash, torch_flash, flash_attn, tiled (model/attention/kernels.py).
         Ignored by 'te'.
+    dist_timeout_minutes: timeout of every process group, the world group and megatron's
+        (NCCL and gloo) alike (Megatron-LM's --distributed-timeout-minutes): how long a rank waits
+        in a collective (e.g. for rank 0 saving or building an index cache) before failing.
     """
 
     device: str = "auto"
@@ -194,6 +206,7 @@ class TrainingSection:
     peak_flops_per_device: float | None = None
     bf16: bool = False
     attention_kernel: str = "auto"
+    dist_timeout_minutes: float = 30.0
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -203,6 +216,10 @@ class TrainingSection:
             raise ConfigError(
                 f"training.attention_kernel must be one of {kernels}, got "
                 f"{self.attention_kernel!r}"
+            )
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError(
+                f"training.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}"
             )
 
 

@@ -35,6 +35,15 @@ from megatron_longctx.perf.memory import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_GLOBAL_BATCH_TOKENS = 8_388_608  # ProLong stage 2: ~8M tokens per step
+CHECKPOINT_EVERY_S = 1800.0  # a crash (not a preemption: that saves) loses at most ~30 min
+
+
+def checkpoint_interval(step_time_s: float, every_s: float = CHECKPOINT_EVERY_S) -> int:
+    """Steps between checkpoints that save about every ``every_s`` seconds at ``step_time_s``
+    (a recipe's ``stages.N.checkpoint_interval``)."""
+    if step_time_s <= 0:
+        raise ValueError(f"step_time_s must be > 0, got {step_time_s}")
+    return max(1, int(every_s // step_time_s))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Order (called once per process):
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from megatron_longctx.runtime import cpu_shim
 from megatron_longctx.runtime.device import backend_for, choose_device
 
 DEFAULT_MASTER_PORT = 29500
+DEFAULT_TIMEOUT_S = 1800.0  # config/schema.py TrainingSection.dist_timeout_minutes
+
+# The timeout the world group was created with; megatron's groups (initialize_model_parallel)
+# get the same one, so one setting bounds every collective.
+_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,14 @@ def dist_env(environ: dict | None = None) -> DistEnv:
 
 
 def init_process_group(
-    env: DistEnv | None = None, device: str | None = None, timeout_s: float = 600
+    env: DistEnv | None = None, device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> torch.device:
-    """Steps 1-3 of the module docstring. Returns the device. Idempotent."""
+    """Steps 1-3 of the module docstring. Returns the device. Idempotent.
+
+    ``timeout_s`` bounds every collective of the world group and, through
+    ``initialize_model_parallel``, of megatron's NCCL and gloo groups.
+    """
+    global _TIMEOUT_S
     env = env or dist_env()
     dev = choose_device(device)
     if dev.type == "cpu":
@@ -80,6 +91,7 @@ def init_process_group(
     else:
         torch.cuda.set_device(dev)
     if not torch.distributed.is_initialized():
+        _TIMEOUT_S = float(timeout_s)
         torch.distributed.init_process_group(
             backend=backend_for(dev),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -102,6 +114,7 @@ def initialize_model_parallel(layout: ParallelLayout) -> None:
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=max(1, math.ceil(_TIMEOUT_S / 60)),
     )
 
 

@@ -9,7 +9,7 @@ For each stage (starting where the newest complete checkpoint left off):
   4. the stage's loader, positioned at the consumed-samples counter;
   5. steps: forward/backward through megatron's schedule with a global token-averaged loss,
      NaN/inf check, optimizer + scheduler step, log, checkpoint every N steps and at the stage end,
-     SIGTERM/SIGUSR1 -> checkpoint and exit EXIT_PREEMPTED.
+     SIGTERM/SIGUSR1 or the job's wall-clock deadline -> checkpoint and exit EXIT_PREEMPTED.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from megatron_longctx.training.callbacks import (
     FaultInjector,
     MetricsLogger,
     SignalWatcher,
+    WallClockDeadline,
 )
 from megatron_longctx.training.data import build_stage_loader
 from megatron_longctx.training.reporting import evaluate_stage, step_record
@@ -98,7 +99,7 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     """Runs (or resumes) the whole curriculum. Returns the process exit code."""
     from megatron_longctx.runtime.distributed import init_process_group
 
-    init_process_group(device=cfg.training.device)
+    init_process_group(device=cfg.training.device, timeout_s=60 * cfg.training.dist_timeout_minutes)
     save_dir = expand_env(cfg.checkpoint.save_dir)
     first, resume, transition, iteration = _start_point(cfg, save_dir)
     metrics = MetricsLogger(
@@ -111,7 +112,7 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     )
     if first == len(cfg.stages) and dist.get_rank() == 0:
         print(f"all {len(cfg.stages)} stages are complete in {save_dir}; nothing to do", flush=True)
-    signals, faults = SignalWatcher(), FaultInjector()
+    signals, faults = SignalWatcher(deadline=WallClockDeadline.from_env()), FaultInjector()
     rc = 0
     for idx in range(first, len(cfg.stages)):
         rc, iteration = _run_stage(
@@ -321,7 +322,8 @@ def _run_stage(
             )
         )
         faults.after_step(iteration)
-        interval_due = stage_step % max(1, cfg.checkpoint.interval) == 0
+        every = stage.checkpoint_interval or cfg.checkpoint.interval
+        interval_due = stage_step % max(1, every) == 0
         if stage_step == total:
             save(protected=True)
             if stage.eval:
@@ -332,7 +334,7 @@ def _run_stage(
             if not (interval_due or stage_step == total):
                 save()
             _log0(
-                f"signal received: checkpoint at iteration {iteration} saved; exiting with "
+                f"{signals.reason}: checkpoint at iteration {iteration} saved; exiting with "
                 f"{EXIT_PREEMPTED} so the launcher requeues the job"
             )
             return EXIT_PREEMPTED, iteration

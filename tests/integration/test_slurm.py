@@ -7,8 +7,14 @@ The GPU #SBATCH lines are overridden on the sbatch command line; the recipe is t
   shell only, as `#SBATCH --signal=B:USR1@300` does), requeues itself, resumes, and ends with the
   same loss sequence and bitwise-identical final weights as the plain job;
 * a bad config fails fast in the batch shell, a trainer error (NaN) fails in the tasks; neither is
-  requeued.
-Every job is cancelled in teardown; every wait has a deadline.
+  requeued;
+* a job `scancel`led while it trains stays cancelled (the trainer's save-and-exit-75 on SIGTERM is
+  not taken for a preemption to requeue);
+* with `--time=2` and slow steps, the trainer's wall-clock exit saves before the job's end time
+  minus LONGCTX_EXIT_MARGIN_S, without any signal, and the job requeues itself;
+* a second job on a run directory that a live job holds is refused, with the reason.
+Every job is cancelled in teardown; every wait has a deadline. launch/common.sh's behaviour that a
+one-node SLURM cannot show is tested at bash level (tests/unit/test_launch_script.py).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def data(tmp_path_factory):
 class Job:
     """One sbatch submission of launch/prolong_512k.sh; ``info()`` reads scontrol's record."""
 
-    def __init__(self, run_dir: Path, data: dict, **env: str):
+    def __init__(self, run_dir: Path, data: dict, sbatch_args: tuple[str, ...] = (), **env: str):
         self.run_dir, self.log = run_dir, run_dir / "job.log"
         run_dir.mkdir(parents=True, exist_ok=True)
         base = {k: v for k, v in os.environ.items() if not k.startswith("LONGCTX_")}
@@ -59,10 +65,11 @@ class Job:
                         LONGCTX_RUN=str(run_dir), LONGCTX_DATA=str(Path(data["long"]).parent),
                         LONGCTX_PYTHON=sys.executable, OMP_NUM_THREADS="1",
                         WANDB_MODE="offline", **env)
-        # Command-line options override the script's #SBATCH lines (no GPU gres here). --time stays
-        # well above the script's 300 s pre-timeout signal.
+        # Command-line options override the script's #SBATCH lines (no GPU gres here), and later
+        # ones earlier ones (sbatch_args). --time stays well above the trainer's exit margin (900 s)
+        # and the script's 600 s pre-timeout signal.
         cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-               "--time=15", f"--output={self.log}", str(SCRIPT)]
+               "--time=20", f"--output={self.log}", *sbatch_args, str(SCRIPT)]
         p = subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         self.id = p.stdout.strip().split(";")[0]
@@ -110,8 +117,8 @@ class Job:
 def submit(slurm, data):
     jobs = []
 
-    def _submit(run_dir: Path, **env: str) -> Job:
-        jobs.append(Job(run_dir, data, **env))
+    def _submit(run_dir: Path, sbatch_args: tuple[str, ...] = (), **env: str) -> Job:
+        jobs.append(Job(run_dir, data, sbatch_args, **env))
         return jobs[-1]
 
     yield _submit
@@ -198,3 +205,96 @@ def test_trainer_error_is_not_requeued(submit, tmp_path):
     assert info == {"JobState": "FAILED", "Restarts": "0", "ExitCode": "3:0"}, log[-3000:]
     assert "non-finite loss" in log
     assert "trainer failed (exit 3): not requeueing" in log
+
+
+def _launch_lines(log: str, text: str) -> list[float]:
+    """Epoch times of the launcher's log lines that contain ``text``."""
+    return [time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+            for m in re.finditer(r"^\[launch (\S+ \S+)\] (.*)$", log, re.M) if text in m.group(2)]
+
+
+@pytest.mark.timeout(90)
+def test_cancelled_job_stays_cancelled(submit, tmp_path):
+    job = submit(tmp_path / "run", LONGCTX_FAULT="slow_steps:1")
+    cancelled = []
+
+    def cancel_once_training(info):
+        if not cancelled and info["JobState"] == "RUNNING" and job.losses():
+            job.cancel()  # SIGTERM to the batch shell and the trainers: they save and exit 75
+            cancelled.append(1)
+
+    job.wait(60, on_poll=cancel_once_training)
+    end = time.monotonic() + 40  # the batch shell decides within KillWait (20 s)
+    while time.monotonic() < end and not re.search(r"trainer (checkpointed|failed)", job.text()):
+        time.sleep(0.3)
+    time.sleep(1)
+    log, info = job.text(), job.info()
+    assert cancelled and "received SIGTERM" in log, log[-3000:]
+    assert "not requeueing: this job got SIGTERM" in log, log[-3000:]
+    assert "requeueing job" not in log
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_wall_clock_exit_saves_and_requeues_before_the_time_limit(submit, tmp_path):
+    margin = 90  # of --time=2: the trainer must stop ~30 s into the run, between 2 s steps
+    job = submit(tmp_path / "run", sbatch_args=("--time=2", "--signal=B:USR1@5"),
+                 LONGCTX_FAULT="slow_steps:2", LONGCTX_EXIT_MARGIN_S=str(margin),
+                 LONGCTX_OVERRIDES="stages.0.steps=40 stages.0.checkpoint_interval=3 "
+                                   "checkpoint.keep_last=20")
+
+    def cancel_once_requeued(info):
+        if info["Restarts"] == "1":
+            job.cancel()  # seen requeued: its next run is not part of this test
+
+    info = job.wait(100, on_poll=cancel_once_requeued)
+    log = job.text()
+    assert info["Restarts"] == "1", log[-3000:]
+    ends = re.search(r"time limit: the job ends (\S+ \S+) \((\d+) s left\)", log)
+    assert ends and int(ends.group(2)) <= 120, log[-3000:]
+    end = time.mktime(time.strptime(ends.group(1), "%Y-%m-%d %H:%M:%S"))
+    saved = re.search(r"wall-clock exit: the job ends at \S+, next step ~(\d+) s, exit margin "
+                      rf"{margin} s: checkpoint at iteration (\d+) saved", log)
+    assert saved, log[-3000:]
+    iteration = int(saved.group(2))
+    assert 1 <= iteration < 40
+    # every 3rd step (the stage's checkpoint_interval) and the wall-clock exit's own save
+    ckpts = job.run_dir / "checkpoints"
+    saved_its = {int(d.name[5:]) for d in ckpts.glob("iter_*") if (d / "COMPLETE.json").is_file()}
+    assert saved_its == set(range(3, iteration + 1, 3)) | {iteration}, saved_its
+    assert "received SIG" not in log  # no SLURM signal was needed
+    (exited,) = _launch_lines(log, "exited 75 (preempted)")
+    assert exited < end - 30, (exited, end)  # done before SIGTERM + KillWait at the limit
+    # Unless the first step already ended past end - margin (a loaded machine; then there was no
+    # earlier step to stop after), the exit is predictive: the slow step is in the estimate, and
+    # the save began before end - margin.
+    if iteration > 1:
+        assert int(saved.group(1)) >= 2, saved.group(0)
+        assert exited <= end - margin + 10, (exited, end)
+    assert log.count("requeueing job") == 1
+
+
+@pytest.mark.timeout(120)
+def test_second_job_on_the_run_directory_is_refused(submit, tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--time=2", "--output=/dev/null",
+                             "--wrap=sleep 100"], capture_output=True, text=True, timeout=30)
+    holder_id = holder.stdout.strip().split(";")[0]
+    try:
+        end = time.monotonic() + 60  # (a previous test's job may still be completing)
+        while "JobState=RUNNING" not in subprocess.run(
+                ["scontrol", "show", "job", holder_id], capture_output=True, text=True,
+                timeout=30).stdout:
+            assert time.monotonic() < end, f"holder job {holder_id} did not start"
+            time.sleep(0.3)
+        (run_dir / "launch").mkdir(parents=True)
+        (run_dir / "launch" / "lock").write_text(f"{holder_id} somehost 0\n")
+        # the holder has 1 of the 2 CPUs: this job takes the other (not the whole node)
+        job = submit(run_dir, sbatch_args=("--ntasks-per-node=1", "--oversubscribe"))
+        info = job.wait(40)
+    finally:
+        subprocess.run(["scancel", holder_id], capture_output=True, timeout=30)
+    log = job.text()
+    assert info == {"JobState": "FAILED", "Restarts": "0", "ExitCode": "4:0"}, log[-3000:]
+    assert f"is in use by job {holder_id} (RUNNING)" in log and "--dependency=singleton" in log
+    assert not (run_dir / "checkpoints").exists()

@@ -140,6 +140,10 @@ def test_plan_cli_prints_overrides_and_bench_refuses_without_cuda():
     assert out.returncode == 0, out.stderr
     assert "#1 " in out.stdout and "#3 " not in out.stdout
     assert "stages.0.parallel.context_parallel_size=" in out.stdout
+    # the #1 plan's step time x the printed checkpoint interval ~ 30 minutes
+    step_s = float(out.stdout.split("#1 ")[1].split("| step ")[1].split(" s")[0])
+    interval = int(out.stdout.split("stages.0.checkpoint_interval=")[1].split()[0])
+    assert 1800 - step_s - 0.1 * interval <= interval * step_s <= 1800 + 0.1 * interval
     none = run_tool(
         "plan",
         "--model",

@@ -74,3 +74,30 @@ def test_dotted_override_and_unknown_key(capsys):
     assert rc == 0 and "lr: 0.0007" in out and "TP 2 x PP 1 x CP 1 x DP 1" in out
     rc = main(["--config", str(EXAMPLES / "tiny_cpu.yaml"), "--dry-run", "stages.9.lr=1"])
     assert rc == 2 and "has 2 items, no index 9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(WORLD_SIZES) if not n.startswith("tiny")])
+def test_checkpoint_interval_follows_the_planners_step_time(name):
+    """A crash loses at most ~45 min: each GPU stage's checkpoint interval x the planner's step
+    time for the stage's own layout at the recipe's world size (512K: ~68 s a step, 25 steps)."""
+    from megatron_longctx.config.loading import from_dict, load_yaml
+    from megatron_longctx.config.schema import ExperimentConfig
+    from megatron_longctx.perf.planner import PlanRequest, evaluate
+
+    cfg = from_dict(ExperimentConfig, load_yaml(EXAMPLES / f"{name}.yaml"))
+    for stage in cfg.stages:
+        req = PlanRequest(
+            cfg.model_config(stage),
+            stage.seq_length,
+            WORLD_SIZES[name],
+            global_batch_tokens=stage.samples_per_step * stage.seq_length,
+        )
+        step_s = evaluate(
+            req,
+            stage.parallel,
+            stage.micro_batch_size,
+            stage.recompute,
+            cfg.optimizer.use_distributed_optimizer,
+        ).step_time_s
+        interval = stage.checkpoint_interval or cfg.checkpoint.interval
+        assert 5 <= interval * step_s / 60 <= 45, (stage.name, interval, step_s)
