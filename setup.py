@@ -10,6 +10,8 @@ Why each dependency is here:
 - wandb: experiment logging (offline mode when no key is configured).
 - pyyaml: recipe files.
 - safetensors / transformers: Hugging Face checkpoint conversion and verification against transformers' Llama.
+- jinja2: transformers' apply_chat_template renders a tokenizer's own chat template for SFT
+  (transformers does not declare it).
 - tqdm: progress bars for the CLI tools.
 - matplotlib: PNG plots (length histograms, loss curves, evaluation heatmaps).
 """
@@ -33,6 +35,7 @@ setup(
         "pyyaml",
         "safetensors",
         "transformers>=4.45",
+        "jinja2>=3.1",
         "tqdm",
         "matplotlib",
     ],

@@ -58,6 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="copy tokenizer files from here (default: <load>/hf_tokenizer if present)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a model already in --save")
+    b.add_argument(
+        "--verify",
+        choices=("full", "rope", "none"),
+        default="full",
+        help="export parity gate: full = transformers' RoPE from the exported config vs the "
+        "trained model's at sampled positions up to the trained length, then logits on a short "
+        "probe (megatron vs transformers; one fp32 model copy in each of two processes); "
+        "rope = the RoPE check only; none = skip. A mismatch exits 2 and says what differs",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size,
                 tokenizer_dir=args.tokenizer_dir,
+                verify=args.verify,
             )
             print(json.dumps(summary))
     except ConversionError as err:

@@ -273,7 +273,7 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(hf_dirs, converted, tmp
     # an output dir holding another model is refused; --overwrite replaces it, stale shards go
     with pytest.raises(ConversionError, match="different model"):
         mcore_to_hf(saves["tied_tp1pp2"], out)
-    mcore_to_hf(saves["tied_tp1pp2"], out, overwrite=True)
+    mcore_to_hf(saves["tied_tp1pp2"], out, overwrite=True, verify="rope")
     assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
     # a training-style export: dtype cast, trained length and theta come from the stored config
     bf16 = mcore_to_hf(saves["untied_tp1pp1"], str(tmp_path / "bf16"), dtype="bf16")
