@@ -11,6 +11,7 @@ rewritten length, mis-mapped weights), with the CLI exiting 2.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -60,9 +61,14 @@ def _train_save_and_forward(rank, world, root, tokens):
     from megatron_longctx.parallel.layout import ParallelLayout
     from megatron_longctx.runtime.distributed import initialize_model_parallel
 
+    class _Warnings(logging.Handler):
+        def emit(self, record):
+            out["warnings"].append(record.getMessage())
+
+    logging.getLogger("megatron.core.dist_checkpointing").addHandler(_Warnings(logging.WARNING))
     layout = ParallelLayout(1, 1, 1)
     initialize_model_parallel(layout)
-    out = {}
+    out = {"warnings": []}
     for name, scaling in VARIANTS.items():
         tensor_parallel.model_parallel_cuda_manual_seed(0)
         torch.manual_seed(0)
@@ -92,6 +98,9 @@ def trained(tmp_path_factory):
     (logits,) = run_distributed(
         _train_save_and_forward, world_size=1, args=(str(root), tokens), timeout=240
     )
+    # save_checkpoint hands megatron an empty directory (it warns "Overwriting old incomplete /
+    # corrupted checkpoint..." on any other one, which buried real messages)
+    assert not [w for w in logits.pop("warnings") if "Overwriting" in w]
     return root, tokens, logits
 
 

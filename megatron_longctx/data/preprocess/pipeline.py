@@ -25,7 +25,7 @@ import numpy as np
 
 from megatron_longctx.data.preprocess import stats as stats_lib
 from megatron_longctx.data.preprocess.progress import Progress
-from megatron_longctx.data.preprocess.readers import REASONS, expand_inputs, iter_lines
+from megatron_longctx.data.preprocess.readers import EMPTY_TEXT, REASONS, expand_inputs, iter_lines
 from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megatron_longctx.data.preprocess.worker import (
     RawLine,
@@ -59,6 +59,9 @@ class PreprocessConfig:
         workers: tokenizing processes (1 = in-process).
         log_interval: documents between progress updates.
         on_error: ``fail`` (abort, leave nothing) or ``skip`` (count bad records and go on).
+            Either way a record whose text is empty (``""``) is skipped, counted under
+            ``empty_text`` and warned about, as real corpora hold them (Megatron-LM keeps going
+            too); whitespace-only text is tokenized like any other.
         quiet: no progress output even on a TTY.
         plot: also write ``{output_prefix}_{key}_length_hist.png``.
         batch_bytes: raw bytes per batch sent to a worker.
@@ -208,7 +211,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         ):
             for file_index, line_number, reason, detail in result.bad:
                 where = f"{files[file_index]}:{line_number}"
-                if config.on_error == "fail":
+                if config.on_error == "fail" and reason != EMPTY_TEXT:  # empties: skip, count
                     raise PreprocessError(
                         f"{where}: {reason}: {detail} (fix the record, or pass --on-error skip to "
                         "count and skip bad records)"
