@@ -23,6 +23,22 @@ setup(
     version="0.1.0",
     description="Long-context continued pretraining of Llama-style models on Megatron-Core",
     packages=find_packages(include=["megatron_longctx", "megatron_longctx.*"]),
+    # The user-facing CLIs, installed on PATH so a non-editable install has them too (the library
+    # never runs them by path; tests/integration/test_packaging.py checks a wheel install).
+    scripts=[
+        f"tools/{name}.py"
+        for name in (
+            "build_long_documents",
+            "convert_checkpoint",
+            "eval_longctx",
+            "inspect_mixture",
+            "make_sample_corpus",
+            "plan",
+            "preprocess_data",
+            "preprocess_sft",
+            "train_tokenizer",
+        )
+    ],
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",

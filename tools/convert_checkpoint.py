@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Convert between Hugging Face Llama checkpoints and the project's megatron-core checkpoints.
 
     # HF -> megatron, written at TP 2 x PP 2 (spawns 4 local CPU processes itself; under torchrun

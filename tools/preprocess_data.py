@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Tokenize JSONL corpora into Megatron-Core indexed datasets (``.bin``/``.idx``) + length stats.
 
 Flags keep Megatron-LM's ``tools/preprocess_data.py`` names. Outputs per JSON key:
@@ -16,7 +17,7 @@ Demo chain (well under a minute on 2 cores):
 A Llama 3 tokenizer directory works the same way:
 ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model /path/to/Llama-3-8B`` (tokens are int32).
 Empty documents (``"text": ""``) are skipped and counted (``empty_text``, with a warning) under
-either ``--on-error``; whitespace-only text is tokenized like any text (Megatron-LM keeps going too).
+either ``--on-error``; whitespace-only text is tokenized like any text (as in Megatron-LM).
 Exit status: 0 on success, 1 on a bad record with ``--on-error fail`` (the message is
 ``file:line: reason: detail`` and no output is left behind), 2 on bad flags.
 """

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Tokenize chat JSONL (``{"messages": [{role, content}, ...]}``) into SFT indexed datasets.
 
 Writes ``{output_prefix}_text_document.bin/.idx`` (tokens, rendered with the tokenizer's own
