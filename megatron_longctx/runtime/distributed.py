@@ -13,6 +13,8 @@ Order (called once per process):
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +26,22 @@ from megatron_longctx.runtime import cpu_shim
 from megatron_longctx.runtime.device import backend_for, choose_device
 
 DEFAULT_MASTER_PORT = 29500
+logger = logging.getLogger(__name__)
+_NOTED_FALLBACKS = False
+
+
+def note_fallback_kernels(rank: int) -> None:
+    """One line, once per process, on rank 0: which fused-kernel libraries megatron lacks (their
+    per-module warnings are silenced in ``megatron_longctx/__init__.py``)."""
+    global _NOTED_FALLBACKS
+    missing = [m for m in ("transformer_engine", "apex") if importlib.util.find_spec(m) is None]
+    if missing and not _NOTED_FALLBACKS and rank == 0:
+        logger.warning(
+            "%s not installed: megatron-core uses its torch fallbacks (expected on CPU; "
+            "pip install '.[gpu]' on GPU machines)",
+            " / ".join(missing),
+        )
+    _NOTED_FALLBACKS = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,7 @@ def init_process_group(
 ) -> torch.device:
     """Steps 1-3 of the module docstring. Returns the device. Idempotent."""
     env = env or dist_env()
+    note_fallback_kernels(env.rank)
     dev = choose_device(device)
     if dev.type == "cpu":
         cpu_shim.apply()
