@@ -12,6 +12,9 @@
 The megatron checkpoint is ``checkpoint.dist``'s format (``<save>/iter_0000000`` + COMPLETE.json);
 tokenizer files of the HF dir are kept in ``<save>/hf_tokenizer`` and copied back on export.
 The exported config.json carries the trained rope_theta / rope_scaling and max_position_embeddings.
+mcore-to-hf then checks the export against the trained model (``--verify full``, the default:
+transformers' RoPE from the exported config at sampled positions up to the trained length, and
+logits on a short probe; ``--verify rope`` / ``none``); a mismatch says what differs and exits 2.
 """
 
 from __future__ import annotations
