@@ -10,6 +10,8 @@ Why each dependency is here:
 - wandb: experiment logging (offline mode when no key is configured).
 - pyyaml: recipe files.
 - safetensors / transformers: Hugging Face checkpoint conversion and verification against transformers' Llama.
+- jinja2: transformers' apply_chat_template renders a tokenizer's own chat template for SFT
+  (transformers does not declare it).
 - tqdm: progress bars for the CLI tools.
 - matplotlib: PNG plots (length histograms, loss curves, evaluation heatmaps).
 """
@@ -21,6 +23,22 @@ setup(
     version="0.1.0",
     description="Long-context continued pretraining of Llama-style models on Megatron-Core",
     packages=find_packages(include=["megatron_longctx", "megatron_longctx.*"]),
+    # The user-facing CLIs, installed on PATH so a non-editable install has them too (the library
+    # never runs them by path; tests/integration/test_packaging.py checks a wheel install).
+    scripts=[
+        f"tools/{name}.py"
+        for name in (
+            "build_long_documents",
+            "convert_checkpoint",
+            "eval_longctx",
+            "inspect_mixture",
+            "make_sample_corpus",
+            "plan",
+            "preprocess_data",
+            "preprocess_sft",
+            "train_tokenizer",
+        )
+    ],
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",
@@ -33,6 +51,7 @@ setup(
         "pyyaml",
         "safetensors",
         "transformers>=4.45",
+        "jinja2>=3.1",
         "tqdm",
         "matplotlib",
     ],

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Build long JSONL documents: one per code repository, or one per book (text file).
 
     python tools/build_long_documents.py code-repos --input-dir /path/to/repos \\

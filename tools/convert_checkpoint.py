@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Convert between Hugging Face Llama checkpoints and the project's megatron-core checkpoints.
 
     # HF -> megatron, written at TP 2 x PP 2 (spawns 4 local CPU processes itself; under torchrun
@@ -11,6 +12,9 @@
 The megatron checkpoint is ``checkpoint.dist``'s format (``<save>/iter_0000000`` + COMPLETE.json);
 tokenizer files of the HF dir are kept in ``<save>/hf_tokenizer`` and copied back on export.
 The exported config.json carries the trained rope_theta / rope_scaling and max_position_embeddings.
+mcore-to-hf then checks the export against the trained model (``--verify full``, the default:
+transformers' RoPE from the exported config at sampled positions up to the trained length, and
+logits on a short probe; ``--verify rope`` / ``none``); a mismatch says what differs and exits 2.
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="copy tokenizer files from here (default: <load>/hf_tokenizer if present)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace a model already in --save")
+    b.add_argument(
+        "--verify",
+        choices=("full", "rope", "none"),
+        default="full",
+        help="export parity gate: full = transformers' RoPE from the exported config vs the "
+        "trained model's at sampled positions up to the trained length, then logits on a short "
+        "probe (megatron vs transformers; one fp32 model copy in each of two processes); "
+        "rope = the RoPE check only; none = skip. A mismatch exits 2 and says what differs",
+    )
     return parser.parse_args(argv)
 
 
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size,
                 tokenizer_dir=args.tokenizer_dir,
+                verify=args.verify,
             )
             print(json.dumps(summary))
     except ConversionError as err:

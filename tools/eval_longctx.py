@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Long-context evaluation of an HF export (or a megatron checkpoint, exported first).
 
 Needle-in-a-haystack grid (lengths x depths, PNG heatmap), RULER-style synthetic tasks (multi-key /

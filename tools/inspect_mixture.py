@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Report what a mixture really feeds the model: token share per component and length bucket.
 
     python tools/inspect_mixture.py --mixture examples/mixtures/prolong_64k.yaml \\

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Build a small deterministic multi-domain corpus (code, books, web; ~3.5 MB) from the stdlib.
 
     python tools/make_sample_corpus.py --output-dir data/sample

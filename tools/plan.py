@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Plan TP / PP / CP / DP, micro batch and recompute for a model, sequence length and cluster.
 
     python tools/plan.py --model llama3-8b --seq-length 524288 --num-gpus 64 --gpus-per-node 8 \

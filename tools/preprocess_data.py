@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Tokenize JSONL corpora into Megatron-Core indexed datasets (``.bin``/``.idx``) + length stats.
 
 Flags keep Megatron-LM's ``tools/preprocess_data.py`` names. Outputs per JSON key:
@@ -15,6 +16,8 @@ Demo chain (well under a minute on 2 cores):
 
 A Llama 3 tokenizer directory works the same way:
 ``--tokenizer-type HuggingFaceTokenizer --tokenizer-model /path/to/Llama-3-8B`` (tokens are int32).
+Empty documents (``"text": ""``) are skipped and counted (``empty_text``, with a warning) under
+either ``--on-error``; whitespace-only text is tokenized like any text (as in Megatron-LM).
 Exit status: 0 on success, 1 on a bad record with ``--on-error fail`` (the message is
 ``file:line: reason: detail`` and no output is left behind), 2 on bad flags.
 """
@@ -65,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--on-error",
         choices=ON_ERROR_CHOICES,
         default="fail",
-        help="fail: stop at the first bad record, write nothing; skip: count and skip it",
+        help="fail: stop at the first bad record (malformed JSON, missing key, ...), write "
+        "nothing; skip: count and skip it. Either way an empty text is skipped, counted "
+        "(empty_text) and warned about, and whitespace-only text is tokenized like any text",
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--plot", action="store_true", help="also write the length histogram as a PNG")

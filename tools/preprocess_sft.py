@@ -1,6 +1,8 @@
+#!/usr/bin/env python3
 """Tokenize chat JSONL (``{"messages": [{role, content}, ...]}``) into SFT indexed datasets.
 
-Writes ``{output_prefix}_text_document.bin/.idx`` (tokens, Llama-3-style chat template),
+Writes ``{output_prefix}_text_document.bin/.idx`` (tokens, rendered with the tokenizer's own
+chat_template when it has one, else the built-in Llama-3-style template; the tool prints which),
 ``{output_prefix}_mask_document.bin/.idx`` (1 on assistant tokens and their end-of-turn token, else
 0; same document sizes) and ``{output_prefix}_sft_stats.json``. Use them in a mixture component as
 ``prefixes: [..._text_document]`` and ``mask_prefixes: [..._mask_document]`` (see
@@ -41,6 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fail",
         help="fail: stop at the first bad record, write nothing; skip: count and skip",
     )
+    p.add_argument(
+        "--chat-template",
+        choices=("auto", "tokenizer", "builtin"),
+        default="auto",
+        help="auto: the tokenizer's own chat_template (tokenizer_config.json / "
+        "chat_template.jinja) when it has one, else the built-in Llama-3-style template; "
+        "tokenizer: require the tokenizer's; builtin: always the built-in one",
+    )
     return p.parse_args(argv)
 
 
@@ -56,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.tokenizer_type,
                 args.tokenizer_model,
                 args.on_error,
+                args.chat_template,
             )
         )
     except (SFTError, ValueError, FileNotFoundError) as e:
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.num_conversations:,} conversations, {report.num_tokens:,} tokens, "
         f"{report.num_assistant_tokens:,} assistant (trained) tokens; skipped: {skipped}"
     )
+    print(f"chat template: {report.chat_template}")
     print(f"-> {report.text_prefix}.bin/.idx and {report.mask_prefix}.bin/.idx")
     return 0
 

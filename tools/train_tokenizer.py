@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Train a sentencepiece BPE tokenizer (byte fallback, split digits, lossless) from JSONL.
 
 Writes ``{model_prefix}.model`` and ``{model_prefix}.vocab``; EOD is id 2. Example (a few seconds on

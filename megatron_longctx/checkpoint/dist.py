@@ -137,8 +137,7 @@ def save_checkpoint(
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         if final.exists():  # a leftover (incomplete, or an older run's) at this iteration
             shutil.rmtree(final)
-        final.mkdir()
-        (final / "rng").mkdir()
+        final.mkdir()  # empty: megatron warns "Overwriting old incomplete..." on a non-empty one
     _barrier()
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
@@ -147,6 +146,7 @@ def save_checkpoint(
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration)
     dist_checkpointing.save(sd, str(final), sharded_strategy=_save_strategy())
+    (final / "rng").mkdir(exist_ok=True)
     torch.save(
         {
             "cpu": torch.get_rng_state(),

@@ -89,13 +89,24 @@ def from_dict(cls, raw: dict, path: str = ""):
         raise ConfigError(f"{path or cls.__name__}: {err}") from err
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expand_one(m: re.Match) -> str:
+    name = m.group(1) or m.group(3)
+    if name in os.environ:
+        return os.environ[name]
+    return m.group(2) if m.group(2) is not None else m.group(0)  # unset: default, else kept
 
 
 def expand_env(value):
-    """Expands ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
+    """Expands ``$VAR`` / ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure.
+
+    The one expansion rule of the project: recipes, mixture YAMLs and data prefixes all use it.
+    An unset variable without a default is left in place (the data checks then name it).
+    """
     if isinstance(value, str):
-        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or m.group(0)), value)
+        return _ENV.sub(_expand_one, value)
     if isinstance(value, list):
         return [expand_env(v) for v in value]
     if isinstance(value, dict):

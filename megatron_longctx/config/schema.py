@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from megatron_longctx.config.loading import ConfigError, from_dict
 from megatron_longctx.model.config import ModelConfig, get_preset
+from megatron_longctx.model.rope import validate_rope_scaling
 from megatron_longctx.parallel.layout import ParallelLayout
 
 STAGE_TYPES = ("pretrain", "sft")
@@ -98,6 +99,10 @@ class StageConfig:
             raise ConfigError(f"{where}: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
         if self.lr <= 0:
             raise ConfigError(f"{where}: lr must be > 0, got {self.lr}")
+        try:  # the one RoPE translator (model/rope.py) refuses what it cannot train and export
+            self.rope_scaling = validate_rope_scaling(self.rope_scaling, f"{where}: rope_scaling")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def validate_layout(self, model: ModelConfig, world_size: int) -> int:
         """Checks every size rule of this stage's layout for ``model``; returns the DP size."""
@@ -244,6 +249,8 @@ class ExperimentConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
         self.model_config()  # validates the model section early
+        for stage in self.stages:  # and each stage's model (RoPE, trained length)
+            self.model_config(stage)
 
     def model_config(self, stage: StageConfig | None = None) -> ModelConfig:
         """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""
@@ -262,9 +269,12 @@ class ExperimentConfig:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err
         if stage is not None:
-            cfg = cfg.with_updates(
-                rope_theta=stage.rope_theta if stage.rope_theta is not None else cfg.rope_theta,
-                rope_scaling=stage.rope_scaling,
-                max_position_embeddings=stage.seq_length,
-            )
+            try:
+                cfg = cfg.with_updates(
+                    rope_theta=stage.rope_theta if stage.rope_theta is not None else cfg.rope_theta,
+                    rope_scaling=stage.rope_scaling,
+                    max_position_embeddings=stage.seq_length,
+                )
+            except ValueError as err:
+                raise ConfigError(f"stage {stage.name!r}: {err}") from err
         return cfg

@@ -17,6 +17,7 @@ The component-local sample ``j`` is stream tokens ``[j*S, j*S + S + 1)`` (see ``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -114,6 +115,24 @@ class MixtureIndex:
             for per_comp in lengths
         ]
         return build_index(spec, tables, seq_length, num_samples)
+
+    def layout_digest(self) -> str:
+        """SHA-256 (24 hex digits) of what each sample holds: S, the samples' components and
+        component-local numbers, every component's name and document/stream arrays. Unlike ``key``
+        it ignores file paths and modification times, so data re-staged elsewhere (same content
+        layout) keeps the digest, while another mixture, seed, bucket or document set changes it.
+        Computed once per index."""
+        cached = getattr(self, "_layout_digest", None)
+        if cached is None:
+            h = hashlib.sha256(f"{INDEX_VERSION}:{self.seq_length}:{self.num_samples}".encode())
+            for array in (self.sample_component, self.sample_local):
+                h.update(np.ascontiguousarray(array).tobytes())
+            for comp, index in zip(self.spec.components, self.components):
+                h.update(comp.name.encode())
+                for array in index.arrays().values():
+                    h.update(np.ascontiguousarray(array).tobytes())
+            cached = self._layout_digest = h.hexdigest()[:24]
+        return cached
 
     def docs_per_sample(self) -> np.ndarray:
         """int64 [num_samples]: documents (or document pieces) among each sample's S inputs."""

@@ -21,6 +21,7 @@ components (``mask_prefixes``) ``loss_mask`` is also 0 wherever the label is not
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,6 +30,8 @@ import torch
 from megatron_longctx.data.index import MixtureIndex
 from megatron_longctx.data.mixture import MixtureError
 from megatron_longctx.data.packing import SamplePacker
+
+logger = logging.getLogger(__name__)
 
 
 class MixtureLoader:
@@ -111,6 +114,7 @@ class MixtureLoader:
         return {
             "consumed_samples": self._consumed,
             "index_key": self.index.key,
+            "index_digest": self.index.layout_digest(),
             "seq_length": self.index.seq_length,
             "global_batch_size": self.global_batch_size,
         }
@@ -122,11 +126,29 @@ class MixtureLoader:
                 f"loader state is for seq_length {state['seq_length']}, this index "
                 f"has {self.index.seq_length}"
             )
+        digest = state.get("index_digest")
         key = state.get("index_key", "")
-        if key and self.index.key and key != self.index.key:
+        if digest is not None:  # what each sample holds; moved or re-staged files keep it
+            if digest != self.index.layout_digest():
+                raise MixtureError(
+                    f"the checkpoint's data loader was saved for another sample index (layout "
+                    f"{digest}, this run builds {self.index.layout_digest()}): the stage's "
+                    "mixture (components, weights, buckets, seed), its data files or its sample "
+                    "count changed under an existing run, so resuming would not continue the "
+                    "same data order; restore them, or start the run in a new checkpoint.save_dir"
+                )
+        elif key and self.index.key and key != self.index.key:
             raise MixtureError(
                 f"loader state was saved for mixture index {key}, this one is "
-                f"{self.index.key}: the mixture, data or num_samples changed"
+                f"{self.index.key}: the mixture, data or num_samples changed; restore them, "
+                "or start the run in a new checkpoint.save_dir"
+            )
+        if "global_batch_size" in state and state["global_batch_size"] != self.global_batch_size:
+            logger.warning(
+                "resuming with global batch %d (checkpoint: %d): samples stay in order, "
+                "step boundaries move",
+                self.global_batch_size,
+                state["global_batch_size"],
             )
         self._set_consumed(int(state["consumed_samples"]))
 

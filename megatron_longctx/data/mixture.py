@@ -110,14 +110,14 @@ class MixtureSpec:
     Attributes:
         components: The sources; their weights must be positive and sum to 1 (no renormalisation).
         seed: Seed of the per-epoch document shuffles; the same seed gives the same sample order.
-        reset_position_ids: False (ProLong): position ids run 0..S-1 across the whole packed sample,
-            documents are separated only by ``cu_seqlens``. True: positions restart at 0 at every
-            document start inside the sample, as megatron's THD RoPE path does.
+
+    There is no ``reset_position_ids``: megatron's packed (THD) RoPE takes each token's rotary
+    position from ``cu_seqlens`` (restarting at every document), never from ``position_ids``, so
+    such a knob could not change training (see ``packing.py``).
     """
 
     components: list[MixtureComponent]
     seed: int = 1234
-    reset_position_ids: bool = False
 
     def __post_init__(self):
         self.components = [
@@ -171,7 +171,13 @@ def mixture_from_dict(raw: dict[str, Any]) -> MixtureSpec:
         raise MixtureError(
             f"a mixture must be a mapping with 'components:', got {type(raw).__name__}"
         )
-    known = {"components", "seed", "reset_position_ids"}
+    if "reset_position_ids" in raw:
+        raise MixtureError(
+            "mixture key 'reset_position_ids' was removed: it had no effect. megatron's packed "
+            "(THD) RoPE restarts positions at every document from cu_seqlens, and attention is "
+            "document-masked, so every document already sees positions 0..n-1; delete the key"
+        )
+    known = {"components", "seed"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MixtureError(f"unknown mixture keys {unknown}; allowed: {sorted(known)}")
@@ -183,7 +189,7 @@ def load_mixture_yaml(path: str | Path) -> MixtureSpec:
 
     Args:
         path: YAML file holding either a top-level ``mixture:`` block or its contents
-            (``components:``, optional ``seed:`` and ``reset_position_ids:``).
+            (``components:`` and an optional ``seed:``).
 
     Returns:
         The validated spec. Prefix placeholders are checked later, when the index is built.

@@ -25,10 +25,11 @@ Fields of a sample (S = seq_length):
   last token of a document (its EOD when preprocessing appends one) *is* a target, predicted from
   inside its document; the EOD -> next-document transition is not, because attention never crosses
   the boundary and the next document's first token is unpredictable from it.
-* ``position_ids`` int64 [S]: ``0..S-1`` across the sample (ProLong: with document masking and
-  relative RoPE this is equivalent), or, with ``reset_position_ids``, restarting at 0 at each
-  document start inside the sample (megatron's THD RoPE convention). A document carried in from the
-  previous sample starts at 0 too.
+* ``position_ids`` int64 [S]: ``0..S-1`` across the sample. The model does not read them on the
+  packed path: megatron's THD RoPE (``_apply_rotary_pos_emb_thd``) takes each token's rotary
+  position from ``cu_seqlens``, restarting at 0 at every document (a document carried in from the
+  previous sample too), and attention is document-masked; so positions never run across documents
+  and there is no ``reset_position_ids`` knob (it could not change training).
 
 SFT: a component with ``mask_prefixes`` has a stored 0/1 mask per token (1 on assistant tokens).
 The label at position t is token t + 1, so ``loss_mask[t]`` is further multiplied by the stored
@@ -80,7 +81,6 @@ def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int
 def sample_fields(
     tokens: np.ndarray,
     piece_lengths: list[int],
-    reset_position_ids: bool,
     token_mask: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Builds the training fields of one sample from its S + 1 tokens and document pieces.
@@ -88,7 +88,6 @@ def sample_fields(
     Args:
         tokens: [S + 1] token ids.
         piece_lengths: Lengths of the document pieces covering ``tokens`` (sum S + 1).
-        reset_position_ids: Restart positions at each document start (see module docstring).
         token_mask: Optional [S + 1] stored 0/1 loss mask of the tokens (SFT); label t keeps its
             loss only where ``token_mask[t + 1]`` is 1.
     """
@@ -101,11 +100,7 @@ def sample_fields(
     loss_mask[label_starts] = 0.0
     if token_mask is not None:
         loss_mask *= np.asarray(token_mask[1:], dtype=np.float32)
-    if reset_position_ids:
-        seg = np.diff(cu_seqlens)
-        position_ids = np.arange(seq, dtype=np.int64) - np.repeat(cu_seqlens[:-1], seg)
-    else:
-        position_ids = np.arange(seq, dtype=np.int64)
+    position_ids = np.arange(seq, dtype=np.int64)
     tokens = tokens.astype(np.int64)
     return {
         "tokens": tokens[:-1],
@@ -143,9 +138,7 @@ class SamplePacker:
             if masks is None
             else np.concatenate([masks.read(ds, off, n) for _, ds, off, n in pieces])
         )
-        out = sample_fields(
-            tokens, [p[3] for p in pieces], self.index.spec.reset_position_ids, token_mask
-        )
+        out = sample_fields(tokens, [p[3] for p in pieces], token_mask)
         out["component"] = c
         out["sample"] = sample
         return out

@@ -3,8 +3,14 @@
 Input: one conversation per line, ``{"messages": [{"role": ..., "content": ...}, ...]}`` with roles
 ``system``, ``user`` and ``assistant`` (UltraChat's layout).
 
-Chat template (Llama-3 style, rendered over the project's tokenizer, segment by segment, so every
-token's origin is known exactly)::
+Chat template: the tokenizer's own ``chat_template`` when it has one (``data/chat_template.py``:
+token for token what transformers' ``apply_chat_template`` returns, loss on the assistant contents
+and their end-of-turn token); otherwise (a sentencepiece model, a ``tokenizer.json`` without
+template) the built-in ``ChatTemplate`` below. ``SFTReport.chat_template`` and the stats file say
+which one was used.
+
+Built-in template (Llama-3 style, rendered over the project's tokenizer, segment by segment, so
+every token's origin is known exactly; contents are kept as given, not trimmed)::
 
     [BOS]                                          mask 0   (only if the tokenizer has a BOS id)
     <|start_header_id|>{role}<|end_header_id|>\\n\\n  mask 0   (the header text, encoded)
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_longctx.data.chat_template import load_chat_template
 from megatron_longctx.data.preprocess.readers import (
     MALFORMED_JSON,
     NOT_AN_OBJECT,
@@ -176,6 +183,8 @@ class SFTConfig:
         tokenizer_type: ``SentencePieceTokenizer`` or ``HuggingFaceTokenizer``.
         tokenizer_model: local tokenizer file or directory.
         on_error: ``fail`` (abort at the first bad record, leave nothing) or ``skip``.
+        chat_template: ``auto`` (the tokenizer's own template when it has one, else built-in),
+            ``tokenizer`` (require the tokenizer's) or ``builtin``.
     """
 
     input: str | list[str]
@@ -183,6 +192,7 @@ class SFTConfig:
     tokenizer_type: str
     tokenizer_model: str
     on_error: str = "fail"
+    chat_template: str = "auto"
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR_CHOICES:
@@ -199,6 +209,7 @@ class SFTReport:
     skipped: dict[str, int] = field(default_factory=dict)
     text_prefix: str = ""
     mask_prefix: str = ""
+    chat_template: str = ""
 
 
 def preprocess_sft(config: SFTConfig) -> SFTReport:
@@ -210,10 +221,14 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
     """
     files = expand_inputs(config.input)
     tok = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
-    template = ChatTemplate(tok)
+    template, which = load_chat_template(
+        config.tokenizer_type, config.tokenizer_model, tok, config.chat_template
+    )
+    logger.info("chat template: %s", which)
     report = SFTReport(
         text_prefix=f"{config.output_prefix}_text_document",
         mask_prefix=f"{config.output_prefix}_mask_document",
+        chat_template=which,
     )
     dtype = token_dtype(tok.vocab_size)
     writers = [
@@ -225,6 +240,8 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
             for line_number, raw, _ in iter_lines(path):
                 try:
                     messages = parse_conversation(raw)
+                    if messages is not None:
+                        tokens, mask = template.render(messages)
                 except BadRecord as e:
                     where = f"{path}:{line_number}: {e}"
                     if config.on_error == "fail":
@@ -237,7 +254,6 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
                     continue
                 if messages is None:
                     continue
-                tokens, mask = template.render(messages)
                 length = np.asarray([len(tokens)], dtype=np.int32)
                 writers[0].add_documents(tokens.astype(dtype), length)
                 writers[1].add_documents(mask, length)
@@ -266,6 +282,7 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
                 "skipped": report.skipped,
                 "inputs": files,
                 "tokenizer_model": config.tokenizer_model,
+                "chat_template": which,
             },
             f,
             indent=1,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_longctx.config.loading import expand_env
 from megatron_longctx.data.mixture import MixtureError
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -39,8 +40,9 @@ class DataSourceError(MixtureError):
 
 
 def resolve_prefix(prefix: str) -> str:
-    """Expands ``~`` and ``${VAR}``; an unfilled placeholder is an error that says what to set."""
-    expanded = os.path.expanduser(os.path.expandvars(prefix))
+    """Expands ``~`` and ``$VAR`` / ``${VAR}`` / ``${VAR:-default}`` (``config.loading.expand_env``,
+    the recipes' rule); an unfilled placeholder is an error that says what to set."""
+    expanded = os.path.expanduser(expand_env(prefix))
     left = re.findall(r"\$\{?(\w+)\}?", expanded)
     if left:
         raise DataSourceError(

@@ -2,7 +2,8 @@
 
 ``evaluate(model_dir, out_dir, settings)`` is what the curriculum calls at the end of a stage (on
 rank 0, after exporting the stage's checkpoint to HF); ``evaluate_checkpoint`` does that export
-itself through ``tools/convert_checkpoint.py mcore-to-hf``. Lengths beyond the model's
+itself through the library's ``checkpoint.hf.mcore_to_hf`` (what ``tools/convert_checkpoint.py
+mcore-to-hf`` runs, so it works from any install, editable or not). Lengths beyond the model's
 ``max_position_embeddings`` are skipped and recorded with the reason, never silently clipped.
 """
 
@@ -12,8 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,6 @@ from megatron_longctx.eval.model import HFEvalModel, load_eval_tokenizer
 from megatron_longctx.eval.tasks import RULER_TASKS, Sample, TaskBuilder, score
 
 logger = logging.getLogger(__name__)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -323,31 +321,27 @@ def evaluate_checkpoint(
     settings: EvalSettings | dict | None = None,
     tokenizer_type: str | None = None,
     tokenizer_model: str | None = None,
+    verify: str = "rope",
 ) -> dict:
-    """Exports a megatron checkpoint to HF (``tools/convert_checkpoint.py mcore-to-hf``) into
-    ``{out_dir}/hf`` and evaluates it.
+    """Exports a megatron checkpoint to HF (``checkpoint.hf.mcore_to_hf``) into ``{out_dir}/hf``
+    and evaluates it.
+
+    Args:
+        verify: the export parity gate (``checkpoint.hf.verify``): "rope" (default here: the
+            exported RoPE must reproduce the trained one up to the trained length; the
+            evaluation itself then runs the export), "full" (also a logits probe, as
+            ``mcore-to-hf`` does by default) or "none".
 
     Raises:
-        FileNotFoundError: the conversion tool is missing.
-        RuntimeError: the conversion failed (its stderr tail is in the message).
+        RuntimeError: the conversion failed or the export does not match the trained model.
     """
-    tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
-    if not os.path.isfile(tool):
-        raise FileNotFoundError(
-            f"{tool} is missing: the HF conversion tool is needed to evaluate "
-            "a megatron checkpoint; export it by other means and call evaluate"
-        )
+    from megatron_longctx.checkpoint.hf import ConversionError, mcore_to_hf
+
     hf_dir = os.path.join(out_dir, "hf")
-    proc = subprocess.run(
-        [sys.executable, tool, "mcore-to-hf", "--load", ckpt_dir, "--save", hf_dir],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"exporting {ckpt_dir} to HF failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
-        )
+    try:
+        mcore_to_hf(ckpt_dir, hf_dir, verify=verify)
+    except ConversionError as err:
+        raise RuntimeError(f"exporting {ckpt_dir} to HF failed: {err}") from err
     return evaluate(
         hf_dir, out_dir, settings, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model
     )

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longctx.model.config import ModelConfig
+from megatron_longctx.model.rope import install_megatron_rope, megatron_attention_factor
 from megatron_longctx.model.specs import layer_spec
 from megatron_longctx.parallel.layout import ParallelLayout
 
@@ -68,7 +69,9 @@ def transformer_config(
         kwargs.update(recompute_granularity=recompute)
         if recompute == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    megatron_attention_factor(config, model.rope_theta, model.rope_scaling)  # YaRN's cos/sin factor
+    return config
 
 
 def build_gpt_model(
@@ -92,13 +95,7 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    rope_kwargs = {}
-    scaling = model.rope_scaling or {}
-    if scaling.get("rope_type") == "linear":
-        rope_kwargs["seq_len_interpolation_factor"] = float(scaling["factor"])
-    elif scaling.get("rope_type") == "llama3":
-        rope_kwargs.update(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(backend, core_attention),
         vocab_size=model.padded_vocab_size(layout.tensor_model_parallel_size),
@@ -109,5 +106,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rope_theta,
-        **rope_kwargs,
     )
+    # Every RoPE variant (default / linear / llama3 / yarn): the exact frequencies of model/rope.py.
+    install_megatron_rope(gpt.rotary_pos_emb, model.head_dim, model.rope_theta, model.rope_scaling)
+    return gpt

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from megatron_longctx.model.rope import validate_rope_scaling
+
 
 @dataclass
 class ModelConfig:
@@ -18,7 +20,9 @@ class ModelConfig:
         num_query_groups: key/value heads (GQA); equal to heads for plain multi-head attention.
         vocab_size: the tokenizer's vocabulary; the embedding is padded (see padded_vocab_size).
         rope_theta: RoPE base frequency (Llama 3: 500,000; ProLong stage 1: 8e6, stage 2: 1.28e8).
-        rope_scaling: None or a dict in transformers' layout (e.g. {"rope_type": "linear", "factor": 4}).
+        rope_scaling: None or a dict in transformers' layout (e.g. {"rope_type": "linear",
+            "factor": 4}); rope_type default / linear / llama3 / yarn with the fields of
+            ``model.rope.ROPE_FIELDS`` (anything else is refused here).
         norm_eps: RMSNorm epsilon.
         tie_word_embeddings: share input embedding and output projection.
         max_position_embeddings: the context length the model is trained for (exported to HF).
@@ -65,6 +69,10 @@ class ModelConfig:
             )
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if self.head_dim % 2:
+            raise ValueError(f"model head_dim {self.head_dim} must be even for RoPE")
+        # One translator (model/rope.py): an unsupported rope_type or field is refused here.
+        self.rope_scaling = validate_rope_scaling(self.rope_scaling, "model.rope_scaling")
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,12 @@
-"""RoPE frequencies for the long-context variants, and their positions on each CP rank.
+"""RoPE: the one translator between recipe, megatron-core's rotary embedding and transformers.
+
+Every RoPE setting crosses three boundaries: the recipe (``model.rope_theta`` / ``rope_scaling``,
+per stage), megatron's ``RotaryEmbedding`` that trains, and the HF ``config.json``
+(``rope_parameters``; 4.x: ``rope_theta`` + ``rope_scaling``) that ships. All three go through this
+module: ``validate_rope_scaling`` at config load, ``install_megatron_rope`` /
+``megatron_attention_factor`` when the model is built (``model/build.py``), and
+``to_hf_rope_parameters`` / ``from_hf_rope_parameters`` for export and import
+(``checkpoint/hf/config_map.py``). An unknown ``rope_type`` or field is refused with the reason.
 
 Variants (``scaling`` uses transformers' ``rope_parameters`` keys):
 
@@ -8,6 +16,14 @@ Variants (``scaling`` uses transformers' ``rope_parameters`` keys):
   (NTK-by-parts interpolation + an attention factor on cos/sin);
 * ``{"rope_type": "llama3", "factor": f, "low_freq_factor": l, "high_freq_factor": h,
   "original_max_position_embeddings": n}``: Llama 3.1 scaling.
+
+How megatron gets them: the GPTModel is built with plain ``position_embedding_type="rope"`` and
+``rotary_base = rope_theta``; ``install_megatron_rope`` then replaces its ``inv_freq`` with the
+exact frequencies computed here (megatron's own llama3 path hard-codes low/high factors 1/4 and an
+original length of 8,192; its linear path scales positions instead of frequencies). YaRN's
+attention factor ``a`` multiplies cos and sin; megatron's ``SelfAttention`` applies such a factor
+to q and k (its ``mscale``) when the TransformerConfig carries ``yarn_*`` attributes, which
+``megatron_attention_factor`` sets so that megatron's formula yields exactly ``a``.
 
 Implemented here from the papers' formulas (not by calling transformers) so the tests can check
 them against transformers' own rotary implementation. Under CP, a rank's rotary positions are the
@@ -25,6 +41,106 @@ import math
 import torch
 
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+#: rope_type -> (required fields, optional fields), in transformers' names.
+ROPE_FIELDS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "llama3": (
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        (),
+    ),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
+_WHY_NOT = {
+    "dynamic": "dynamic NTK rescales frequencies with the input length at inference time; "
+    "training has no fixed-length equivalent",
+    "longrope": "LongRoPE needs per-dimension short/long factor lists megatron's GPTModel lacks",
+    "ntk": "use 'yarn' (NTK-by-parts) or raise rope_theta (ABF) instead",
+}
+_INT_FIELDS = ("original_max_position_embeddings",)
+
+
+class RopeConfigError(ValueError):
+    """A RoPE setting this project cannot train and export faithfully (the message says why)."""
+
+
+def validate_rope_scaling(scaling: dict | None, where: str = "rope_scaling") -> dict | None:
+    """The normalised scaling dict (None for default RoPE), or RopeConfigError with the reason.
+
+    Accepts transformers' layouts: ``rope_type`` (or 4.x's ``type``), the fields of ROPE_FIELDS,
+    ``rope_theta`` (ignored here: it is ``model.rope_theta``) and ``partial_rotary_factor`` 1.0.
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise RopeConfigError(f"{where} must be a mapping or null, got {scaling!r}")
+    s = dict(scaling)
+    s.pop("rope_theta", None)
+    legacy = s.pop("type", None)
+    rope_type = s.pop("rope_type", legacy) or "default"
+    if rope_type not in ROPE_FIELDS:
+        reason = _WHY_NOT.get(rope_type, "")
+        raise RopeConfigError(
+            f"{where}.rope_type {rope_type!r} is not supported (choose one of {ROPE_TYPES})"
+            + (f": {reason}" if reason else "")
+        )
+    partial = s.pop("partial_rotary_factor", 1.0)
+    if partial is not None and float(partial) != 1.0:
+        raise RopeConfigError(
+            f"{where}.partial_rotary_factor {partial}: the model rotates the whole head "
+            "(megatron rotary_percent 1.0); only 1.0 is supported"
+        )
+    required, optional = ROPE_FIELDS[rope_type]
+    unknown = sorted(set(s) - set(required) - set(optional))
+    if unknown:
+        raise RopeConfigError(
+            f"{where}: field(s) {unknown} are not used by rope_type {rope_type!r} "
+            f"(required: {list(required)}, optional: {list(optional)}); remove them"
+        )
+    missing = [k for k in required if s.get(k) is None]
+    if missing:
+        raise RopeConfigError(f"{where}: rope_type {rope_type!r} needs {missing}")
+    out: dict = {"rope_type": rope_type}
+    for key in (*required, *optional):
+        value = s.get(key)
+        if value is None:
+            continue
+        if key == "truncate":
+            out[key] = bool(value)
+            continue
+        try:
+            out[key] = int(value) if key in _INT_FIELDS else float(value)
+        except (TypeError, ValueError):
+            raise RopeConfigError(f"{where}.{key} must be a number, got {value!r}") from None
+    if rope_type == "default":
+        return None
+    if out["factor"] < 1:
+        raise RopeConfigError(f"{where}: rope scaling factor must be >= 1, got {out['factor']}")
+    if out.get("original_max_position_embeddings", 1) < 1:
+        raise RopeConfigError(f"{where}.original_max_position_embeddings must be >= 1")
+    if rope_type == "llama3" and not 0 < out["low_freq_factor"] < out["high_freq_factor"]:
+        raise RopeConfigError(
+            f"{where}: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+            f"{out['low_freq_factor']} and {out['high_freq_factor']}"
+        )
+    return out
+
+
+def to_hf_rope_parameters(rope_theta: float, scaling: dict | None) -> dict:
+    """transformers' ``rope_parameters`` for a model trained with ``rope_theta`` / ``scaling``."""
+    scaling = validate_rope_scaling(scaling)
+    return dict(scaling or {"rope_type": "default"}, rope_theta=float(rope_theta))
+
+
+def from_hf_rope_parameters(rope: dict, where: str = "config.json") -> tuple[float, dict | None]:
+    """(rope_theta, scaling) of transformers' ``rope_parameters`` (or ``rope_scaling``)."""
+    rope = dict(rope or {})
+    theta = float(rope.pop("rope_theta", None) or 10000.0)
+    return theta, validate_rope_scaling(rope, where=f"{where} rope_parameters")
 
 
 def _base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -91,11 +207,8 @@ def rope_inv_freq(
     if rope_theta <= 0:
         raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
     inv_freq = _base_inv_freq(head_dim, rope_theta)
+    scaling = validate_rope_scaling(scaling)
     rope_type = (scaling or {}).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
-    if rope_type != "default" and float(scaling.get("factor", 0)) < 1:
-        raise ValueError(f"rope scaling factor must be >= 1, got {scaling.get('factor')}")
     if rope_type == "linear":
         return inv_freq / float(scaling["factor"]), 1.0
     if rope_type == "yarn":
@@ -123,22 +236,53 @@ def rank_rope_positions(
     return rank_token_layout(cu_seqlens_padded, cu_seqlens_unpadded, cp_size, cp_rank).pos
 
 
-def install_inv_freq(gpt_model, head_dim: int, rope_theta: float, scaling: dict | None) -> None:
-    """Makes a megatron GPTModel's RotaryEmbedding use ``rope_inv_freq``'s frequencies.
+def megatron_attention_factor(config, rope_theta: float, scaling: dict | None) -> float:
+    """Makes megatron's attention multiply cos/sin by YaRN's attention factor; returns the factor.
 
-    megatron's own llama3 scaling hard-codes low/high factors 1/4 and an original length of 8,192;
-    this installs the exact frequencies for any settings. Call before the first forward (megatron
-    caches the embedding). YaRN's attention factor (!= 1) cannot be carried by frequencies alone:
-    use megatron's ``position_embedding_type='yarn'`` for YaRN.
+    megatron's ``SelfAttention`` passes ``mscale = _yarn_get_concentration_factor(
+    config.yarn_rotary_scaling_factor, config.yarn_mscale, config.yarn_mscale_all_dim)`` to its
+    RoPE whenever the config has ``yarn_rotary_scaling_factor``; with ``mscale_all_dim`` 0 that is
+    ``0.1 * mscale * ln(factor) + 1``. The values set here (factor e, mscale 10 (a - 1)) make it
+    exactly ``a`` for any attention factor, including an explicit ``attention_factor``. Nothing else
+    in the Llama path reads these attributes. A factor of 1 sets nothing.
     """
-    inv_freq, attention = rope_inv_freq(head_dim, rope_theta, scaling)
+    _, attention = rope_inv_freq(config.kv_channels, rope_theta, scaling)
     if abs(attention - 1.0) > 1e-12:
-        raise ValueError(
-            f"attention factor {attention:.4f} != 1 (YaRN) cannot be installed as "
-            f"frequencies; use megatron's YarnRotaryEmbedding"
-        )
-    module = getattr(gpt_model, "module", gpt_model)
-    rotary = module.rotary_pos_emb
+        config.yarn_rotary_scaling_factor = math.e
+        config.yarn_mscale = 10.0 * (attention - 1.0)
+        config.yarn_mscale_all_dim = 0.0
+    return attention
+
+
+def install_megatron_rope(rotary, head_dim: int, rope_theta: float, scaling: dict | None) -> None:
+    """Makes a megatron ``RotaryEmbedding`` produce ``rope_inv_freq``'s frequencies exactly.
+
+    Call before the first forward (megatron caches the embedding per length).
+    """
+    inv_freq, _ = rope_inv_freq(head_dim, rope_theta, scaling)
     rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
     rotary.seq_len_interpolation_factor = None
     rotary.forward.cache_clear()
+
+
+def megatron_rotary(head_dim: int, rope_theta: float, scaling: dict | None):
+    """A standalone megatron ``RotaryEmbedding``, set up exactly as ``build_gpt_model`` does."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rotary = RotaryEmbedding(
+        kv_channels=head_dim,
+        rotary_percent=1.0,
+        rotary_base=rope_theta,
+        use_cpu_initialization=True,
+    )
+    install_megatron_rope(rotary, head_dim, rope_theta, scaling)
+    return rotary
+
+
+def megatron_cos_sin(rotary, positions: torch.Tensor, mscale: float = 1.0):
+    """cos, sin ``[t, d]`` (times ``mscale``) that megatron applies at ``positions``: the angles
+    megatron's ``get_emb`` builds (``get_freqs_non_repeated``, halves concatenated), without its
+    move of ``inv_freq`` to the GPU."""
+    freqs = rotary.get_freqs_non_repeated(int(positions.max()) + 1)  # [s, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[positions.long()]
+    return emb.cos() * mscale, emb.sin() * mscale

@@ -13,6 +13,8 @@ Order (called once per process):
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import logging
 import math
 import os
 import re
@@ -30,6 +32,22 @@ DEFAULT_TIMEOUT_S = 1800.0  # config/schema.py TrainingSection.dist_timeout_minu
 # The timeout the world group was created with; megatron's groups (initialize_model_parallel)
 # get the same one, so one setting bounds every collective.
 _TIMEOUT_S = DEFAULT_TIMEOUT_S
+logger = logging.getLogger(__name__)
+_NOTED_FALLBACKS = False
+
+
+def note_fallback_kernels(rank: int) -> None:
+    """One line, once per process, on rank 0: which fused-kernel libraries megatron lacks (their
+    per-module warnings are silenced in ``megatron_longctx/__init__.py``)."""
+    global _NOTED_FALLBACKS
+    missing = [m for m in ("transformer_engine", "apex") if importlib.util.find_spec(m) is None]
+    if missing and not _NOTED_FALLBACKS and rank == 0:
+        logger.warning(
+            "%s not installed: megatron-core uses its torch fallbacks (expected on CPU; "
+            "pip install '.[gpu]' on GPU machines)",
+            " / ".join(missing),
+        )
+    _NOTED_FALLBACKS = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ def init_process_group(
     """
     global _TIMEOUT_S
     env = env or dist_env()
+    note_fallback_kernels(env.rank)
     dev = choose_device(device)
     if dev.type == "cpu":
         cpu_shim.apply()

@@ -28,7 +28,7 @@ from megatron_longctx.checkpoint.dist import (
     read_state,
     save_checkpoint,
 )
-from megatron_longctx.config.loading import expand_env
+from megatron_longctx.config.loading import ConfigError, expand_env
 from megatron_longctx.config.schema import ExperimentConfig, StageConfig
 from megatron_longctx.training.batch import to_model_batch
 from megatron_longctx.training.callbacks import (
@@ -85,7 +85,7 @@ def _start_point(cfg: ExperimentConfig, save_dir: str) -> tuple[int, Path | None
     state = read_state(ckpt)["state"]
     names = [s.name for s in cfg.stages]
     if state.get("stage_name") not in names:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt} is from stage {state.get('stage_name')!r}, which this "
             f"config does not have (stages: {names}); use another checkpoint.save_dir"
         )
@@ -167,7 +167,7 @@ def _run_stage(
     # 2. model and optimizer
     use_dist_opt = cfg.optimizer.use_distributed_optimizer
     if use_dist_opt and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "optimizer.use_distributed_optimizer=true needs GPUs: megatron's "
             "DistributedOptimizer checkpoints fail with its CPU torch-AdamW fallback; "
             "set optimizer.use_distributed_optimizer=false for CPU runs"
@@ -214,7 +214,7 @@ def _run_stage(
         state = load_checkpoint(
             resume, chunks, optimizer, scheduler, expect_model=model_cfg.to_dict()
         )
-        stage_step, consumed = state["stage_step"], state["consumed_samples"]
+        stage_step = state["stage_step"]
         _log0(f"resumed stage {stage.name!r} at step {stage_step} from {resume}")
     elif transition is not None:
         load_checkpoint(transition, chunks, optimizer, None, expect_model=model_cfg.to_dict())
@@ -241,6 +241,10 @@ def _run_stage(
         consumed_samples=consumed,
         base_dir=config_dir,
     )
+    if resume is not None:  # restores consumed samples; refuses a changed mixture or index
+        loader.load_state_dict(
+            state.get("loader") or {"consumed_samples": state["consumed_samples"]}
+        )
     cp = layout.context_parallel_size
     cp_rank = parallel_state.get_context_parallel_rank()
     cp_group = parallel_state.get_context_parallel_group()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from megatron_longctx.checkpoint.dist import MARKER, find_latest, iteration_dir, list_checkpoints
+from tests.harness import free_port
 from tests.integration.data import tiny_corpus
 from tests.integration.run_utils import ROOT, launch, metrics, read_model_tensors
 
@@ -46,6 +47,12 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, data, reference):
     p = launch(CONFIG, run, data, fault="term_after_step:3")
     assert "exiting with 75" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert find_latest(run / "checkpoints") == 3
+    # 1b. the same run with another mixture under it: the saved loader state refuses to resume.
+    p = launch(CONFIG, run, data, "stages.0.mixture.seed=5")
+    assert p.returncode != 0 and "exitcode: 2" in p.stderr, p.stderr[-3000:]
+    assert "saved for another sample index" in p.stderr and "mixture" in p.stderr
+    assert not _traceback_of_ours(p.stderr), p.stderr[-3000:]  # one line (torchrun adds its own)
+    assert find_latest(run / "checkpoints") == 3  # nothing lost
     # 2. SIGKILL inside the stage-1-final save, before its completion marker.
     p = launch(CONFIG, run, data, fault="kill_in_save:6")
     assert p.returncode != 0
@@ -176,3 +183,54 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, data, reference)
     assert p.returncode != 0
     assert "is for another model shape" in p.stderr and "hidden_size" in p.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing lost
+
+
+def _traceback_of_ours(stderr: str) -> bool:
+    return any('File "' in line and "megatron_longctx" in line for line in stderr.splitlines())
+
+
+_TWO_RUNS = """
+import sys
+from megatron_longctx.train import main
+cfg, run, fresh = sys.argv[1:4]
+for save_dir, override in ((run, "stages.1.name=renamed"),
+                           (fresh, "optimizer.use_distributed_optimizer=true")):
+    rc = main(["--config", cfg, "stages.1.parallel.context_parallel_size=1",
+               f"checkpoint.save_dir={save_dir}", override])
+    print(f"rc={rc}", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_errors_inside_training_exit_2_with_one_line(tmp_path, data, reference):
+    """A checkpoint from a stage the config lacks, and the distributed optimizer on CPU: the
+    documented one line on stderr and exit 2, not a traceback (one process, world size 1, both
+    runs fail before a model is built)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run / "checkpoints")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        LONGCTX_DEVICE="cpu",
+        LONGCTX_RUN=str(tmp_path),
+        LONGCTX_DATA=os.path.dirname(data["long"]),
+        MASTER_PORT=str(free_port()),
+    )
+    args = [str(CONFIG), str(run / "checkpoints"), str(tmp_path / "fresh")]
+    p = subprocess.run(
+        [sys.executable, "-c", _TWO_RUNS, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [x for x in p.stderr.splitlines() if x.startswith(("error:", "rc="))]
+    assert lines[1::2] == ["rc=2", "rc=2"], p.stderr[-3000:]
+    assert "checkpoint" in lines[0] and "is from stage 'long', which this config" in lines[0]
+    assert "optimizer.use_distributed_optimizer=true needs GPUs" in lines[2]

@@ -157,3 +157,39 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
             build_mixture_index(_spec(tmp_path / "ok_t"), S, 8)
     with pytest.raises(MixtureError, match="weights must sum to 1"):
         MixtureSpec([MixtureComponent("a", ["/x"], 0.5)])
+
+
+def test_loader_state_refuses_another_index_and_survives_moved_files(corpus, tmp_path):
+    """The resume check compares what each sample holds: another mixture seed or sample count is
+    refused with the reason; the same data copied elsewhere (new paths, mtimes, cache key) and an
+    index built without cache resume."""
+    import dataclasses
+    import shutil
+
+    root, spec = corpus
+    loader = MixtureLoader(build(corpus), GB, MBS, 0, 2)
+    take(loader, 3)
+    state = json.loads(json.dumps(loader.state_dict()))
+    other_seed = dataclasses.replace(spec, seed=spec.seed + 1)
+    for changed in (
+        build_mixture_index(other_seed, S, GB * 60, vocab_size=1000),
+        build(corpus, num_samples=GB * 61),
+    ):
+        with pytest.raises(MixtureError, match="saved for another sample index.*mixture"):
+            MixtureLoader(changed, GB, MBS, 0, 2).load_state_dict(state)
+    for name in ("long", "short"):  # the same data, re-staged under another directory
+        for ext in ("bin", "idx"):
+            shutil.copy(root / f"{name}.{ext}", tmp_path / f"{name}.{ext}")
+    moved = dataclasses.replace(
+        spec,
+        components=[
+            dataclasses.replace(c, prefixes=[str(tmp_path / Path(p).name) for p in c.prefixes])
+            for c in spec.components
+        ],
+    )
+    index = build_mixture_index(moved, S, GB * 60, vocab_size=1000, cache_dir=tmp_path / "c")
+    assert index.key != state["index_key"]
+    resumed = MixtureLoader(index, GB, MBS, 0, 2)
+    resumed.load_state_dict(state)
+    assert resumed.consumed_samples == loader.consumed_samples
+    assert same(next(resumed), next(loader))

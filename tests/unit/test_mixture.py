@@ -164,3 +164,21 @@ def test_last_epoch_prefix_is_distinct_documents_covering_the_need():
     assert sorted(first.tolist()) == list(range(len(lengths)))
     assert len(set(last.tolist())) == len(last) < len(lengths) // 4  # distinct, partial
     assert comp.stream_cum[-1] >= num_samples * S + 1  # enough tokens for every sample
+
+
+def test_prefixes_expand_like_recipes_and_dead_knob_is_refused(monkeypatch, tmp_path):
+    """One expansion rule (``$VAR``, ``${VAR}``, ``${VAR:-default}``) for recipes and mixture
+    prefixes; ``reset_position_ids`` (ignored by megatron's THD RoPE) is refused with the reason."""
+    from megatron_longctx.data.mixture import mixture_from_dict
+    from megatron_longctx.data.sources import DataSourceError, resolve_prefix
+
+    monkeypatch.setenv("MIXDIR", str(tmp_path))
+    monkeypatch.delenv("UNSET_MIXDIR", raising=False)
+    assert resolve_prefix("${UNSET_MIXDIR:-/srv/tok}/books") == "/srv/tok/books"
+    assert resolve_prefix("$MIXDIR/books") == resolve_prefix("${MIXDIR}/books")
+    assert resolve_prefix("${MIXDIR}/books") == str(tmp_path / "books")
+    with pytest.raises(DataSourceError, match=r"placeholder\(s\) \['UNSET_MIXDIR'\]: export"):
+        resolve_prefix("${UNSET_MIXDIR}/books")
+    raw = {"components": [{"name": "a", "prefixes": ["x"], "weight": 1.0}]}
+    with pytest.raises(MixtureError, match="'reset_position_ids' was removed: it had no effect"):
+        mixture_from_dict({**raw, "reset_position_ids": True})

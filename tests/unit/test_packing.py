@@ -47,10 +47,8 @@ def brute_force_stream(spec, index, c):
     return docs, tokens, doc_id
 
 
-@pytest.mark.parametrize("reset", [False, True])
-def test_every_sample_matches_brute_force(data, reset):
+def test_every_sample_matches_brute_force(data):
     spec, index = data
-    spec.reset_position_ids = reset
     packer = SamplePacker(index)
     for c in range(2):
         docs, stream, doc_id = brute_force_stream(spec, index, c)
@@ -65,14 +63,7 @@ def test_every_sample_matches_brute_force(data, reset):
             # no loss where the label is the first token of the next document
             expected_mask = (ids[1:] == ids[:-1]).astype(np.float32)
             assert np.array_equal(got["loss_mask"], expected_mask)
-            if reset:
-                pos = [0] * S
-                for i in range(1, S):
-                    pos[i] = 0 if ids[i] != ids[i - 1] else pos[i - 1] + 1
-            else:
-                pos = list(range(S))
-            assert got["position_ids"].tolist() == pos
-    spec.reset_position_ids = False
+            assert got["position_ids"].tolist() == list(range(S))
 
 
 def test_bucket_rules_and_counts(data):

@@ -23,7 +23,6 @@ BAD_LINES = {
     "missing_key": b'{"body": "wrong key"}\n',
     "not_a_string": b'{"text": 42}\n',
     "invalid_utf8": b'{"text": "caf\xe9 latin-1"}\n',
-    "empty_text": b'{"text": "   "}\n',
 }
 LONE_SURROGATE = b'{"text": "half a pair \\ud800 here"}\n'
 
@@ -66,6 +65,26 @@ def test_skip_mode_counts_reason_and_keeps_good_records(reason, workers, spm_mod
     tok = load_tokenizer("SentencePieceTokenizer", spm_model)
     ds = IndexedDataset(report.outputs["text"]["prefix"])
     assert [tok.decode(ds[i].tolist()) for i in range(len(ds))] == ["good one", "good two"]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_empty_text_is_skipped_and_counted_whitespace_is_text(
+    on_error, spm_model, tmp_path, caplog
+):
+    """Megatron-LM keeps going on empty documents (real corpora have them): an empty text is
+    skipped, counted and warned about under either mode; whitespace-only text is a document."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(GOOD[0] + b'{"text": ""}\n' + b'{"text": "  \\n\\t "}\n' + GOOD[1])
+    with caplog.at_level("WARNING"):
+        report = preprocess(_config(str(path), tmp_path, spm_model, on_error=on_error))
+    assert report.skipped["empty_text"] == 1 and sum(report.skipped.values()) == 1
+    assert f"{path}:2: empty_text" in caplog.text
+    stats = json.load(open(report.outputs["text"]["stats"]))
+    assert stats["skipped"]["empty_text"] == 1 and stats["documents"] == 3
+    tok = load_tokenizer("SentencePieceTokenizer", spm_model)
+    ds = IndexedDataset(report.outputs["text"]["prefix"])
+    texts = [tok.decode(ds[i].tolist()) for i in range(len(ds))]
+    assert texts == ["good one", "  \n\t ", "good two"]
 
 
 def test_lone_surrogate_is_invalid_utf8_in_both_modes(spm_model, tmp_path):

@@ -1,4 +1,5 @@
-"""RoPE variants vs transformers' own rotary implementation (LlamaRotaryEmbedding), on CP ranks."""
+"""RoPE variants vs transformers' own rotary implementation (LlamaRotaryEmbedding), on CP ranks;
+the translator's validation and HF round trip."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import pytest
 import torch
 
 from megatron_longctx.model.rope import (
-    install_inv_freq,
+    from_hf_rope_parameters,
+    megatron_attention_factor,
+    megatron_cos_sin,
+    megatron_rotary,
     rank_rope_positions,
     rope_cos_sin,
     rope_inv_freq,
+    to_hf_rope_parameters,
+    validate_rope_scaling,
 )
 
 HEAD_DIM = 64
@@ -94,51 +100,72 @@ def test_inv_freq_and_cos_sin_match_transformers_on_each_cp_rank(name):
         torch.testing.assert_close(cos[near], hf_cos[0][near], rtol=0, atol=1e-5)
 
 
-def test_megatron_rotary_with_installed_frequencies_matches_transformers():
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    theta, scaling = VARIANTS["llama3_custom"]
-    rotary = RotaryEmbedding(
-        kv_channels=HEAD_DIM,
-        rotary_percent=1.0,
-        rotary_base=int(theta),
-        use_cpu_initialization=True,
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_megatron_rotary_as_built_matches_transformers(name):
+    """``megatron_rotary`` is what build_gpt_model installs; its angles and YaRN's attention factor
+    (through megatron's own mscale formula on the TransformerConfig) equal transformers'."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
     )
 
-    class _Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rotary_pos_emb = rotary
+    theta, scaling = VARIANTS[name]
 
-    install_inv_freq(_Model(), HEAD_DIM, theta, scaling)
-    assert not torch.allclose(rotary.inv_freq, rope_inv_freq(HEAD_DIM, theta)[0])
-    angles = rotary.get_freqs_non_repeated(256)  # [s, d/2], what megatron's forward concatenates
-    hf_cos, _ = _hf_rotary(theta, scaling)(torch.zeros(1, 256, HEAD_DIM), torch.arange(256)[None])
-    torch.testing.assert_close(torch.cat([angles, angles], -1).cos(), hf_cos[0], rtol=0, atol=1e-5)
+    class _Config:  # what megatron_attention_factor reads and writes on a TransformerConfig
+        kv_channels = HEAD_DIM
+
+    config = _Config()
+    attention = megatron_attention_factor(config, theta, scaling)
+    mscale = _yarn_get_concentration_factor_from_config(config)
+    hf = _hf_rotary(theta, scaling)
+    assert mscale == pytest.approx(hf.attention_scaling, rel=1e-12)
+    assert attention == pytest.approx(mscale, rel=1e-12)
+    pos = torch.tensor([0, 1, 17, 255, 4095, 8191])
+    cos, sin = megatron_cos_sin(megatron_rotary(HEAD_DIM, theta, scaling), pos, mscale)
+    hf_cos, hf_sin = hf(torch.zeros(1, pos.numel(), HEAD_DIM), pos[None])
+    torch.testing.assert_close(cos, hf_cos[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(sin, hf_sin[0], rtol=0, atol=1e-4)
 
 
-def test_megatron_llama3_defaults_equal_transformers_llama3_1():
-    """build.py maps rope_type llama3 to megatron's rope_scaling; valid for Llama 3.1's settings."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    theta, scaling = VARIANTS["llama3_1"]
-    rotary = RotaryEmbedding(
-        kv_channels=HEAD_DIM,
-        rotary_percent=1.0,
-        rotary_base=int(theta),
-        rope_scaling=True,
-        rope_scaling_factor=8.0,
-        use_cpu_initialization=True,
-    )
-    torch.testing.assert_close(
-        rotary.inv_freq, _hf_rotary(theta, scaling).inv_freq, rtol=1e-6, atol=0
-    )
+def test_hf_rope_parameters_round_trip_and_legacy_layout():
+    for theta, scaling in VARIANTS.values():
+        params = to_hf_rope_parameters(theta, scaling)
+        assert from_hf_rope_parameters(params) == (theta, validate_rope_scaling(scaling))
+    legacy = {"type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+              "original_max_position_embeddings": 8192, "rope_theta": 5e5}  # fmt: skip
+    theta, scaling = from_hf_rope_parameters(legacy)
+    assert theta == 5e5 and scaling == dict(VARIANTS["llama3_1"][1])
 
 
 def test_bad_settings_raise_with_values():
-    with pytest.raises(ValueError, match="rope_type must be one of .* got 'ntk'"):
+    with pytest.raises(ValueError, match="rope_type 'ntk' is not supported .*yarn"):
         rope_inv_freq(HEAD_DIM, 1e4, {"rope_type": "ntk", "factor": 2})
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
+        validate_rope_scaling({"rope_type": "dynamic", "factor": 2})
     with pytest.raises(ValueError, match="factor must be >= 1, got 0.5"):
         rope_inv_freq(HEAD_DIM, 1e4, {"rope_type": "linear", "factor": 0.5})
     with pytest.raises(ValueError, match="head_dim must be even, got 63"):
         rope_inv_freq(63, 1e4)
+    with pytest.raises(
+        ValueError, match=r"\['low_freq_factor'\] are not used by rope_type 'linear'"
+    ):
+        validate_rope_scaling({"rope_type": "linear", "factor": 4, "low_freq_factor": 1})
+    with pytest.raises(ValueError, match=r"'llama3' needs \['high_freq_factor'"):
+        validate_rope_scaling({"rope_type": "llama3", "factor": 8, "low_freq_factor": 1})
+
+
+def test_config_load_refuses_unsupported_rope_with_the_reason():
+    """A stage's RoPE is checked when the recipe loads, not silently dropped at build time."""
+    from megatron_longctx.config.loading import ConfigError
+    from megatron_longctx.config.schema import ExperimentConfig, StageConfig
+    from megatron_longctx.model.config import get_preset
+
+    stage = dict(name="s", seq_length=256, mixture={}, lr=1e-4, steps=1, global_batch_size=1)
+    with pytest.raises(ConfigError, match="stage 's'.*rope_type 'longrope' is not supported"):
+        StageConfig(**stage, rope_scaling={"rope_type": "longrope", "factor": 4})
+    with pytest.raises(ValueError, match="model.rope_scaling.*'beta_fast'.* not used by rope_type"):
+        get_preset("tiny", rope_scaling={"rope_type": "llama3", "factor": 8, "beta_fast": 4})
+    ok = StageConfig(**stage, rope_scaling={"type": "yarn", "factor": 4,
+                                            "original_max_position_embeddings": 64})  # fmt: skip
+    cfg = ExperimentConfig(name="x", stages=[ok]).model_config(ok)
+    assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 64}  # fmt: skip

@@ -79,3 +79,26 @@ def test_vocab_padding_rule():
     assert cfg.padded_vocab_size(8) == 129024  # multiple of 1024
     with pytest.raises(KeyError, match="unknown model preset"):
         get_preset("gpt5")
+
+
+def test_fallback_kernel_warnings_are_one_line_once(tmp_path):
+    """megatron's per-module "Transformer Engine and Apex are not installed" warnings (4-6 per
+    process) become one line on rank 0, however often the process group is initialised."""
+    import subprocess
+    import sys
+
+    from tests.harness import free_port
+
+    code = (
+        "from megatron_longctx.runtime.distributed import DistEnv, init_process_group\n"
+        f"env = DistEnv(0, 1, 0, '127.0.0.1', {free_port()})\n"
+        "init_process_group(env, device='cpu'); init_process_group(env, device='cpu')\n"
+        "import megatron.core.optimizer, megatron.core.models.gpt, megatron.core.distributed\n"
+        "import megatron_longctx.training.setup, megatron_longctx.model.build\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [x for x in p.stderr.splitlines() if "not installed" in x]
+    assert len(lines) == 1 and "torch fallbacks" in lines[0], p.stderr[-2000:]

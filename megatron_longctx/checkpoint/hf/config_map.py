@@ -4,7 +4,7 @@ transformers 5.x keeps RoPE settings in ``rope_parameters`` (``{"rope_theta": ..
 <scaling fields>}``); 4.x used a top-level ``rope_theta`` plus ``rope_scaling``. Reading goes
 through transformers' own ``LlamaConfig`` (which accepts both layouts); writing lets ``LlamaConfig``
 choose the layout, so the exported ``config.json`` is whatever the installed transformers reads
-back.
+back. The RoPE fields themselves are translated by ``model/rope.py`` (the one RoPE translator).
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_longctx.model.config import ModelConfig
+from megatron_longctx.model.rope import (
+    RopeConfigError,
+    from_hf_rope_parameters,
+    to_hf_rope_parameters,
+)
 
 
 class ConversionError(ValueError):
@@ -57,9 +62,10 @@ def model_config_from_hf(
         problems.append(f"head_dim {head_dim} x heads {heads} != hidden_size {hf.hidden_size}")
     if problems:
         raise ConversionError(f"{source}: unsupported Llama variant: {'; '.join(problems)}")
-    rope = _rope_dict(hf)
-    theta = float(rope.pop("rope_theta", 10000.0))
-    scaling = None if rope.get("rope_type", "default") == "default" else rope
+    try:
+        theta, scaling = from_hf_rope_parameters(_rope_dict(hf), where=source)
+    except RopeConfigError as err:
+        raise ConversionError(f"unsupported RoPE: {err}") from err
     return ModelConfig(
         hidden_size=hf.hidden_size,
         ffn_hidden_size=hf.intermediate_size,
@@ -97,7 +103,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, source_hf_config: dict | 
     """
     from transformers import LlamaConfig
 
-    rope = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=float(cfg.rope_theta))
+    rope = to_hf_rope_parameters(cfg.rope_theta, cfg.rope_scaling)
     tokens = {k: source_hf_config[k] for k in _TOKEN_IDS if k in (source_hf_config or {})}
     return LlamaConfig(
         vocab_size=cfg.vocab_size,

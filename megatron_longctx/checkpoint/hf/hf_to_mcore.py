@@ -122,9 +122,10 @@ def hf_to_mcore_collective(
     model = build_gpt_model(cfg, layout, backend="local", params_dtype=params_dtype)
     padded = cfg.padded_vocab_size(tensor_model_parallel_size)
     load_full(model, _LazyFullTensors(reader, cfg, padded, params_dtype))
-    copied = []
+    copied = [None]
     if dist.get_rank() == 0:
-        copied = reader.copy_tokenizer(Path(save_dir) / TOKENIZER_SUBDIR)
+        copied = [reader.copy_tokenizer(Path(save_dir) / TOKENIZER_SUBDIR)]
+    dist.broadcast_object_list(copied, src=0)  # the common state must be identical on every rank
     hf_dtype = _SAFETENSORS_DTYPES.get(reader.dtype("model.embed_tokens.weight"), "float32")
     state = {
         "model": cfg.to_dict(),
@@ -132,7 +133,7 @@ def hf_to_mcore_collective(
         "hf_dir": str(Path(hf_dir).resolve()),
         "hf_config": reader.config,
         "hf_dtype": hf_dtype,
-        "tokenizer_files": copied,
+        "tokenizer_files": copied[0],
         "tensor_model_parallel_size": tensor_model_parallel_size,
         "pipeline_model_parallel_size": pipeline_model_parallel_size,
     }

@@ -9,7 +9,8 @@ files (``dcp_reader``), split / trimmed to HF names (``keymap``), and written sh
 
 The exported ``config.json`` is written by transformers' ``LlamaConfig`` from the checkpoint's
 ``ModelConfig``: ``rope_theta`` and ``rope_scaling`` as trained and ``max_position_embeddings`` =
-the trained length.
+the trained length. The export is then checked against the trained model (``verify.py``: RoPE
+and a logits probe); a mismatch raises ``ExportParityError`` naming what differs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from megatron_longctx.checkpoint.hf.hf_io import (
     prepare_output_dir,
 )
 from megatron_longctx.checkpoint.hf.hf_to_mcore import TOKENIZER_SUBDIR
+from megatron_longctx.checkpoint.hf.verify import verify_export
 from megatron_longctx.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ def mcore_to_hf(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     tokenizer_dir: str | Path | None = None,
+    verify: str = "full",
 ) -> dict:
     """Exports a megatron checkpoint as an HF Llama directory (see module docstring).
 
@@ -105,6 +108,9 @@ def mcore_to_hf(
             sharded with a ``model.safetensors.index.json``.
         tokenizer_dir: copy tokenizer files from here; default: ``<root>/hf_tokenizer`` recorded
             by hf-to-mcore, when present.
+        verify: the export parity gate (``checkpoint.hf.verify``): "full" (RoPE at sampled
+            positions up to the trained length + logits on a short probe, the default), "rope",
+            or "none".
 
     Returns:
         A summary: checkpoint, files written, tokenizer files, dtype, rope_theta, max positions.
@@ -152,7 +158,9 @@ def mcore_to_hf(
     if tokenizer_dir and not tokenizer:
         raise ConversionError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files")
     logger.info("exported %s -> %s (%d files, %s)", ckpt, out, len(files), dtype)
+    parity = verify_export(ckpt, cfg, out, torch_dtype, verify)
     return {
+        "verify": parity,
         "checkpoint": str(ckpt),
         "files": files,
         "tokenizer_files": tokenizer,

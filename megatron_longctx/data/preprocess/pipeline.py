@@ -29,7 +29,7 @@ import numpy as np
 
 from megatron_longctx.data.preprocess import stats as stats_lib
 from megatron_longctx.data.preprocess.progress import Progress
-from megatron_longctx.data.preprocess.readers import REASONS, expand_inputs
+from megatron_longctx.data.preprocess.readers import EMPTY_TEXT, REASONS, expand_inputs
 from megatron_longctx.data.preprocess.split import make_splitter
 from megatron_longctx.data.preprocess.tasks import SplitCounts, iter_tasks
 from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES, load_tokenizer
@@ -60,6 +60,9 @@ class PreprocessConfig:
         workers: tokenizing processes (1 = in-process).
         log_interval: documents between progress updates.
         on_error: ``fail`` (abort, leave nothing) or ``skip`` (count bad records and go on).
+            Either way a record whose text is empty (``""``) is skipped, counted under
+            ``empty_text`` and warned about, as real corpora hold them (Megatron-LM keeps going
+            too); whitespace-only text is tokenized like any other.
         quiet: no progress output even on a TTY.
         plot: also write ``{output_prefix}_{key}_length_hist.png``.
         batch_bytes: raw bytes per batch of short records sent to a worker.
@@ -228,7 +231,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
                 continue
             for file_index, line_number, reason, detail in result.bad:
                 where = f"{files[file_index]}:{line_number}"
-                if config.on_error == "fail":
+                if config.on_error == "fail" and reason != EMPTY_TEXT:  # empties: skip, count
                     raise PreprocessError(
                         f"{where}: {reason}: {detail} (fix the record, or pass --on-error skip to "
                         "count and skip bad records)"

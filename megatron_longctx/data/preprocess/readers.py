@@ -118,7 +118,7 @@ def parse_record(line: bytes, json_keys: list[str]) -> list[str] | None:
 
     Raises:
         BadRecord: invalid UTF-8, malformed JSON, not an object, missing key, non-string or empty
-            value.
+            value (``EMPTY_TEXT``: the pipeline skips and counts it under either ``on_error``).
     """
     try:
         decoded = line.decode("utf-8")
@@ -147,8 +147,8 @@ def parse_record(line: bytes, json_keys: list[str]) -> list[str] | None:
             raise BadRecord(
                 NOT_A_STRING, f"value of {key!r} is {type(value).__name__}, not a string"
             )
-        if not value.strip():
-            raise BadRecord(EMPTY_TEXT, f"value of {key!r} is empty or whitespace only")
+        if not value:  # whitespace-only text is tokenized like any text (as Megatron-LM does)
+            raise BadRecord(EMPTY_TEXT, f"value of {key!r} is empty")
         texts.append(value)
     return texts
 
