@@ -1,0 +1,137 @@
+"""CP sharding units: which consecutive documents of a packed sequence are zigzagged together.
+
+A *unit* is a run of consecutive documents that the CP layout treats as one zigzag sequence: it is
+padded at its end to a multiple of 2 x CP, cut into 2 x CP chunks, and rank r keeps chunks r and
+2 CP - 1 - r (parallel/cp_split.py). ``cu_seqlens`` of the padded batch are the unit boundaries
+(what megatron's THD RoPE and ``cp_split`` see); the document boundaries inside units travel as
+``cu_docs`` so that attention never crosses a document (model/attention/blocks.py).
+
+Schemes (``SHARDINGS``):
+
+* ``"document"``: every document is its own unit (per-document zigzag; the only layout Transformer
+  Engine's THD CP attention accepts). Exact balance for long documents, but every short
+  document's padding lands in its last chunk (rank 0's late chunk) and short-only samples are
+  unbalanced at large CP (benchmarks/bench_balance.py).
+* ``"sequence"``: the whole sample is one unit (megatron's whole-sequence zigzag): almost no
+  padding, but the rank holding a long document's late chunk does most of its attention.
+* ``"adaptive"`` (default): documents of at least T tokens are their own unit and every maximal
+  run of shorter documents is one unit, with T chosen per sample among a few thresholds (0,
+  2 CP x 2^k, infinity) as the one whose total work (attention pairs + linear work per token, the
+  perf model's ratio) is most even across CP ranks, subject to padding <= ``max_padding``
+  (WLB-LLM's per-document vs per-sequence rule, made per sample and exact).
+
+Everything is numpy, per (document, chunk) piece: a 512K-token sample costs well under 1 ms/plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHARDINGS = ("adaptive", "document", "sequence")
+
+#: matmul work of one token in attention score pairs at Llama-3-8B's shape (N_matmul / (2 L d_q));
+#: the perf model's ratio (perf/flops.py), used to weigh linear against attention work.
+LINEAR_PAIRS_PER_TOKEN = 28_600.0
+
+#: padding budget of the adaptive rule, as a fraction of a sample's real tokens.
+MAX_PADDING = 0.005
+
+
+def unit_of_documents(
+    doc_lengths, cp_size: int, scheme: str = "adaptive", *, linear: float = LINEAR_PAIRS_PER_TOKEN,
+    max_padding: float = MAX_PADDING,
+) -> np.ndarray:
+    """Unit index of every document (non-decreasing, starting at 0) under ``scheme``.
+
+    Args:
+        doc_lengths: real lengths of the documents of one packed sequence, in order.
+        cp_size: context-parallel size.
+        scheme: one of SHARDINGS.
+        linear: linear work of one token in attention pairs (adaptive rule only).
+        max_padding: padding budget as a fraction of real tokens (adaptive rule only).
+    """
+    if scheme not in SHARDINGS:
+        raise ValueError(f"CP sharding must be one of {SHARDINGS}, got {scheme!r}")
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    n = lengths.size
+    if scheme == "document" or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    if scheme == "sequence":
+        return np.zeros(n, dtype=np.int64)
+    best, best_key = None, None
+    total = max(int(lengths.sum()), 1)
+    for threshold in _thresholds(lengths, cp_size):
+        unit = _threshold_units(lengths, threshold)
+        work = work_per_rank(lengths, unit, cp_size, linear)
+        pad = padding_tokens(lengths, unit, cp_size) / total
+        ratio = float(work.max() / work.min()) if work.min() > 0 else np.inf
+        key = (pad > max_padding, round(ratio, 4), pad)
+        if best_key is None or key < best_key:
+            best, best_key = unit, key
+    return best
+
+
+def _thresholds(lengths: np.ndarray, cp_size: int) -> list[float]:
+    m = 2 * cp_size
+    top = int(lengths.max())
+    out, t = [0.0], float(m)
+    while t <= top:
+        out.append(t)
+        t *= 2
+    return out + [np.inf]
+
+
+def _threshold_units(lengths: np.ndarray, threshold: float) -> np.ndarray:
+    """Documents >= threshold alone; each maximal run of shorter ones together."""
+    long = lengths >= threshold
+    # a new unit starts at every long document and at the first short document after a long one
+    starts = long.copy()
+    starts[1:] |= long[:-1]
+    starts[0] = True
+    return np.cumsum(starts) - 1
+
+
+def padding_tokens(doc_lengths, unit: np.ndarray, cp_size: int) -> int:
+    """Tokens added by padding every unit to a multiple of 2 x CP."""
+    real = np.bincount(unit, weights=doc_lengths).astype(np.int64)
+    return int(((-real) % (2 * cp_size)).sum())
+
+
+def work_per_rank(
+    doc_lengths, unit: np.ndarray, cp_size: int, linear: float = LINEAR_PAIRS_PER_TOKEN
+) -> np.ndarray:
+    """Work of each CP rank: allowed (query, key) pairs + ``linear`` per real token.
+
+    A real token at position p of its document sees p + 1 keys; padding does no work (the
+    kernels skip it; its linear work is counted by ``padding_tokens``). Vectorised over (document,
+    chunk) pieces.
+    """
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    m = 2 * cp_size
+    if lengths.size == 0:
+        return np.zeros(cp_size)
+    real = np.bincount(unit, weights=lengths).astype(np.int64)
+    chunk = (real + (-real) % m) // m
+    ends = np.cumsum(lengths)
+    unit_start = np.concatenate([[0], np.cumsum(real)[:-1]])
+    a = ends - lengths - unit_start[unit]  # in-unit start of each document
+    b = a + lengths
+    c = chunk[unit]
+    keep = lengths > 0
+    a, b, c, lengths = a[keep], b[keep], c[keep], lengths[keep]
+    first, last = a // c, (b - 1) // c
+    count = last - first + 1
+    doc = np.repeat(np.arange(a.size), count)
+    j = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + first[doc]
+    lo = np.maximum(a[doc], j * c[doc])
+    hi = np.minimum(b[doc], (j + 1) * c[doc])
+    num = hi - lo
+    work = num * (lo - a[doc] + 1) + num * (num - 1) / 2 + num * linear
+    rank = np.where(j < cp_size, j, m - 1 - j)
+    return np.bincount(rank, weights=work, minlength=cp_size)
+
+
+def imbalance(work: np.ndarray) -> float:
+    """max / min across ranks (inf if a rank has no work)."""
+    low = float(np.min(work))
+    return float(np.max(work)) / low if low > 0 else float("inf")
