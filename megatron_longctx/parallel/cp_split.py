@@ -80,22 +80,34 @@ def _cu_of(batch: dict) -> tuple[list[int], list[int]]:
 
 
 def pad_documents_for_cp(
-    batch: dict, cp_size: int, *, pad_to: int | None = None, pad_token_id: int = 0
+    batch: dict,
+    cp_size: int,
+    *,
+    pad_to: int | None = None,
+    pad_token_id: int = 0,
+    sharding: str = "document",
 ) -> dict:
-    """Pads every document at its end to a multiple of 2 x ``cp_size``.
+    """Groups documents into CP units (parallel/units.py) and pads every unit at its end to a
+    multiple of 2 x ``cp_size``.
 
     Args:
         batch: ``tokens``/``labels``/``loss_mask``/``position_ids`` of shape [1, s] and
             ``cu_seqlens`` (real document boundaries, ending at s).
         cp_size: context-parallel size.
-        pad_to: if given, a padding-only document (real length 0) is appended to reach this length.
+        pad_to: if given, a padding-only unit (real length 0) is appended to reach this length.
         pad_token_id: token and label id written into padding.
+        sharding: ``"document"`` (one unit per document, Transformer Engine's layout),
+            ``"adaptive"`` or ``"sequence"`` (parallel/units.py SHARDINGS).
 
     Returns:
-        A new batch in the padded layout: ``cu_seqlens`` (int32, padded boundaries),
-        ``cu_seqlens_unpadded`` (int32, cumulative real lengths), ``max_seqlen`` (longest padded
-        document). Padded tokens have loss_mask 0; their position ids continue the document's.
+        A new batch in the padded layout: ``cu_seqlens`` (int32, padded unit boundaries),
+        ``cu_seqlens_unpadded`` (int32, cumulative real lengths of the units), ``doc_spans``
+        (int32 [num_docs, 2], every document's [start, end) in the padded layout), ``max_seqlen``
+        (longest padded unit). Padded tokens have loss_mask 0; their position ids continue the
+        unit's last document.
     """
+    from megatron_longctx.parallel.units import unit_of_documents
+
     cu = _as_list(batch["cu_seqlens"])
     _check_cu(cu, "cu_seqlens")
     s = batch["tokens"].shape[1]
@@ -106,11 +118,21 @@ def pad_documents_for_cp(
             f"{cu[-1]}"
         )
     multiple = 2 * cp_size
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    unit = unit_of_documents(lengths, cp_size, sharding).tolist()
+    unit_docs: list[list[int]] = []
+    for i, u in enumerate(unit):
+        if u == len(unit_docs):
+            unit_docs.append([])
+        unit_docs[u].append(i)
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_KEYS if k in batch}
-    cu_padded, cu_real = [0], [0]
-    for start, end in zip(cu, cu[1:]):
+    cu_padded, cu_real, spans = [0], [0], []
+    for docs in unit_docs:
+        start, end = cu[docs[0]], cu[docs[-1] + 1]
         real = end - start
         pad = (-real) % multiple
+        for d in docs:
+            spans.append([cu_padded[-1] + cu[d] - start, cu_padded[-1] + cu[d + 1] - start])
         for key, out in pieces.items():
             part = batch[key][:, start:end]
             if key == "position_ids":
@@ -145,6 +167,7 @@ def pad_documents_for_cp(
     result.update({k: torch.cat(v, dim=1) for k, v in pieces.items()})
     result["cu_seqlens"] = torch.tensor(cu_padded, dtype=torch.int32)
     result["cu_seqlens_unpadded"] = torch.tensor(cu_real, dtype=torch.int32)
+    result["doc_spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
     result["max_seqlen"] = max(b - a for a, b in zip(cu_padded, cu_padded[1:]))
     return result
 
@@ -234,7 +257,7 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
     real = local_batch.get("cu_seqlens_unpadded", padded).to(torch.int32)
     device = local_batch["tokens"].device
     max_seqlen = int(local_batch.get("max_seqlen") or int((padded[1:] - padded[:-1]).max()))
-    return PackedSeqParams(
+    params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=real.to(device),
         cu_seqlens_kv=real.to(device),
@@ -244,6 +267,10 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
         max_seqlen_kv=max_seqlen,
         cp_group=cp_group,
     )
+    # document intervals inside the units, for the project's core attention (model/attention/
+    # core.py); megatron ignores the attribute, RoPE restarts per unit (relative: exact)
+    params.doc_spans = local_batch.get("doc_spans")
+    return params
 
 
 @dataclass
