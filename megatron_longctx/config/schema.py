@@ -222,8 +222,7 @@ class TrainingSection:
         kernels = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")  # attention.KERNELS
         if self.attention_kernel not in kernels:
             raise ConfigError(
-                f"training.attention_kernel must be one of {kernels}, got "
-                f"{self.attention_kernel!r}"
+                f"training.attention_kernel must be one of {kernels}, got {self.attention_kernel!r}"
             )
 
 

@@ -130,8 +130,8 @@ def step_balance(cp_work: np.ndarray, padding, tokens, order: np.ndarray) -> dic
     Returns:
         ``cp_work_max_over_mean``: worst DP rank's sum over micro-batches of max CP work over the
         sum of mean CP work; ``cp_work_max_over_min``: its most over its least loaded CP rank
-        (totals over the step); ``dp_work_max_over_mean``: the heaviest DP rank's step cost over the mean; ``padding_share``:
-        padding / (real + padding) tokens.
+        (totals over the step); ``dp_work_max_over_mean``: the heaviest DP rank's step cost
+        over the mean; ``padding_share``: padding / (real + padding) tokens.
     """
     cp_work = np.asarray(cp_work, dtype=np.float64)
     per_rank = cp_work[order.reshape(order.shape[0], -1)]  # [D, M*b, CP]

@@ -38,7 +38,11 @@ MAX_PADDING = 0.005
 
 
 def unit_of_documents(
-    doc_lengths, cp_size: int, scheme: str = "adaptive", *, linear: float = LINEAR_PAIRS_PER_TOKEN,
+    doc_lengths,
+    cp_size: int,
+    scheme: str = "adaptive",
+    *,
+    linear: float = LINEAR_PAIRS_PER_TOKEN,
     max_padding: float = MAX_PADDING,
 ) -> np.ndarray:
     """Unit index of every document (non-decreasing, starting at 0) under ``scheme``.

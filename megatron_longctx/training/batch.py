@@ -2,8 +2,8 @@
 
     loader micro-batch [b, S] + cu_seqlens over the b*S flattened tokens
       -> flatten to one THD sequence [1, b*S]
-      -> group documents into zigzag units, pad each unit    (parallel.cp_split.pad_documents_for_cp,
-         to a multiple of 2 x CP                               parallel.units)
+      -> group documents into zigzag units (parallel.units), pad each unit to a multiple of
+         2 x CP                                                (parallel.cp_split.pad_documents_for_cp)
       -> keep chunks r and 2CP-1-r of every unit              (parallel.cp_split.cp_split)
       -> megatron PackedSeqParams (qkv_format="thd")         (parallel.cp_split.packed_seq_params_for_rank)
 

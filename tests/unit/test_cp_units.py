@@ -86,7 +86,9 @@ def _layout_by_hand(groups, cp):
 def test_ring_blocks_with_grouped_units_cover_exactly_the_allowed_pairs(cp):
     groups = [[3, 1, 2 * cp + 3, 4], [12 * cp], [1], [7, 5 * cp + 1, 2]]
     cu_p, cu_r, (starts, ends) = _layout_by_hand(groups, cp)
-    want = {(a + i, a + j) for a, b in zip(starts, ends) for i in range(b - a) for j in range(i + 1)}
+    want = {
+        (a + i, a + j) for a, b in zip(starts, ends) for i in range(b - a) for j in range(i + 1)
+    }
     layout = CPLayout(cu_p, cu_r, cp, (starts, ends))
     index = [rank_token_index(cu_p, cp, r).tolist() for r in range(cp)]
     got = []
@@ -122,7 +124,11 @@ def test_work_per_rank_matches_brute_force(cp):
         for a, b in zip(starts, ends):
             pos_of.update({a + i: i for i in range(b - a)})
         want = [
-            sum(pos_of[t] + 1 + linear for t in rank_token_index(cu_p, cp, r).tolist() if t in pos_of)
+            sum(
+                pos_of[t] + 1 + linear
+                for t in rank_token_index(cu_p, cp, r).tolist()
+                if t in pos_of
+            )
             for r in range(cp)
         ]
         np.testing.assert_allclose(work_per_rank(lengths, unit, cp, linear), want)

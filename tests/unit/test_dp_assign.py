@@ -69,9 +69,10 @@ def test_balanced_loader_keeps_each_step_and_resumes_exactly(corpus):  # noqa: F
                 got += next(loader)["sample_index"].tolist()
         assert sorted(got) == want
     one = _loader(index, 0, 1)
-    assert sorted(one.__next__()["sample_index"].tolist() + [
-        s for _ in range(GB // MBS - 1) for s in next(one)["sample_index"].tolist()
-    ]) == list(range(GB))  # DP 1: the same set
+    assert sorted(
+        one.__next__()["sample_index"].tolist()
+        + [s for _ in range(GB // MBS - 1) for s in next(one)["sample_index"].tolist()]
+    ) == list(range(GB))  # DP 1: the same set
     for rank in range(dp):  # resume after 40 steps == running through
         through = _loader(index, rank, dp)
         for _ in range(40 * steps_per_gb):

@@ -178,7 +178,7 @@ class CPLayout:
             )
 
     def rank_parts(self, rank: int) -> tuple[np.ndarray, ...]:
-        """Per document: local (start, length) of its early part and of its late part on ``rank``."""
+        """Per document: local (start, length) of its early and of its late part on ``rank``."""
         if rank not in self._parts:
             unit = self.doc_unit
             c, base = self.chunk[unit], self.cu_padded[unit]
