@@ -102,11 +102,13 @@ def pad_documents_for_cp(
     Returns:
         A new batch in the padded layout: ``cu_seqlens`` (int32, padded unit boundaries),
         ``cu_seqlens_unpadded`` (int32, cumulative real lengths of the units), ``doc_spans``
-        (int32 [num_docs, 2], every document's [start, end) in the padded layout), ``max_seqlen``
+        (int32 [num_docs, 2], every document's [start, end) in the padded layout, in layout
+        order: "adaptive" puts the shortest documents first), ``doc_order`` (int64 [num_docs],
+        the original index of each of them), ``max_seqlen``
         (longest padded unit). Padded tokens have loss_mask 0; their position ids continue the
         unit's last document.
     """
-    from megatron_longctx.parallel.units import unit_of_documents
+    from megatron_longctx.parallel.units import plan_units
 
     cu = _as_list(batch["cu_seqlens"])
     _check_cu(cu, "cu_seqlens")
@@ -119,22 +121,23 @@ def pad_documents_for_cp(
         )
     multiple = 2 * cp_size
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    unit = unit_of_documents(lengths, cp_size, sharding).tolist()
-    unit_docs: list[list[int]] = []
-    for i, u in enumerate(unit):
+    order, unit = plan_units(lengths, cp_size, sharding)
+    unit_docs: list[list[int]] = []  # original document indices of each unit, in layout order
+    for d, u in zip(order.tolist(), unit.tolist()):
         if u == len(unit_docs):
             unit_docs.append([])
-        unit_docs[u].append(i)
+        unit_docs[u].append(d)
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_KEYS if k in batch}
     cu_padded, cu_real, spans = [0], [0], []
     for docs in unit_docs:
-        start, end = cu[docs[0]], cu[docs[-1] + 1]
-        real = end - start
+        real = sum(lengths[d] for d in docs)
         pad = (-real) % multiple
+        at = cu_padded[-1]
         for d in docs:
-            spans.append([cu_padded[-1] + cu[d] - start, cu_padded[-1] + cu[d + 1] - start])
+            spans.append([at, at + lengths[d]])
+            at += lengths[d]
         for key, out in pieces.items():
-            part = batch[key][:, start:end]
+            part = torch.cat([batch[key][:, cu[d] : cu[d + 1]] for d in docs], dim=1)
             if key == "position_ids":
                 last = part[:, -1:] if real else torch.full_like(batch[key][:, :1], -1)
                 fill = last + torch.arange(1, pad + 1, dtype=part.dtype)
@@ -168,6 +171,7 @@ def pad_documents_for_cp(
     result["cu_seqlens"] = torch.tensor(cu_padded, dtype=torch.int32)
     result["cu_seqlens_unpadded"] = torch.tensor(cu_real, dtype=torch.int32)
     result["doc_spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
+    result["doc_order"] = torch.from_numpy(order)
     result["max_seqlen"] = max(b - a for a, b in zip(cu_padded, cu_padded[1:]))
     return result
 

@@ -24,7 +24,7 @@ import numpy as np
 from megatron_longctx.parallel.units import (
     LINEAR_PAIRS_PER_TOKEN,
     padding_tokens,
-    unit_of_documents,
+    plan_units,
     work_per_rank,
 )
 
@@ -45,10 +45,11 @@ class WorkModel:
 
     def sample(self, doc_lengths) -> tuple[np.ndarray, int]:
         """(work of each CP rank ``[cp]``, padding tokens) of one packed sample."""
-        unit = unit_of_documents(doc_lengths, self.cp_size, self.sharding, linear=self.linear)
+        order, unit = plan_units(doc_lengths, self.cp_size, self.sharding, linear=self.linear)
+        ordered = np.asarray(doc_lengths, dtype=np.int64)[order]
         return (
-            work_per_rank(doc_lengths, unit, self.cp_size, self.linear),
-            padding_tokens(doc_lengths, unit, self.cp_size),
+            work_per_rank(ordered, unit, self.cp_size, self.linear),
+            padding_tokens(ordered, unit, self.cp_size),
         )
 
 

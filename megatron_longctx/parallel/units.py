@@ -14,11 +14,11 @@ Schemes (``SHARDINGS``):
   unbalanced at large CP (benchmarks/bench_balance.py).
 * ``"sequence"``: the whole sample is one unit (megatron's whole-sequence zigzag): almost no
   padding, but the rank holding a long document's late chunk does most of its attention.
-* ``"adaptive"`` (default): documents of at least T tokens are their own unit and every maximal
-  run of shorter documents is one unit, with T chosen per sample among a few thresholds (0,
-  2 CP x 2^k, infinity) as the one whose total work (attention pairs + linear work per token, the
-  perf model's ratio) is most even across CP ranks, subject to padding <= ``max_padding``
-  (WLB-LLM's per-document vs per-sequence rule, made per sample and exact).
+* ``"adaptive"`` (default): the documents of the sample are put shortest first; documents of at
+  least T tokens are their own unit and all shorter ones form one unit, with T chosen per sample
+  among a few thresholds (0, 2 CP x 2^k, infinity) as the one whose total work (attention pairs +
+  linear work per token, the perf model's ratio) is most even across CP ranks, subject to padding
+  <= ``max_padding`` (WLB-LLM's per-document vs per-sequence rule, made per sample and exact).
 
 Everything is numpy, per (document, chunk) piece: a 512K-token sample costs well under 1 ms/plan.
 """
@@ -37,15 +37,15 @@ LINEAR_PAIRS_PER_TOKEN = 28_600.0
 MAX_PADDING = 0.005
 
 
-def unit_of_documents(
+def plan_units(
     doc_lengths,
     cp_size: int,
     scheme: str = "adaptive",
     *,
     linear: float = LINEAR_PAIRS_PER_TOKEN,
     max_padding: float = MAX_PADDING,
-) -> np.ndarray:
-    """Unit index of every document (non-decreasing, starting at 0) under ``scheme``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The layout of one packed sequence: document order and the unit of each position.
 
     Args:
         doc_lengths: real lengths of the documents of one packed sequence, in order.
@@ -53,26 +53,37 @@ def unit_of_documents(
         scheme: one of SHARDINGS.
         linear: linear work of one token in attention pairs (adaptive rule only).
         max_padding: padding budget as a fraction of real tokens (adaptive rule only).
+
+    Returns:
+        ``(order, unit)``: ``order[k]`` is the document placed k-th (a permutation; identity for
+        "document" and "sequence"), ``unit[k]`` its unit (non-decreasing from 0). Reordering
+        documents inside a sample is exact: attention never crosses a document, and each
+        document moves with its labels and loss mask.
     """
     if scheme not in SHARDINGS:
         raise ValueError(f"CP sharding must be one of {SHARDINGS}, got {scheme!r}")
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     n = lengths.size
+    identity = np.arange(n, dtype=np.int64)
     if scheme == "document" or n <= 1:
-        return np.arange(n, dtype=np.int64)
+        return identity, identity.copy()
     if scheme == "sequence":
-        return np.zeros(n, dtype=np.int64)
+        return identity, np.zeros(n, dtype=np.int64)
+    # shortest first: the grouped unit's work per chunk then grows along the unit, close to the
+    # linear ramp of one document that the zigzag pairing (chunk j with 2 CP - 1 - j) balances
+    order = np.argsort(lengths, kind="stable")
+    ordered = lengths[order]
     best, best_key = None, None
     total = max(int(lengths.sum()), 1)
-    for threshold in _thresholds(lengths, cp_size):
-        unit = _threshold_units(lengths, threshold)
-        work = work_per_rank(lengths, unit, cp_size, linear)
-        pad = padding_tokens(lengths, unit, cp_size) / total
+    for threshold in _thresholds(ordered, cp_size):
+        unit = _threshold_units(ordered, threshold)
+        work = work_per_rank(ordered, unit, cp_size, linear)
+        pad = padding_tokens(ordered, unit, cp_size) / total
         ratio = float(work.max() / work.min()) if work.min() > 0 else np.inf
-        key = (pad > max_padding, round(ratio, 4), pad)
+        key = (pad > max_padding, round(ratio, 5), pad)
         if best_key is None or key < best_key:
             best, best_key = unit, key
-    return best
+    return order, best
 
 
 def _thresholds(lengths: np.ndarray, cp_size: int) -> list[float]:

@@ -116,6 +116,10 @@ def _worker(rank, world):
         ("units_cp2_a2a", L(1, 1, 2), "a2a"),
     ):
         out[name] = _run(layout, core, params, units)[:2]
+    # adaptive: documents reordered shortest first and grouped (exact: the loss is a token sum)
+    adaptive = _packed_batch(REAL_LENGTHS, 4, PAD_TO, seed=2, sharding="adaptive")
+    assert adaptive["doc_order"].tolist() != list(range(len(REAL_LENGTHS)))
+    out["adaptive_cp4_ring"] = _run(L(1, 1, 4), "ring", params, adaptive)[:2]
     return out if rank == 0 else None
 
 
@@ -148,5 +152,6 @@ def test_gpt_model_cp_layouts_match_cp1():
         "units_cp1_local",
         "units_cp4_ring",
         "units_cp2_a2a",
+        "adaptive_cp4_ring",
     ):
         _assert_same(f"{name} vs TP 1 x CP 1", out[name], out["ref"])

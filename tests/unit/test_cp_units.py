@@ -25,7 +25,7 @@ from megatron_longctx.parallel.cp_split import (
 from megatron_longctx.parallel.units import (
     imbalance,
     padding_tokens,
-    unit_of_documents,
+    plan_units,
     work_per_rank,
 )
 
@@ -52,11 +52,16 @@ def test_units_cover_every_token_once_and_merge_inverts(cp, sharding):
     cu = padded["cu_seqlens"].tolist()
     assert all((b - a) % (2 * cp) == 0 for a, b in zip(cu, cu[1:]))
     spans = padded["doc_spans"].tolist()
-    assert len(spans) == len(LENGTHS)
+    order = padded["doc_order"].tolist()
+    assert sorted(order) == list(range(len(LENGTHS)))
+    if sharding == "adaptive":  # shortest first
+        assert [LENGTHS[d] for d in order] == sorted(LENGTHS)
     starts = np.cumsum([0] + LENGTHS)
-    for (a, b), s0, n in zip(spans, starts, LENGTHS):
+    for (a, b), d in zip(spans, order):  # every document whole and unchanged, with its labels
+        s0, n = starts[d], LENGTHS[d]
         assert b - a == n
         assert padded["tokens"][0, a:b].tolist() == list(range(s0 + 1, s0 + n + 1))
+        assert padded["labels"][0, a:b].tolist() == list(range(s0 + 1001, s0 + n + 1001))
     assert padded["loss_mask"].sum() == sum(LENGTHS)
     if sharding == "sequence":
         assert len(cu) == 2 and cu[1] - sum(LENGTHS) < 2 * cp
@@ -117,7 +122,9 @@ def test_work_per_rank_matches_brute_force(cp):
     lengths = rng.integers(1, 30, size=12)
     linear = 5.0
     for scheme in ("adaptive", "document", "sequence"):
-        unit = unit_of_documents(lengths, cp, scheme, linear=linear)
+        order, unit = plan_units(lengths, cp, scheme, linear=linear)
+        assert sorted(order.tolist()) == list(range(lengths.size))
+        lengths = lengths[order]
         groups = [lengths[unit == u].tolist() for u in range(unit.max() + 1)]
         cu_p, _, (starts, ends) = _layout_by_hand(groups, cp)
         pos_of = {}  # global padded position -> position inside its document
@@ -139,8 +146,10 @@ def test_adaptive_beats_per_document_on_short_documents():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(6.7, 1.0, size=400), 16, 4096).astype(int)
     cp = 16
-    doc = imbalance(work_per_rank(lengths, unit_of_documents(lengths, cp, "document"), cp))
-    unit = unit_of_documents(lengths, cp, "adaptive")
-    ada = imbalance(work_per_rank(lengths, unit, cp))
-    assert ada < doc and ada < 1.03, (ada, doc)
-    assert padding_tokens(lengths, unit, cp) <= 0.005 * lengths.sum()
+    results = {}
+    for scheme in ("document", "sequence", "adaptive"):
+        order, unit = plan_units(lengths, cp, scheme)
+        results[scheme] = imbalance(work_per_rank(lengths[order], unit, cp))
+    assert results["adaptive"] < min(results["document"], results["sequence"])
+    assert results["adaptive"] < 1.02, results
+    assert padding_tokens(lengths[order], unit, cp) <= 0.005 * lengths.sum()
