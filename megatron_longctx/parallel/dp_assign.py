@@ -9,7 +9,8 @@ and a DP-size change at fixed global batch still trains on the same samples per 
 Cost of a sample on a CP group = its slowest CP rank's work (``WorkModel``: attention pairs +
 linear work per token under the stage's CP sharding, parallel/units.py); a DP rank's step cost is
 the sum over its micro-batches. Two capacity-constrained LPT passes (longest processing time
-first, then pairwise swaps between the heaviest and the lightest bin): samples -> micro-batches of
+first, then swaps of one item of the heaviest bin with one of a lighter bin while that lowers the
+maximum): samples -> micro-batches of
 ``b`` samples, micro-batches -> DP ranks (each gets the same number, as megatron's schedules
 need). With one sample per DP rank nothing can be balanced: the step is as slow as its heaviest
 sample (benchmarks/bench_balance.py prints that bound).
@@ -66,20 +67,26 @@ def _lpt(cost: np.ndarray, num_bins: int, capacity: int, swaps: int = 64) -> np.
         bins[i] = b
         load[b] += cost[i]
         count[b] += 1
-    for _ in range(swaps):
-        hi, lo = int(np.argmax(load)), int(np.argmin(load))
-        if hi == lo:
+    for _ in range(swaps):  # swap one item of the heaviest bin with one of a lighter bin
+        hi = int(np.argmax(load))
+        a = np.flatnonzero(bins == hi)
+        moved = False
+        for lo in np.argsort(load, kind="stable"):
+            if lo == hi:
+                break
+            b = np.flatnonzero(bins == lo)
+            delta = cost[a][:, None] - cost[b][None, :]  # moving a -> lo and b -> hi
+            new_max = np.maximum(load[hi] - delta, load[lo] + delta)
+            best = np.unravel_index(np.argmin(new_max), new_max.shape)
+            if new_max[best] < load[hi] - 1e-9 * max(load[hi], 1.0):
+                i, j = a[best[0]], b[best[1]]
+                bins[i], bins[j] = lo, hi
+                load[hi] -= delta[best]
+                load[lo] += delta[best]
+                moved = True
+                break
+        if not moved:
             break
-        a, b = np.flatnonzero(bins == hi), np.flatnonzero(bins == lo)
-        delta = cost[a][:, None] - cost[b][None, :]  # moving a -> lo and b -> hi
-        new_max = np.maximum(load[hi] - delta, load[lo] + delta)
-        best = np.unravel_index(np.argmin(new_max), new_max.shape)
-        if new_max[best] >= load[hi] - 1e-9 * max(load[hi], 1.0):
-            break
-        i, j = a[best[0]], b[best[1]]
-        bins[i], bins[j] = lo, hi
-        load[hi] -= delta[best]
-        load[lo] += delta[best]
     return bins
 
 
