@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron_longctx.parallel.units import (
     LINEAR_PAIRS_PER_TOKEN,
+    PAD_FIRST,
     padding_tokens,
     plan_units,
     work_per_rank,
@@ -49,7 +50,7 @@ class WorkModel:
         order, unit = plan_units(doc_lengths, self.cp_size, self.sharding, linear=self.linear)
         ordered = np.asarray(doc_lengths, dtype=np.int64)[order]
         return (
-            work_per_rank(ordered, unit, self.cp_size, self.linear),
+            work_per_rank(ordered, unit, self.cp_size, self.linear, PAD_FIRST[self.sharding]),
             padding_tokens(ordered, unit, self.cp_size),
         )
 

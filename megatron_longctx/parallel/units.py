@@ -19,6 +19,7 @@ Schemes (``SHARDINGS``):
   among a few thresholds (0, 2 CP x 2^k, infinity) as the one whose total work (attention pairs +
   linear work per token, the perf model's ratio) is most even across CP ranks, subject to padding
   <= ``max_padding`` (WLB-LLM's per-document vs per-sequence rule, made per sample and exact).
+  Units are padded at their start (``PAD_FIRST``).
 
 Everything is numpy, per (document, chunk) piece: a 512K-token sample costs well under 1 ms/plan.
 """
@@ -28,6 +29,13 @@ from __future__ import annotations
 import numpy as np
 
 SHARDINGS = ("adaptive", "document", "sequence")
+
+#: where each scheme pads a unit: "adaptive" pads at the unit's start. Rank 0 holds both ends of
+#: every unit (chunks 0 and 2 CP - 1), so padding always costs rank 0 tokens; at the start it costs
+#: only their linear work (every later token moves by the same offset, which shifts work evenly),
+#: at the end also the attention of the unit's last, most expensive, tokens. "document" keeps
+#: the real tokens first (Transformer Engine's THD convention) and "sequence" megatron's layout.
+PAD_FIRST = {"adaptive": True, "document": False, "sequence": False}
 
 #: matmul work of one token in attention score pairs at Llama-3-8B's shape (N_matmul / (2 L d_q));
 #: the perf model's ratio (perf/flops.py), used to weigh linear against attention work.
@@ -77,7 +85,7 @@ def plan_units(
     total = max(int(lengths.sum()), 1)
     for threshold in _thresholds(ordered, cp_size):
         unit = _threshold_units(ordered, threshold)
-        work = work_per_rank(ordered, unit, cp_size, linear)
+        work = work_per_rank(ordered, unit, cp_size, linear, pad_first=True)
         pad = padding_tokens(ordered, unit, cp_size) / total
         ratio = float(work.max() / work.min()) if work.min() > 0 else np.inf
         key = (pad > max_padding, round(ratio, 5), pad)
@@ -113,12 +121,17 @@ def padding_tokens(doc_lengths, unit: np.ndarray, cp_size: int) -> int:
 
 
 def work_per_rank(
-    doc_lengths, unit: np.ndarray, cp_size: int, linear: float = LINEAR_PAIRS_PER_TOKEN
+    doc_lengths,
+    unit: np.ndarray,
+    cp_size: int,
+    linear: float = LINEAR_PAIRS_PER_TOKEN,
+    pad_first: bool = False,
 ) -> np.ndarray:
     """Work of each CP rank: allowed (query, key) pairs + ``linear`` per real token.
 
     A real token at position p of its document sees p + 1 keys; padding does no work (the
-    kernels skip it; its linear work is counted by ``padding_tokens``). Vectorised over (document,
+    kernels skip it; its linear work is counted by ``padding_tokens``). ``pad_first``: each
+    unit's padding precedes its documents instead of following them. Vectorised over (document,
     chunk) pieces.
     """
     lengths = np.asarray(doc_lengths, dtype=np.int64)
@@ -130,6 +143,8 @@ def work_per_rank(
     ends = np.cumsum(lengths)
     unit_start = np.concatenate([[0], np.cumsum(real)[:-1]])
     a = ends - lengths - unit_start[unit]  # in-unit start of each document
+    if pad_first:  # the unit's padding precedes its documents
+        a = a + ((-real) % m)[unit]
     b = a + lengths
     c = chunk[unit]
     keep = lengths > 0

@@ -33,17 +33,22 @@ def _padded_cu(real_lengths: list[int], cp: int, pad_doc: int = 0):
     return cu_p, cu_r
 
 
-def _units_case(groups: list[list[int]], cp: int):
+def _units_case(groups: list[list[int]], cp: int, pad_first: bool = False):
     """Documents grouped into zigzag units by hand (lists of real lengths), padded per unit.
 
     Returns (cu_padded, cu_real, docs, ref_cu_padded, ref_cu_real): the unit layout, the document
     intervals in it, and the same sequence described per document for the oracle (each unit's
-    padding belongs to its last document's padded span).
+    padding belongs to its last document's padded span, or with ``pad_first`` is a padding-only
+    span before its first document).
     """
     multiple = 2 * cp
     cu_p, cu_r, starts, ends, ref_p, ref_r = [0], [0], [], [], [0], [0]
     for group in groups:
         pos = cu_p[-1]
+        if pad_first and (-sum(group)) % multiple:
+            pos += (-sum(group)) % multiple
+            ref_p.append(pos)
+            ref_r.append(ref_r[-1])
         for n in group:
             starts.append(pos)
             ends.append(pos + n)
@@ -73,6 +78,7 @@ def _cases(cp: int) -> dict[str, tuple]:
     # and both of a rank's chunks, a long document alone, one-token documents
     cases["units_mixed"] = _units_case([random_lengths, [16 * cp - 3], [1, 2 * cp + 1, 3]], cp)
     cases["units_one_sequence"] = _units_case([[5, 3 * cp, 1, 7, 2 * cp - 1]], cp)
+    cases["units_pad_first"] = _units_case([[2, 9], [16 * cp - 3], [1, 3 * cp + 1]], cp, True)
     return cases
 
 

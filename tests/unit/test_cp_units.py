@@ -23,6 +23,7 @@ from megatron_longctx.parallel.cp_split import (
     rank_token_index,
 )
 from megatron_longctx.parallel.units import (
+    PAD_FIRST,
     imbalance,
     padding_tokens,
     plan_units,
@@ -63,6 +64,10 @@ def test_units_cover_every_token_once_and_merge_inverts(cp, sharding):
         assert padded["tokens"][0, a:b].tolist() == list(range(s0 + 1, s0 + n + 1))
         assert padded["labels"][0, a:b].tolist() == list(range(s0 + 1001, s0 + n + 1001))
     assert padded["loss_mask"].sum() == sum(LENGTHS)
+    ends = {b for _, b in spans}
+    starts_ = {a for a, _ in spans}
+    for a, b in zip(cu, cu[1:]):  # adaptive pads each unit at its start, the others at its end
+        assert (b in ends) if sharding == "adaptive" else (a in starts_)
     if sharding == "sequence":
         assert len(cu) == 2 and cu[1] - sum(LENGTHS) < 2 * cp
     shards = [cp_split(padded, cp, r) for r in range(cp)]
@@ -73,11 +78,12 @@ def test_units_cover_every_token_once_and_merge_inverts(cp, sharding):
         assert torch.equal(merged[key], padded[key]), key
 
 
-def _layout_by_hand(groups, cp):
-    """Units of real lengths grouped by hand; documents back to back, padding at unit ends."""
+def _layout_by_hand(groups, cp, pad_first=False):
+    """Units of real lengths grouped by hand; documents back to back, padding at unit ends (or
+    starts)."""
     cu_p, cu_r, starts, ends = [0], [0], [], []
     for group in groups:
-        pos = cu_p[-1]
+        pos = cu_p[-1] + ((-sum(group)) % (2 * cp) if pad_first else 0)
         for n in group:
             starts.append(pos)
             ends.append(pos + n)
@@ -87,10 +93,11 @@ def _layout_by_hand(groups, cp):
     return cu_p, cu_r, (starts, ends)
 
 
+@pytest.mark.parametrize("pad_first", [False, True])
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
-def test_ring_blocks_with_grouped_units_cover_exactly_the_allowed_pairs(cp):
+def test_ring_blocks_with_grouped_units_cover_exactly_the_allowed_pairs(cp, pad_first):
     groups = [[3, 1, 2 * cp + 3, 4], [12 * cp], [1], [7, 5 * cp + 1, 2]]
-    cu_p, cu_r, (starts, ends) = _layout_by_hand(groups, cp)
+    cu_p, cu_r, (starts, ends) = _layout_by_hand(groups, cp, pad_first)
     want = {
         (a + i, a + j) for a, b in zip(starts, ends) for i in range(b - a) for j in range(i + 1)
     }
@@ -116,8 +123,9 @@ def test_layout_refuses_documents_outside_their_unit():
         CPLayout([0, 8, 16], [0, 6, 14], 2, ([0, 6], [6, 14]))  # second document crosses 8
 
 
+@pytest.mark.parametrize("pad_first", [False, True])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_work_per_rank_matches_brute_force(cp):
+def test_work_per_rank_matches_brute_force(cp, pad_first):
     rng = np.random.default_rng(cp)
     lengths = rng.integers(1, 30, size=12)
     linear = 5.0
@@ -126,7 +134,7 @@ def test_work_per_rank_matches_brute_force(cp):
         assert sorted(order.tolist()) == list(range(lengths.size))
         lengths = lengths[order]
         groups = [lengths[unit == u].tolist() for u in range(unit.max() + 1)]
-        cu_p, _, (starts, ends) = _layout_by_hand(groups, cp)
+        cu_p, _, (starts, ends) = _layout_by_hand(groups, cp, pad_first)
         pos_of = {}  # global padded position -> position inside its document
         for a, b in zip(starts, ends):
             pos_of.update({a + i: i for i in range(b - a)})
@@ -138,7 +146,7 @@ def test_work_per_rank_matches_brute_force(cp):
             )
             for r in range(cp)
         ]
-        np.testing.assert_allclose(work_per_rank(lengths, unit, cp, linear), want)
+        np.testing.assert_allclose(work_per_rank(lengths, unit, cp, linear, pad_first), want)
         assert padding_tokens(lengths, unit, cp) == cu_p[-1] - lengths.sum()
 
 
@@ -149,7 +157,8 @@ def test_adaptive_beats_per_document_on_short_documents():
     results = {}
     for scheme in ("document", "sequence", "adaptive"):
         order, unit = plan_units(lengths, cp, scheme)
-        results[scheme] = imbalance(work_per_rank(lengths[order], unit, cp))
+        pad_first = PAD_FIRST[scheme]
+        results[scheme] = imbalance(work_per_rank(lengths[order], unit, cp, pad_first=pad_first))
     assert results["adaptive"] < min(results["document"], results["sequence"])
     assert results["adaptive"] < 1.02, results
     assert padding_tokens(lengths[order], unit, cp) <= 0.005 * lengths.sum()
