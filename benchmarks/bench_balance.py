@@ -19,6 +19,12 @@ sample comes from the project's blending (data/index.py ``blend_components``). R
 global batch has fewer samples than DP ranks cannot run and are skipped; "bound" is the best any
 assignment of whole samples can reach (heaviest sample over the mean DP-rank cost).
 
+Where the targets (CP <= 1.02, DP <= 1.03) are out of reach, and why: at CP 32 a 64K sample gives
+each rank 2K tokens (1K at 32K), so documents of a few thousand tokens, and the one padded unit
+end per long document that every zigzag puts on rank 0, are coarse against a rank's share; with
+one to four samples per DP rank (512K: 16 samples per step; 64K: DP 16 and 64) whole samples
+cannot be split and a one-document 64K sample costs about twice a short-document one.
+
 The last line is ``balance: worst CP max/min X, worst DP max/mean Y, max padding Z%`` over the
 new scheme's rows.
 """
