@@ -7,7 +7,10 @@
 Builds (or loads from ``--cache-dir``) the stage's sample index, then over the first N samples
 prints: realized token share per component vs its weight, the share of tokens by the length of the
 document they come from, the distribution of documents per sample, and the index counts (documents
-kept/dropped, documents carried across samples, epochs restarted). Writes the same as a PNG.
+kept/dropped, documents carried across samples, epochs restarted), and the load balance the
+stage will get (``--context-parallel-size``, ``--dp-size``, ``--global-batch-size``,
+``--cp-sharding``): max/mean work across CP and DP ranks per step (parallel/dp_assign.py) and the
+padding share, for the balanced assignment and megatron's order. Writes the same as a PNG.
 """
 
 from __future__ import annotations
@@ -80,6 +83,48 @@ def format_report(index, per_comp, per_bin, docs) -> str:
     return "\n".join(lines)
 
 
+def balance_report(index, num_samples: int, cp: int, dp: int, gb: int, sharding: str) -> dict:
+    """Per-step balance over the first whole global batches of ``num_samples`` samples."""
+    from megatron_longctx.data.packing import sample_doc_lengths
+    from megatron_longctx.parallel.dp_assign import (
+        WorkModel,
+        assign_global_batch,
+        megatron_order,
+        step_balance,
+    )
+
+    model = WorkModel(cp, sharding)
+    steps = num_samples // gb
+    out = {"balanced": [], "megatron order": []}
+    for g in range(steps):
+        lengths = [sample_doc_lengths(index, g * gb + i) for i in range(gb)]
+        per = [model.sample(x) for x in lengths]
+        work = np.stack([w for w, _ in per])
+        pads, toks = [p for _, p in per], [x.sum() for x in lengths]
+        for name, order in (
+            ("balanced", assign_global_batch(work.max(1), dp, 1)),
+            ("megatron order", megatron_order(gb, dp, 1)),
+        ):
+            out[name].append(step_balance(work, pads, toks, order))
+    return out
+
+
+def format_balance(res: dict, cp: int, dp: int, sharding: str) -> str:
+    lines = [f"\nload balance over {len(res['balanced'])} steps (CP {cp}, DP {dp}, {sharding}):"]
+    for name, rows in res.items():
+        if not rows:
+            continue
+        figs = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        lines.append(
+            f"  {name:15s} CP max/mean median {np.median(figs['cp_work_max_over_mean']):.4f} "
+            f"worst {figs['cp_work_max_over_mean'].max():.4f} | DP max/mean median "
+            f"{np.median(figs['dp_work_max_over_mean']):.4f} worst "
+            f"{figs['dp_work_max_over_mean'].max():.4f} | padding "
+            f"{100 * figs['padding_share'].mean():.3f}%"
+        )
+    return "\n".join(lines)
+
+
 def plot(index, per_comp, per_bin, docs, path: Path) -> None:
     import matplotlib
 
@@ -130,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--context-parallel-size", type=int, default=1)
+    parser.add_argument("--dp-size", type=int, default=1)
+    parser.add_argument("--global-batch-size", type=int, default=None, help="samples per step")
+    parser.add_argument("--cp-sharding", default="adaptive", help="adaptive, document, sequence")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--png", default="mixture.png")
     args = parser.parse_args(argv)
@@ -148,9 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
     n = min(args.num_samples, index.num_samples)
     per_comp, per_bin, docs = realized_shares(index, n)
     print(format_report(index, per_comp, per_bin, docs))
+    gb = args.global_batch_size or args.dp_size
+    cp = args.context_parallel_size
+    balance = balance_report(index, n, cp, args.dp_size, gb, args.cp_sharding)
+    print(format_balance(balance, cp, args.dp_size, args.cp_sharding))
     plot(index, per_comp, per_bin, docs, Path(args.png))
     print(f"\nwrote {args.png}")
-    return {"per_component": per_comp, "per_bin": per_bin, "docs_per_sample": docs}
+    return {
+        "per_component": per_comp,
+        "per_bin": per_bin,
+        "docs_per_sample": docs,
+        "balance": balance,
+    }
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ class StageConfig:
             initialise the weights from, for the first stage; later stages continue from the previous.
         type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
         core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
+        cp_sharding: which documents are zigzagged together across CP ranks
+            (parallel/units.py): "adaptive" (default: long documents alone, runs of short ones
+            grouped, chosen per sample for the most even work), "document" (per-document zigzag;
+            forced with Transformer Engine's attention, the only THD layout it accepts) or
+            "sequence" (megatron's whole-sequence zigzag).
+        dp_balance: deal each global batch's samples to DP ranks and micro-batches by their
+            work (parallel/dp_assign.py); the set of samples per step is unchanged.
         eval: run the long-context evaluation at the end of the stage (rank 0 exports the
             stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
         eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,
@@ -69,6 +76,8 @@ class StageConfig:
     init_from: str | None = None
     type: str = "pretrain"
     core_attention: str = "auto"
+    cp_sharding: str = "adaptive"
+    dp_balance: bool = True
     eval: bool = False
     eval_settings: dict | None = None
     checkpoint_interval: int | None = None
@@ -103,6 +112,18 @@ class StageConfig:
             self.rope_scaling = validate_rope_scaling(self.rope_scaling, f"{where}: rope_scaling")
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        from megatron_longctx.parallel.units import SHARDINGS
+
+        if self.cp_sharding not in SHARDINGS:
+            raise ConfigError(
+                f"{where}: cp_sharding must be one of {SHARDINGS}, got {self.cp_sharding!r}"
+            )
+        if self.core_attention == "te" and self.cp_sharding != "document":
+            raise ConfigError(
+                f"{where}: core_attention 'te' needs cp_sharding 'document' (Transformer Engine's "
+                f"THD attention only knows one document per cu_seqlens entry), got "
+                f"{self.cp_sharding!r}; set stages.N.cp_sharding=document"
+            )
 
     def validate_layout(self, model: ModelConfig, world_size: int) -> int:
         """Checks every size rule of this stage's layout for ``model``; returns the DP size."""
@@ -219,8 +240,7 @@ class TrainingSection:
         kernels = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")  # attention.KERNELS
         if self.attention_kernel not in kernels:
             raise ConfigError(
-                f"training.attention_kernel must be one of {kernels}, got "
-                f"{self.attention_kernel!r}"
+                f"training.attention_kernel must be one of {kernels}, got {self.attention_kernel!r}"
             )
         if self.dist_timeout_minutes <= 0:
             raise ConfigError(

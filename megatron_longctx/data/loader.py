@@ -3,7 +3,10 @@
 Sample order is a pure function of the index and the absolute sample number: global batch ``g``
 is samples ``[g*G, (g+1)*G)``; inside it, micro-step ``m`` takes the next ``b*D`` samples and DP
 rank ``r`` gets the ``b`` of them at ``[r*b, (r+1)*b)`` (megatron's ``MegatronPretrainingSampler``
-layout; G = global batch, b = micro batch, D = DP size). The only state is ``consumed_samples``, so:
+layout; G = global batch, b = micro batch, D = DP size). With a ``work`` model (balanced
+assignment, parallel/dp_assign.py) the same G samples are instead dealt to DP ranks and
+micro-batches by their work, a pure function of global batch ``g``. The only state is
+``consumed_samples``, so:
 
 * restarting at any micro-step boundary replays exactly the batches that would have followed;
 * changing D at a fixed G keeps each global batch's set of samples (hence the loss) unchanged;
@@ -29,7 +32,13 @@ import torch
 
 from megatron_longctx.data.index import MixtureIndex
 from megatron_longctx.data.mixture import MixtureError
-from megatron_longctx.data.packing import SamplePacker
+from megatron_longctx.data.packing import SamplePacker, sample_doc_lengths
+from megatron_longctx.parallel.dp_assign import (
+    WorkModel,
+    assign_global_batch,
+    megatron_order,
+    step_balance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ class MixtureLoader:
         dp_size: int,
         consumed_samples: int = 0,
         packer: SamplePacker | None = None,
+        work: WorkModel | None = None,
+        balance: bool = True,
     ):
         """Checks the batch arithmetic and positions the loader.
 
@@ -57,6 +68,9 @@ class MixtureLoader:
             dp_size: Data-parallel size.
             consumed_samples: Global samples already trained on (from the checkpoint).
             packer: Sample materialiser; default opens the index's ``.bin`` files.
+            work: per-sample work model (CP size and sharding); enables ``step_balance``.
+            balance: with ``work``, deal each global batch to DP ranks and micro-batches by work
+                (``assign_global_batch``); False keeps megatron's order.
 
         Raises:
             MixtureError: inconsistent sizes, with the arithmetic in the message.
@@ -82,6 +96,8 @@ class MixtureLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.packer = packer or SamplePacker(index)
+        self.work, self.balance = work, balance and work is not None
+        self._plan: tuple[int, np.ndarray, dict] | None = None
         self._consumed = 0
         self._set_consumed(consumed_samples)
 
@@ -159,10 +175,44 @@ class MixtureLoader:
         step = self.micro_batch_size * self.dp_size
         if self._consumed + step > self.index.num_samples:
             raise StopIteration
-        first = self._consumed + self.dp_rank * self.micro_batch_size
-        batch = collate([self.packer.get(s) for s in range(first, first + self.micro_batch_size)])
+        if self.work is None:
+            first = self._consumed + self.dp_rank * self.micro_batch_size
+            samples = range(first, first + self.micro_batch_size)
+        else:
+            g, within = divmod(self._consumed, self.global_batch_size)
+            order = self._global_plan(g)[1]
+            samples = (g * self.global_batch_size + order[self.dp_rank, within // step]).tolist()
+        batch = collate([self.packer.get(s) for s in samples])
         self._consumed += step
         return batch
+
+    def _global_plan(self, g: int) -> tuple[int, np.ndarray, dict]:
+        """(g, [D, M, b] assignment, balance figures) of global batch g, computed once."""
+        if self._plan is None or self._plan[0] != g:
+            G = self.global_batch_size
+            first = g * G
+            if first + G > self.index.num_samples:
+                raise MixtureError(
+                    f"global batch {g} needs samples up to {first + G}, the index has "
+                    f"{self.index.num_samples}; rebuild it with more samples"
+                )
+            lengths = [sample_doc_lengths(self.index, first + i) for i in range(G)]
+            per = [self.work.sample(x) for x in lengths]
+            cp_work = np.stack([w for w, _ in per])
+            pads = np.array([p for _, p in per])
+            cost = cp_work.max(axis=1)
+            b, D = self.micro_batch_size, self.dp_size
+            order = assign_global_batch(cost, D, b) if self.balance else megatron_order(G, D, b)
+            stats = step_balance(cp_work, pads, [x.sum() for x in lengths], order)
+            self._plan = (g, order, stats)
+        return self._plan
+
+    def step_balance(self) -> dict[str, float]:
+        """Balance figures of the global batch the last micro-batch came from (every rank agrees:
+        the assignment is a pure function of the batch); empty without a work model."""
+        if self.work is None or self._consumed == 0:
+            return {}
+        return dict(self._global_plan((self._consumed - 1) // self.global_batch_size)[2])
 
 
 def collate(samples: list[dict]) -> dict:

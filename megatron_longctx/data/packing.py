@@ -78,6 +78,17 @@ def sample_pieces(index: MixtureIndex, sample: int) -> tuple[int, list[tuple[int
     return c, pieces
 
 
+def sample_doc_lengths(index: MixtureIndex, sample: int) -> np.ndarray:
+    """Lengths of the documents (pieces) among a sample's S inputs, from the index alone.
+
+    The same boundaries as ``sample_fields``' ``cu_seqlens``; no token is read.
+    """
+    _, pieces = sample_pieces(index, sample)
+    lengths = np.array([p[3] for p in pieces], dtype=np.int64)
+    lengths[-1] -= 1  # the extra label token
+    return lengths[lengths > 0]
+
+
 def sample_fields(
     tokens: np.ndarray,
     piece_lengths: list[int],

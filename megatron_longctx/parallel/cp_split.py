@@ -1,20 +1,23 @@
-"""Splitting a packed batch across context-parallel (CP) ranks: zigzag *within each document*.
+"""Splitting a packed batch across context-parallel (CP) ranks: zigzag *within each unit*.
 
 Layout (the THD convention that megatron-core's RoPE (``_get_thd_freqs_on_this_cp_rank``) and
-Transformer Engine's CP attention assume):
+Transformer Engine's CP attention assume, with cu_seqlens entries = *units*, parallel/units.py):
 
-* every document is padded at its end to a multiple of 2 x CP (``pad_documents_for_cp``; padded
-  tokens have ``loss_mask`` 0 and are masked out of attention);
-* ``cu_seqlens`` are the document boundaries of that padded layout, ``cu_seqlens_unpadded`` the
-  cumulative *real* lengths (TE's ``cu_seqlens_q``); both describe the whole (pre-CP) sequence;
-* each document of padded length P is cut into 2 x CP chunks of c = P / (2 CP) tokens; rank r keeps
-  chunks r and 2 CP - 1 - r of every document, in document order. The rank's local sequence is
+* documents are grouped into units (one document per unit for ``sharding="document"``, the only
+  layout TE accepts); every unit is padded to a multiple of 2 x CP (``pad_documents_for_cp``;
+  padded tokens have ``loss_mask`` 0 and are masked out of attention);
+* ``cu_seqlens`` are the unit boundaries of that padded layout, ``cu_seqlens_unpadded`` the
+  cumulative *real* lengths (TE's ``cu_seqlens_q``), ``doc_spans`` the documents inside the units;
+  all describe the whole (pre-CP) sequence;
+* each unit of padded length P is cut into 2 x CP chunks of c = P / (2 CP) tokens; rank r keeps
+  chunks r and 2 CP - 1 - r of every unit, in unit order. The rank's local sequence is
   therefore ``sum(P_i) / CP`` tokens and its local boundaries are ``cu_seqlens // CP``.
 
 Trade-off: zigzag over the whole packed sequence balances causal work for one document but not for
 many (the rank holding the last chunk of a long document does most of its work). Zigzag within every
 document gives every rank an equal share of every document, at the price of padding each document to
-a multiple of 2 x CP (well under 2% of tokens for ProLong-like mixes, see benchmarks/bench_cp.py).
+a multiple of 2 x CP, which lands on rank 0 and unbalances short documents at large CP. Adaptive
+units (long documents alone, short ones grouped) keep both small: benchmarks/bench_balance.py.
 
 Batch legend: ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` are ``[b, s]`` (b = 1 when
 ``cu_seqlens`` is given); without ``cu_seqlens`` each row is one document (megatron's
@@ -80,22 +83,36 @@ def _cu_of(batch: dict) -> tuple[list[int], list[int]]:
 
 
 def pad_documents_for_cp(
-    batch: dict, cp_size: int, *, pad_to: int | None = None, pad_token_id: int = 0
+    batch: dict,
+    cp_size: int,
+    *,
+    pad_to: int | None = None,
+    pad_token_id: int = 0,
+    sharding: str = "document",
 ) -> dict:
-    """Pads every document at its end to a multiple of 2 x ``cp_size``.
+    """Groups documents into CP units (parallel/units.py) and pads every unit to a multiple of
+    2 x ``cp_size`` (at its end; at its start for ``"adaptive"``, units.PAD_FIRST).
 
     Args:
         batch: ``tokens``/``labels``/``loss_mask``/``position_ids`` of shape [1, s] and
             ``cu_seqlens`` (real document boundaries, ending at s).
         cp_size: context-parallel size.
-        pad_to: if given, a padding-only document (real length 0) is appended to reach this length.
+        pad_to: if given, a padding-only unit (real length 0) is appended to reach this length.
         pad_token_id: token and label id written into padding.
+        sharding: ``"document"`` (one unit per document, Transformer Engine's layout),
+            ``"adaptive"`` or ``"sequence"`` (parallel/units.py SHARDINGS).
 
     Returns:
-        A new batch in the padded layout: ``cu_seqlens`` (int32, padded boundaries),
-        ``cu_seqlens_unpadded`` (int32, cumulative real lengths), ``max_seqlen`` (longest padded
-        document). Padded tokens have loss_mask 0; their position ids continue the document's.
+        A new batch in the padded layout: ``cu_seqlens`` (int32, padded unit boundaries),
+        ``cu_seqlens_unpadded`` (int32, cumulative real lengths of the units), ``doc_spans``
+        (int32 [num_docs, 2], every document's [start, end) in the padded layout, in layout
+        order: "adaptive" puts the shortest documents first), ``doc_order`` (int64 [num_docs],
+        the original index of each of them), ``max_seqlen``
+        (longest padded unit). Padded tokens have loss_mask 0; their position ids continue the
+        unit's documents (megatron's THD RoPE ignores them: positions restart per unit).
     """
+    from megatron_longctx.parallel.units import PAD_FIRST, plan_units
+
     cu = _as_list(batch["cu_seqlens"])
     _check_cu(cu, "cu_seqlens")
     s = batch["tokens"].shape[1]
@@ -106,20 +123,35 @@ def pad_documents_for_cp(
             f"{cu[-1]}"
         )
     multiple = 2 * cp_size
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    order, unit = plan_units(lengths, cp_size, sharding)
+    pad_first = PAD_FIRST[sharding]
+    unit_docs: list[list[int]] = []  # original document indices of each unit, in layout order
+    for d, u in zip(order.tolist(), unit.tolist()):
+        if u == len(unit_docs):
+            unit_docs.append([])
+        unit_docs[u].append(d)
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_KEYS if k in batch}
-    cu_padded, cu_real = [0], [0]
-    for start, end in zip(cu, cu[1:]):
-        real = end - start
+    cu_padded, cu_real, spans = [0], [0], []
+    for docs in unit_docs:
+        real = sum(lengths[d] for d in docs)
         pad = (-real) % multiple
+        at = cu_padded[-1] + (pad if pad_first else 0)
+        for d in docs:
+            spans.append([at, at + lengths[d]])
+            at += lengths[d]
         for key, out in pieces.items():
-            part = batch[key][:, start:end]
-            if key == "position_ids":
+            part = torch.cat([batch[key][:, cu[d] : cu[d + 1]] for d in docs], dim=1)
+            if key == "position_ids" and pad_first:
+                first = part[:, :1] if real else torch.zeros_like(batch[key][:, :1])
+                fill = first - torch.arange(pad, 0, -1, dtype=part.dtype)
+            elif key == "position_ids":
                 last = part[:, -1:] if real else torch.full_like(batch[key][:, :1], -1)
                 fill = last + torch.arange(1, pad + 1, dtype=part.dtype)
             else:
                 value = 0 if key == "loss_mask" else pad_token_id
                 fill = torch.full((1, pad), value, dtype=part.dtype)
-            out.extend([part, fill])
+            out.extend([fill, part] if pad_first else [part, fill])
         cu_padded.append(cu_padded[-1] + real + pad)
         cu_real.append(cu_real[-1] + real)
     if pad_to is not None:
@@ -145,6 +177,8 @@ def pad_documents_for_cp(
     result.update({k: torch.cat(v, dim=1) for k, v in pieces.items()})
     result["cu_seqlens"] = torch.tensor(cu_padded, dtype=torch.int32)
     result["cu_seqlens_unpadded"] = torch.tensor(cu_real, dtype=torch.int32)
+    result["doc_spans"] = torch.tensor(spans, dtype=torch.int32).reshape(-1, 2)
+    result["doc_order"] = torch.from_numpy(order)
     result["max_seqlen"] = max(b - a for a, b in zip(cu_padded, cu_padded[1:]))
     return result
 
@@ -234,7 +268,7 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
     real = local_batch.get("cu_seqlens_unpadded", padded).to(torch.int32)
     device = local_batch["tokens"].device
     max_seqlen = int(local_batch.get("max_seqlen") or int((padded[1:] - padded[:-1]).max()))
-    return PackedSeqParams(
+    params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=real.to(device),
         cu_seqlens_kv=real.to(device),
@@ -244,6 +278,10 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
         max_seqlen_kv=max_seqlen,
         cp_group=cp_group,
     )
+    # document intervals inside the units, for the project's core attention (model/attention/
+    # core.py); megatron ignores the attribute, RoPE restarts per unit (relative: exact)
+    params.doc_spans = local_batch.get("doc_spans")
+    return params
 
 
 @dataclass

@@ -44,6 +44,15 @@ def matmul_parameters(model: ModelConfig, padded_vocab_size: int | None = None) 
     return model.num_layers * per_layer + vocab * h
 
 
+def linear_pairs_per_token(model: ModelConfig) -> float:
+    """One token's matmul work in attention score pairs: 6 N_matmul / (12 L d_q) (~28,600 for
+    Llama-3-8B); the weight of linear against attention work in the balance model
+    (parallel/units.py)."""
+    return matmul_parameters(model) / (
+        2.0 * model.num_layers * model.num_attention_heads * model.head_dim
+    )
+
+
 def attention_pairs_per_token(seq_length: int, doc_lengths: Sequence[int] | None = None) -> float:
     """Causal query-key pairs per token, Megatron's S/2 (or sum(L_i^2) / (2 S) with documents).
 

@@ -9,6 +9,8 @@ from megatron_longctx.config.schema import ExperimentConfig, StageConfig
 from megatron_longctx.data.index_cache import build_mixture_index
 from megatron_longctx.data.loader import MixtureLoader
 from megatron_longctx.data.mixture import MixtureSpec, load_mixture_yaml, mixture_from_dict
+from megatron_longctx.parallel.dp_assign import WorkModel
+from megatron_longctx.perf.flops import linear_pairs_per_token
 
 
 def stage_mixture(stage: StageConfig, base_dir: str | Path | None = None) -> MixtureSpec:
@@ -34,8 +36,12 @@ def build_stage_loader(
     dp_size: int,
     consumed_samples: int = 0,
     base_dir: str | Path | None = None,
+    cp_sharding: str | None = None,
 ) -> MixtureLoader:
-    """Builds (or loads from cache) the stage's index, positioned at ``consumed_samples``."""
+    """Builds (or loads from cache) the stage's index, positioned at ``consumed_samples``.
+
+    ``cp_sharding`` (default the stage's) is the sharding the work model assumes for the balanced
+    DP assignment and the balance telemetry."""
     spec = stage_mixture(stage, base_dir)
     index = build_mixture_index(
         spec,
@@ -52,4 +58,10 @@ def build_stage_loader(
         dp_rank=dp_rank,
         dp_size=dp_size,
         consumed_samples=consumed_samples,
+        work=WorkModel(
+            stage.parallel.context_parallel_size,
+            cp_sharding or stage.cp_sharding,
+            linear_pairs_per_token(cfg.model_config(stage)),
+        ),
+        balance=stage.dp_balance,
     )

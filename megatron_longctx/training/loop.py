@@ -232,7 +232,9 @@ def _run_stage(
             )
             _log0(f"stage {stage.name!r}: initialised from {stage.init_from}")
         scheduler = new_scheduler()
-    # 4. data
+    # 4. data (Transformer Engine's attention only knows per-document zigzag units)
+    te = core_attention_name(stage, cfg.training.backend) in (None, "te")
+    sharding = "document" if te else stage.cp_sharding
     loader = build_stage_loader(
         cfg,
         stage,
@@ -240,6 +242,7 @@ def _run_stage(
         dp_size=dp,
         consumed_samples=consumed,
         base_dir=config_dir,
+        cp_sharding=sharding,
     )
     if resume is not None:  # restores consumed samples; refuses a changed mixture or index
         loader.load_state_dict(
@@ -281,7 +284,7 @@ def _run_stage(
     while stage_step < total:
         faults.before_step(iteration + 1, chunks)
         micro = [
-            to_model_batch(next(loader), cp, cp_rank, cp_group)
+            to_model_batch(next(loader), cp, cp_rank, cp_group, sharding)
             for _ in range(loader.num_micro_batches)
         ]
         result = forward_backward(
@@ -309,7 +312,8 @@ def _run_stage(
         stage_step += 1
         iteration += 1
         metrics.log(
-            step_record(
+            loader.step_balance()  # max/mean work across CP and DP ranks, padding share
+            | step_record(
                 stage,
                 stage_step,
                 total,

@@ -1,7 +1,8 @@
 """Ring and all-to-all CP attention on gloo vs the dense fp64 oracle (causal per document).
 
-Each case packs documents (padded per document to a multiple of 2 x CP), splits q/k/v with the
-zigzag-within-documents rule, runs the CP attention on every rank, and reassembles outputs and
+Each case packs documents into zigzag units (one per document, padded per document to a multiple
+of 2 x CP, or short documents grouped into one unit padded at its end), splits q/k/v with the
+zigzag-within-units rule, runs the CP attention on every rank, and reassembles outputs and
 q/k/v gradients in the parent process. The oracle (model/attention/reference.py) loops over the
 documents of the whole padded sequence: it shares no code with the kernels or the block layout.
 """
@@ -32,10 +33,39 @@ def _padded_cu(real_lengths: list[int], cp: int, pad_doc: int = 0):
     return cu_p, cu_r
 
 
-def _cases(cp: int) -> dict[str, tuple[list[int], list[int]]]:
+def _units_case(groups: list[list[int]], cp: int, pad_first: bool = False):
+    """Documents grouped into zigzag units by hand (lists of real lengths), padded per unit.
+
+    Returns (cu_padded, cu_real, docs, ref_cu_padded, ref_cu_real): the unit layout, the document
+    intervals in it, and the same sequence described per document for the oracle (each unit's
+    padding belongs to its last document's padded span, or with ``pad_first`` is a padding-only
+    span before its first document).
+    """
+    multiple = 2 * cp
+    cu_p, cu_r, starts, ends, ref_p, ref_r = [0], [0], [], [], [0], [0]
+    for group in groups:
+        pos = cu_p[-1]
+        if pad_first and (-sum(group)) % multiple:
+            pos += (-sum(group)) % multiple
+            ref_p.append(pos)
+            ref_r.append(ref_r[-1])
+        for n in group:
+            starts.append(pos)
+            ends.append(pos + n)
+            pos += n
+            ref_p.append(pos)
+            ref_r.append(ref_r[-1] + n)
+        real = sum(group)
+        cu_p.append(cu_p[-1] + real + (-real) % multiple)
+        cu_r.append(cu_r[-1] + real)
+        ref_p[-1] = cu_p[-1]
+    return cu_p, cu_r, (starts, ends), ref_p, ref_r
+
+
+def _cases(cp: int) -> dict[str, tuple]:
     g = torch.Generator().manual_seed(cp)
     random_lengths = torch.randint(1, 40, (6,), generator=g).tolist()
-    return {
+    per_doc = {
         "random": _padded_cu(random_lengths, cp),
         "equal_lengths": _padded_cu([4 * cp] * 3 + [9], cp),  # batched same-shape segments
         "shorter_than_chunk": _padded_cu([1, 2, 3, 1, 2 * cp + 1], cp, pad_doc=1),
@@ -43,6 +73,13 @@ def _cases(cp: int) -> dict[str, tuple[list[int], list[int]]]:
         # every document's real tokens fit in chunk 0 (held by rank 0): ranks 1.. hold only padding
         "fully_padded_rank": ([0, 8 * cp, 16 * cp, 20 * cp], [0, 4, 7, 7]),
     }
+    cases = {name: (cu_p, cu_r, None, cu_p, cu_r) for name, (cu_p, cu_r) in per_doc.items()}
+    # grouped units: short documents zigzagged together, documents straddling chunk boundaries
+    # and both of a rank's chunks, a long document alone, one-token documents
+    cases["units_mixed"] = _units_case([random_lengths, [16 * cp - 3], [1, 2 * cp + 1, 3]], cp)
+    cases["units_one_sequence"] = _units_case([[5, 3 * cp, 1, 7, 2 * cp - 1]], cp)
+    cases["units_pad_first"] = _units_case([[2, 9], [16 * cp - 3], [1, 3 * cp + 1]], cp, True)
+    return cases
 
 
 def _global_inputs(total: int, hk: int, seed: int):
@@ -64,10 +101,10 @@ def _worker(rank, world, cases, modes, kv_heads):
     group = dist.group.WORLD
     results = {}
     for hk in kv_heads:
-        for name, (cu_p, cu_r) in cases.items():
+        for name, (cu_p, cu_r, docs, _, _) in cases.items():
             q, k, v, w = (x.float() for x in _global_inputs(cu_p[-1], hk, seed=len(name)))
             idx = rank_token_index(cu_p, world, rank)
-            layout = CPLayout(cu_p, cu_r, world)
+            layout = CPLayout(cu_p, cu_r, world, docs)
             for mode in modes:
                 ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
                 fn = ring_attention if mode == "ring" else a2a_attention
@@ -85,9 +122,9 @@ def _check(world: int, modes: tuple[str, ...], kv_heads: tuple[int, ...]):
     cases = _cases(world)
     per_rank = run_distributed(_worker, world, args=(cases, modes, kv_heads), timeout=90)
     for hk in kv_heads:
-        for name, (cu_p, cu_r) in cases.items():
+        for name, (cu_p, _, _, ref_p, ref_r) in cases.items():
             q, k, v, w = (x.requires_grad_() for x in _global_inputs(cu_p[-1], hk, len(name)))
-            ref = document_causal_attention(q, k, v, cu_p, cu_r, SCALE)
+            ref = document_causal_attention(q, k, v, ref_p, ref_r, SCALE)
             (ref * w).sum().backward()
             refs = [ref.detach(), q.grad, k.grad, v.grad]
             for mode in modes:

@@ -7,7 +7,8 @@ the same packed batch with the same weights (copied through model.full_state):
   our 'local' core attention with THD packed_seq_params (independent check of the whole path);
 * TP 1 x CP 1 'local' on a multi-document packed batch vs CP 2 (ring, a2a), CP 4 (ring),
   TP 2 x CP 2 (ring) and the SBHD path (no packed_seq_params) at CP 2: loss and every parameter
-  gradient must match.
+  gradient must match; the same documents grouped into one zigzag unit (``sharding="sequence"``,
+  documents inside the unit from ``doc_spans``) at CP 1 (local), CP 4 (ring), CP 2 (a2a) too.
 DP fills the rest of the 4 processes with identical batches, which leaves the token mean unchanged.
 """
 
@@ -23,7 +24,9 @@ REAL_LENGTHS = [13, 3, 27, 1, 9]  # one document shorter than a CP-4 chunk, one 
 PAD_TO = 96
 
 
-def _packed_batch(lengths: list[int], cp_multiple: int, pad_to: int | None, seed: int) -> dict:
+def _packed_batch(
+    lengths: list[int], cp_multiple: int, pad_to: int | None, seed: int, sharding: str = "document"
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     s = sum(lengths)
     tokens = torch.randint(0, 500, (1, s + 1), generator=g)
@@ -35,7 +38,7 @@ def _packed_batch(lengths: list[int], cp_multiple: int, pad_to: int | None, seed
         position_ids=torch.arange(s).unsqueeze(0),
         cu_seqlens=cu,
     )
-    return pad_documents_for_cp(batch, cp_multiple, pad_to=pad_to)
+    return pad_documents_for_cp(batch, cp_multiple, pad_to=pad_to, sharding=sharding)
 
 
 def _run(layout, core, params, batch, packed: bool = True):
@@ -103,6 +106,20 @@ def _worker(rank, world):
         ("tp2_cp2_ring", L(2, 1, 2), "ring"),
     ):
         out[name] = _run(layout, core, params, batch)[:2]
+    # The same documents in grouped zigzag units (one unit for all: RoPE restarts per unit, so
+    # positions differ from the per-document reference; relative RoPE makes the result equal).
+    units = _packed_batch(REAL_LENGTHS, 4, PAD_TO, seed=2, sharding="sequence")
+    assert units["cu_seqlens"].numel() == 3 and units["doc_spans"].shape[0] == len(REAL_LENGTHS)
+    for name, layout, core in (
+        ("units_cp1_local", L(1, 1, 1), "local"),
+        ("units_cp4_ring", L(1, 1, 4), "ring"),
+        ("units_cp2_a2a", L(1, 1, 2), "a2a"),
+    ):
+        out[name] = _run(layout, core, params, units)[:2]
+    # adaptive: documents reordered shortest first and grouped (exact: the loss is a token sum)
+    adaptive = _packed_batch(REAL_LENGTHS, 4, PAD_TO, seed=2, sharding="adaptive")
+    assert adaptive["doc_order"].tolist() != list(range(len(REAL_LENGTHS)))
+    out["adaptive_cp4_ring"] = _run(L(1, 1, 4), "ring", params, adaptive)[:2]
     return out if rank == 0 else None
 
 
@@ -127,5 +144,14 @@ def test_gpt_model_cp_layouts_match_cp1():
     _assert_same(
         "ring SBHD CP 2 vs megatron DotProductAttention", out["ring_sbhd_cp2"], out["megatron_dpa"]
     )
-    for name in ("cp2_ring", "cp2_a2a", "cp4_ring", "tp2_cp2_ring"):
+    for name in (
+        "cp2_ring",
+        "cp2_a2a",
+        "cp4_ring",
+        "tp2_cp2_ring",
+        "units_cp1_local",
+        "units_cp4_ring",
+        "units_cp2_a2a",
+        "adaptive_cp4_ring",
+    ):
         _assert_same(f"{name} vs TP 1 x CP 1", out[name], out["ref"])

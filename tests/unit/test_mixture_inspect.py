@@ -31,10 +31,18 @@ def test_inspect_reports_shares_and_writes_png(tmp_path, monkeypatch, capsys):
     png = tmp_path / "mix.png"
     out = tool.main(
         ["--mixture", str(recipe), "--seq-length", "64", "--num-samples", "50", "--png", str(png)]
+        + ["--context-parallel-size", "2", "--dp-size", "2", "--global-batch-size", "10"]
     )
     assert png.stat().st_size > 1000
     assert out["per_component"].tolist() == [35 * 64, 15 * 64]  # 0.7 / 0.3 of 50 samples
     assert out["per_bin"].sum() == 50 * 64  # every input token attributed to a length bin
     # long documents are 64..299 tokens: all in the <4K bin of the long component
     assert out["per_bin"][0, 0] == 35 * 64
-    assert "documents per sample" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "documents per sample" in text
+    assert "load balance over 5 steps (CP 2, DP 2, adaptive)" in text
+    bal = out["balance"]
+    assert len(bal["balanced"]) == len(bal["megatron order"]) == 5
+    for got, plain in zip(bal["balanced"], bal["megatron order"]):
+        assert got["padding_share"] == plain["padding_share"]  # same samples, same sharding
+        assert got["cp_work_max_over_mean"] >= 1 and got["dp_work_max_over_mean"] >= 1

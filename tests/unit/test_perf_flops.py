@@ -8,6 +8,7 @@ from megatron_longctx.model.config import PRESETS, get_preset
 from megatron_longctx.perf.flops import (
     attention_flops_per_token,
     flops_per_token,
+    linear_pairs_per_token,
     matmul_parameters,
     mfu,
 )
@@ -30,6 +31,11 @@ def test_matmul_parameters_by_hand():
     per_layer = 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336
     assert matmul_parameters(LLAMA3_8B) == 32 * per_layer + 128256 * 4096
     assert matmul_parameters(LLAMA3_8B) == 7_504_658_432
+
+
+def test_linear_work_in_attention_pairs_by_hand():
+    # 6 N_matmul FLOPs per token / (12 L d_q FLOPs per score pair) = 7,504,658,432 / (2 x 32 x 4096)
+    assert linear_pairs_per_token(LLAMA3_8B) == 7_504_658_432 / 262_144 == 28_628.0
 
 
 def test_causal_term_is_6_L_d_S():

@@ -1,11 +1,12 @@
 """Block descriptions for document-masked attention: varlen segments, never per-token masks.
 
-``CPLayout`` describes one packed sequence in the zigzag-within-documents layout
-(parallel/cp_split.py): document i has padded length P_i (a multiple of 2 x CP), real length
-R_i <= P_i (padding at its end) and chunk c_i = P_i / (2 CP); every CP rank's local tensor holds,
-for every document, ``[chunk r | chunk 2 CP - 1 - r]`` at local offset L_i = sum_{j<i} 2 c_j. The
-real tokens of a document on a rank are a contiguous prefix of its local segment (the early
-chunk fills before the late one starts), so every problem below is a set of contiguous segments.
+``CPLayout`` describes one packed sequence in the zigzag-within-units layout (parallel/cp_split.py,
+parallel/units.py): unit i (one document, or a run of short documents) has padded length P_i (a
+multiple of 2 x CP) and chunk c_i = P_i / (2 CP); every CP rank's local tensor holds, for every
+unit, ``[chunk r | chunk 2 CP - 1 - r]`` at local offset L_i = sum_{j<i} 2 c_j. Documents are
+intervals inside units (``docs``); the tokens of one document on one rank are contiguous in the
+local order (see ``CPLayout``), so every problem below is a set of contiguous segments, one per
+(document, rank) pair.
 
 ``VarlenBlock`` is one (query tensor, key tensor) attention problem as independent segments:
 segment j pairs q rows ``[q_start_j, q_start_j + q_len_j)`` with k rows ``[k_start_j, k_start_j +
@@ -115,15 +116,28 @@ def _ranges(start: np.ndarray, length: np.ndarray) -> np.ndarray:
 
 
 class CPLayout:
-    """The zigzag-within-documents layout of one packed sequence over ``cp_size`` ranks.
+    """The zigzag layout of one packed sequence over ``cp_size`` ranks, by units and documents.
+
+    A *unit* (one entry of ``cu_padded``, parallel/units.py) has padded length P (a multiple of
+    2 x CP) cut into 2 CP chunks of c = P / (2 CP); rank r holds chunks r and 2 CP - 1 - r of every
+    unit, in unit order. Documents are intervals inside units; tokens in no document are padding.
+    One document per unit with its real tokens first (``docs=None``) is the zigzag-within-documents
+    layout; several per unit are grouped short documents (``cu_docs`` from parallel/cp_split.py).
+
+    For one document, the tokens a rank holds are contiguous in the rank's local order: if the
+    document touches both of the rank's chunks of its unit, it covers everything between them, so
+    its early part is a suffix of the early chunk and its late part a prefix of the late chunk.
 
     Args:
-        cu_padded: cumulative padded document lengths (each a multiple of 2 x cp_size).
-        cu_real: cumulative real lengths (same number of documents).
+        cu_padded: cumulative padded unit lengths (each a multiple of 2 x cp_size).
+        cu_real: cumulative real lengths of the units (same number of units).
         cp_size: context-parallel size.
+        docs: optional ``(starts, ends)`` of every document in the padded global layout (sorted,
+            disjoint, each inside one unit, together covering ``cu_real``'s token counts); default:
+            each unit's first ``real`` tokens are one document.
     """
 
-    def __init__(self, cu_padded, cu_real, cp_size: int):
+    def __init__(self, cu_padded, cu_real, cp_size: int, docs=None):
         cu_p = np.asarray(_as_ints(cu_padded), dtype=np.int64)
         cu_r = np.asarray(_as_ints(cu_real), dtype=np.int64)
         padded, real = np.diff(cu_p), np.diff(cu_r)
@@ -138,65 +152,100 @@ class CPLayout:
         self.chunk = padded // (2 * cp_size)
         self.local_start = np.concatenate([[0], np.cumsum(2 * self.chunk)[:-1]]).astype(np.int64)
         self.local_tokens = int(cu_p[-1]) // cp_size
-        self._blocks: dict[tuple[int, int], VarlenBlock] = {}
+        if docs is None:
+            starts, ends = cu_p[:-1], cu_p[:-1] + real
+        else:
+            starts, ends = (np.asarray(_as_ints(x), dtype=np.int64) for x in docs)
+        keep = ends > starts
+        self.doc_start, self.doc_end = starts[keep], ends[keep]
+        self.doc_unit = np.searchsorted(cu_p, self.doc_start, side="right") - 1
+        self._check_docs(docs is not None)
+        self._blocks: dict = {}
+        self._parts: dict[int, tuple] = {}
 
-    def early_real(self, rank: int) -> np.ndarray:
-        """Real tokens of every document in ``rank``'s early chunk (chunk ``rank``)."""
-        return np.clip(self.real - rank * self.chunk, 0, self.chunk)
+    def _check_docs(self, given: bool) -> None:
+        s, e, u, cu = self.doc_start, self.doc_end, self.doc_unit, self.cu_padded
+        bad = (u < 0) | (u >= self.real.size) | (s < 0)
+        if not bad.any():
+            bad |= e > cu[np.minimum(u + 1, cu.size - 1)]
+        overlap = s[1:] < e[:-1] if s.size > 1 else np.zeros(0, dtype=bool)
+        per_unit = np.bincount(u[~bad], weights=(e - s)[~bad], minlength=self.real.size)
+        if bad.any() or overlap.any() or (given and not np.array_equal(per_unit, self.real)):
+            raise ValueError(
+                "document intervals must be sorted, disjoint, each inside one unit of cu_padded, "
+                f"and add up to each unit's real length: units {np.diff(cu).tolist()[:8]}..., "
+                f"real {self.real.tolist()[:8]}..., documents {s.tolist()[:8]}..{e.tolist()[:8]}"
+            )
 
-    def late_real(self, rank: int) -> np.ndarray:
-        """Real tokens of every document in ``rank``'s late chunk (chunk 2 CP - 1 - rank)."""
-        return np.clip(self.real - (2 * self.cp_size - 1 - rank) * self.chunk, 0, self.chunk)
+    def rank_parts(self, rank: int) -> tuple[np.ndarray, ...]:
+        """Per document: local (start, length) of its early and of its late part on ``rank``."""
+        if rank not in self._parts:
+            unit = self.doc_unit
+            c, base = self.chunk[unit], self.cu_padded[unit]
+            a, b = self.doc_start - base, self.doc_end - base
+            local = self.local_start[unit]
+            late = 2 * self.cp_size - 1 - rank
+            e_lo, e_hi = np.clip(a, rank * c, (rank + 1) * c), np.clip(b, rank * c, (rank + 1) * c)
+            t_lo, t_hi = np.clip(a, late * c, (late + 1) * c), np.clip(b, late * c, (late + 1) * c)
+            e_start, t_start = local + e_lo - rank * c, local + c + t_lo - late * c
+            self._parts[rank] = (e_start, e_hi - e_lo, t_start, t_hi - t_lo)
+        return self._parts[rank]
+
+    def _all(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per document: the contiguous local (start, length) of everything ``rank`` holds of it."""
+        e_start, e_len, t_start, t_len = self.rank_parts(rank)
+        return np.where(e_len > 0, e_start, t_start), e_len + t_len
 
     def local_real(self, rank: int) -> np.ndarray:
-        return self.early_real(rank) + self.late_real(rank)
+        """Real tokens of every document on ``rank``."""
+        return self._all(rank)[1]
 
     def ring_block(self, rank: int, src: int) -> VarlenBlock:
         """Queries of ``rank`` vs the keys that ``src`` holds (ring step (rank - src) mod CP).
 
-        src == rank: causal per document; src < rank: all queries vs src's early chunks (chunk
-        src precedes both of rank's chunks); src > rank: rank's late queries vs all of src's keys
-        (both of src's chunks precede chunk 2 CP - 1 - rank).
+        Per document: src == rank: causal over the rank's contiguous part; src < rank: all of
+        the rank's queries vs src's early part (chunk src precedes both of rank's chunks); src >
+        rank: rank's late queries vs all of src's keys (both of src's chunks precede chunk
+        2 CP - 1 - rank).
         """
         key = (rank, src)
         if key not in self._blocks:
-            ls, t = self.local_start, self.local_tokens
+            t = self.local_tokens
+            q_start, q_len = self._all(rank)
             if src == rank:
-                n = self.local_real(rank)
-                block = VarlenBlock(ls, n, ls, n, True, t, t)
+                block = VarlenBlock(q_start, q_len, q_start, q_len, True, t, t)
             elif src < rank:
-                block = VarlenBlock(
-                    ls, self.local_real(rank), ls, self.early_real(src), False, t, t
-                )
+                k_start, k_len, _, _ = self.rank_parts(src)
+                block = VarlenBlock(q_start, q_len, k_start, k_len, False, t, t)
             else:
-                q0 = ls + self.chunk
-                block = VarlenBlock(q0, self.late_real(rank), ls, self.local_real(src), False, t, t)
+                _, _, late_start, late_len = self.rank_parts(rank)
+                k_start, k_len = self._all(src)
+                block = VarlenBlock(late_start, late_len, k_start, k_len, False, t, t)
             self._blocks[key] = block
         return self._blocks[key]
 
     def gathered_order(self) -> np.ndarray:
-        """Permutation p with gathered[p] in document (position) order.
+        """Permutation p with gathered[p] in position order.
 
         ``gathered`` is every rank's local tensor concatenated in rank order (the all-to-all
-        result); gathered[p] is the CP 1 padded layout, where document i occupies
-        ``[cu_padded[i], cu_padded[i + 1])`` with its real tokens first.
+        result); gathered[p] is the CP 1 padded layout, where unit i occupies
+        ``[cu_padded[i], cu_padded[i + 1])``.
         """
         cp, t = self.cp_size, self.local_tokens
-        chunks = []  # chunk j of every document, j = 0 .. 2 CP - 1, as gathered rows
+        chunks = []  # chunk j of every unit, j = 0 .. 2 CP - 1, as gathered rows
         for j in range(2 * cp):
             rank = j if j < cp else 2 * cp - 1 - j
             offset = self.local_start + (0 if j < cp else self.chunk)
             chunks.append(rank * t + offset)
-        starts = np.stack(chunks, axis=1).reshape(-1)  # doc-major, chunk-minor
+        starts = np.stack(chunks, axis=1).reshape(-1)  # unit-major, chunk-minor
         return _ranges(starts, np.repeat(self.chunk, 2 * cp))
 
     def document_block(self) -> VarlenBlock:
-        """The causal per-document block of the whole sequence in document order (CP 1 layout)."""
+        """The causal per-document block of the whole sequence in position order (CP 1 layout)."""
         if (-1, -1) not in self._blocks:
-            start, total = self.cu_padded[:-1], int(self.cu_padded[-1])
-            self._blocks[(-1, -1)] = VarlenBlock(
-                start, self.real, start, self.real, True, total, total
-            )
+            start, total = self.doc_start, int(self.cu_padded[-1])
+            length = self.doc_end - self.doc_start
+            self._blocks[(-1, -1)] = VarlenBlock(start, length, start, length, True, total, total)
         return self._blocks[(-1, -1)]
 
 

@@ -3,9 +3,11 @@
 ``SelfAttention`` hands the core attention q/k/v after RoPE, plus ``packed_seq_params``:
 
 * THD (``packed_seq_params.qkv_format == 'thd'``): q ``[t, hq, d]``, k / v ``[t, hk, d]`` with the
-  rank's local tokens in the zigzag-within-documents layout (parallel/cp_split.py); the boundaries
-  ``cu_seqlens_*_padded`` (padded layout) and ``cu_seqlens_*`` (real lengths) describe the whole
-  sequence. Output ``[t, hq * d]``.
+  rank's local tokens in the zigzag-within-units layout (parallel/cp_split.py); the boundaries
+  ``cu_seqlens_*_padded`` (padded units) and ``cu_seqlens_*`` (real lengths) describe the whole
+  sequence, and ``packed_seq_params.doc_spans`` (int [num_docs, 2], set by
+  ``packed_seq_params_for_rank``; absent: one document per unit) the documents inside the units.
+  Output ``[t, hq * d]``.
 * SBHD (no packed_seq_params): q ``[s, b, hq, d]`` - every row is one causal document, split by
   megatron's ``get_batch_on_this_cp_rank`` zigzag (the same rule with one document). Output
   ``[s, b, hq * d]``.
@@ -102,7 +104,9 @@ class _CPCoreAttention(MegatronModule):
             packed_seq_params.cu_seqlens_kv_padded, padded
         ):
             raise ValueError("self-attention needs cu_seqlens_kv_padded == cu_seqlens_q_padded")
-        layout = CPLayout(padded, real, self.cp_size)
+        spans = getattr(packed_seq_params, "doc_spans", None)
+        docs = None if spans is None else (spans[:, 0].tolist(), spans[:, 1].tolist())
+        layout = CPLayout(padded, real, self.cp_size, docs)
         packed_seq_params._longctx_layout = layout
         return layout
 
