@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longctx.model.config import ModelConfig
-from megatron_longctx.model.specs import layer_spec
+from megatron_longctx.model.specs import check_sequence_parallel, layer_spec
 from megatron_longctx.parallel.layout import ParallelLayout
 
 
@@ -87,6 +87,7 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    check_sequence_parallel(backend, layout.sequence_parallel)
     config = transformer_config(model, layout, params_dtype=params_dtype, recompute=recompute)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()

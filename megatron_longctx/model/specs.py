@@ -36,6 +36,21 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def check_sequence_parallel(backend: str, sequence_parallel: bool) -> None:
+    """Sequence parallelism needs the Transformer Engine spec: megatron's local spec normalises with
+    ``WrappedTorchNorm``, which asserts ``not sequence_parallel`` (megatron-core 0.16.1). Raises
+    ``LayoutError`` with the fix instead of megatron's bare assertion at model build."""
+    from megatron_longctx.parallel.layout import LayoutError
+
+    if sequence_parallel and resolve_backend(backend) == "local":
+        raise LayoutError(
+            "parallel.sequence_parallel=true needs the Transformer Engine layers (backend 'te'): "
+            "megatron-core's local spec (torch norm, WrappedTorchNorm) does not support sequence "
+            "parallelism. Install TE (pip install '.[gpu]' on a GPU machine) and use "
+            "training.backend=te or auto, or set parallel.sequence_parallel=false"
+        )
+
+
 def layer_spec(backend: str = "auto", core_attention: type | str | None = None) -> ModuleSpec:
     """The transformer-layer spec for a Llama layer (RMSNorm chosen through the config).
 

@@ -2,8 +2,11 @@
 
     loader micro-batch [b, S] + cu_seqlens over the b*S flattened tokens
       -> flatten to one THD sequence [1, b*S]
-      -> pad every document to a multiple of 2 x CP          (parallel.cp_split.pad_documents_for_cp)
+      -> pad every document to a multiple of 2 x CP (parallel.cp_split.pad_documents_for_cp)
+         and the sequence to a multiple of 2 x CP x TP under sequence parallelism
+         (parallel.layout.token_multiple: megatron scatters each CP rank's tokens over TP)
       -> keep chunks r and 2CP-1-r of every document          (parallel.cp_split.cp_split)
+      -> onto the training device (non-blocking copies)
       -> megatron PackedSeqParams (qkv_format="thd")         (parallel.cp_split.packed_seq_params_for_rank)
 
 Padding tokens carry loss_mask 0 and are masked out of attention, so they change nothing but the
@@ -20,15 +23,40 @@ from megatron_longctx.parallel.cp_split import (
     packed_seq_params_for_rank,
     pad_documents_for_cp,
 )
+from megatron_longctx.parallel.layout import token_multiple
 
 
-def to_model_batch(micro: dict, cp_size: int = 1, cp_rank: int = 0, cp_group=None) -> dict:
-    """This CP rank's model inputs for one loader micro-batch (see module docstring)."""
+def to_model_batch(
+    micro: dict,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    cp_group=None,
+    *,
+    device: torch.device | str | None = None,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+) -> dict:
+    """This CP rank's model inputs for one loader micro-batch (see module docstring).
+
+    Args:
+        micro: the loader's micro-batch (CPU tensors).
+        cp_size / cp_rank / cp_group: this rank's place in the CP group.
+        device: where the model runs; every tensor the model or the loss reads (tokens, labels,
+            loss mask, positions, every ``cu_seqlens``) is copied there. None: left where it is.
+        tp_size / sequence_parallel: with sequence parallelism the sequence is padded (a
+            padding-only document at the end) to a multiple of 2 x CP x TP.
+    """
     flat = {k: micro[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     flat["cu_seqlens"] = micro["cu_seqlens"].to(torch.int32)
-    padded = pad_documents_for_cp(flat, cp_size)
+    multiple = token_multiple(cp_size, tp_size, sequence_parallel)
+    pad_to = None
+    if multiple > 2 * cp_size:
+        lengths = flat["cu_seqlens"][1:] - flat["cu_seqlens"][:-1]
+        doc_total = int((lengths + (-lengths) % (2 * cp_size)).sum())
+        pad_to = -(-doc_total // multiple) * multiple
+    padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to)
     local = cp_split(padded, cp_size, cp_rank)
-    return {
+    batch = {
         "tokens": local["tokens"],
         "labels": local["labels"],
         "loss_mask": local["loss_mask"].float(),
@@ -37,3 +65,23 @@ def to_model_batch(micro: dict, cp_size: int = 1, cp_rank: int = 0, cp_group=Non
         "num_padding": int(padded["tokens"].shape[1] - flat["tokens"].shape[1]),
         "doc_lengths": (padded["cu_seqlens_unpadded"][1:] - padded["cu_seqlens_unpadded"][:-1]),
     }
+    return batch if device is None else batch_to_device(batch, device)
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    """The model inputs on ``device``: per-token tensors and every ``cu_seqlens`` of the
+    ``PackedSeqParams`` (non-blocking copies). ``doc_lengths`` stays on the host: only the
+    metrics read it. ``max_seqlen_*`` stay Python ints, so no kernel needs a host sync for them."""
+    from dataclasses import replace
+
+    out = dict(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = batch[key].to(device, non_blocking=True)
+    psp = batch["packed_seq_params"]
+    moved = {
+        name: getattr(psp, name).to(device, non_blocking=True)
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+        if getattr(psp, name) is not None
+    }
+    out["packed_seq_params"] = replace(psp, **moved)
+    return out
