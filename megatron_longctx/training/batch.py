@@ -61,11 +61,21 @@ def to_model_batch(
         "labels": local["labels"],
         "loss_mask": local["loss_mask"].float(),
         "position_ids": local["position_ids"],
-        "packed_seq_params": packed_seq_params_for_rank(local, cp_group),
+        "packed_seq_params": _thd(packed_seq_params_for_rank(local, cp_group)),
         "num_padding": int(padded["tokens"].shape[1] - flat["tokens"].shape[1]),
         "doc_lengths": (padded["cu_seqlens_unpadded"][1:] - padded["cu_seqlens_unpadded"][:-1]),
     }
     return batch if device is None else batch_to_device(batch, device)
+
+
+def _thd(psp):
+    """The same parameters as THDPackedSeqParams: TE also gets ``pad_between_seqs=True``
+    (TE#3331, model/attention/gpu.py); every other core attention ignores the field."""
+    from dataclasses import fields
+
+    from megatron_longctx.model.attention.gpu import THDPackedSeqParams
+
+    return THDPackedSeqParams(**{f.name: getattr(psp, f.name) for f in fields(psp)})
 
 
 def batch_to_device(batch: dict, device: torch.device | str) -> dict:

@@ -56,15 +56,15 @@ CPU_NOMINAL_PEAK_FLOPS = 1e11  # MFU on CPU is indicative only
 
 
 def core_attention_name(stage: StageConfig, backend: str = "auto") -> str | None:
-    """The stage's core attention. "auto": Transformer Engine's own THD/CP attention when the TE
-    backend is in use (GPU, untested here), else the project's document-masked attention
-    ("local" for CP 1, "ring" for CP > 1)."""
+    """The stage's core attention. "auto": Transformer Engine's own THD/CP attention ("te", with
+    ``pad_between_seqs``, model/attention/gpu.py) when the TE backend is in use (GPU, untested
+    here), else the project's document-masked attention ("local" for CP 1, "ring" for CP > 1)."""
     from megatron_longctx.model.specs import resolve_backend
 
     if stage.core_attention != "auto":
         return stage.core_attention
     if resolve_backend(backend) == "te":
-        return None
+        return "te"
     return "local" if stage.parallel.context_parallel_size == 1 else "ring"
 
 
