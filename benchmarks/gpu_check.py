@@ -22,6 +22,7 @@ finished; exit code 0 when every correctness check passes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -63,6 +64,7 @@ def _sync(dev):
 
 
 def _reset_peak(dev):
+    gc.collect()  # the previous run's model and optimizer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -280,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(args.timeout)
     from megatron_longctx.runtime.distributed import DistEnv, init_process_group
 
-    os.environ.setdefault("LONGCTX_GPU_BINDING", "task")
     dev = init_process_group(
         DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", 29555))),
         device=args.device,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_longctx.model import rope_thd
 from megatron_longctx.model.config import ModelConfig
-from megatron_longctx.model.specs import check_sequence_parallel, layer_spec
+from megatron_longctx.model.specs import check_sequence_parallel, layer_spec, resolve_backend
 from megatron_longctx.parallel.layout import ParallelLayout
 
 
@@ -17,10 +18,13 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     recompute: str | None = None,
     calculate_per_token_loss: bool = True,
+    apply_rope_fusion: bool = False,
 ):
     """Megatron's TransformerConfig for a Llama model under ``layout``.
 
-    Fusions that need apex/TE/CUDA are turned off; they are kernels, not semantics.
+    Fusions that need apex/TE/CUDA are turned off; they are kernels, not semantics. The one
+    exception is ``apply_rope_fusion`` (TE's fused RoPE), which build_gpt_model turns on with the
+    TE backend: megatron's unfused THD RoPE syncs with the host per document (model/rope_thd.py).
     ``calculate_per_token_loss`` makes the schedule sum token counts so the loss is averaged over
     all tokens of the global batch (finalize_model_grads divides by the global count).
     """
@@ -56,7 +60,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=apply_rope_fusion,  # TE's fused RoPE (THD included): no host syncs
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
         calculate_per_token_loss=calculate_per_token_loss,
@@ -88,7 +92,12 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     check_sequence_parallel(backend, layout.sequence_parallel)
-    config = transformer_config(model, layout, params_dtype=params_dtype, recompute=recompute)
+    te = resolve_backend(backend) == "te"
+    if not te:
+        rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
+    config = transformer_config(
+        model, layout, params_dtype=params_dtype, recompute=recompute, apply_rope_fusion=te
+    )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
