@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from megatron_longctx.model import rope_thd
 from megatron_longctx.model.config import ModelConfig
-from megatron_longctx.model.specs import check_sequence_parallel, layer_spec, resolve_backend
+from megatron_longctx.model.specs import block_spec, resolve_backend
 from megatron_longctx.parallel.layout import ParallelLayout
 
 
@@ -91,7 +91,6 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    check_sequence_parallel(backend, layout.sequence_parallel)
     te = resolve_backend(backend) == "te"
     if not te:
         rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
@@ -110,7 +109,9 @@ def build_gpt_model(
         rope_kwargs.update(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(backend, core_attention),
+        transformer_layer_spec=block_spec(
+            config, backend, core_attention, layout.sequence_parallel
+        ),
         vocab_size=model.padded_vocab_size(layout.tensor_model_parallel_size),
         max_sequence_length=seq_length or model.max_position_embeddings,
         pre_process=pre_process,

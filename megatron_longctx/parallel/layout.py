@@ -36,7 +36,8 @@ class ParallelLayout:
         context_parallel_size: CP, splits the sequence (zigzag chunks) across ranks.
         data_parallel_size: DP; None means "whatever the world size leaves".
         virtual_pipeline_model_parallel_size: interleaved pipeline chunks per stage (None = off).
-        sequence_parallel: shard layer-norm/dropout activations over TP (GPU / Transformer Engine only).
+        sequence_parallel: shard layer-norm/dropout activations over TP (TE, or model/norm.py's
+            torch norm with the local spec).
     """
 
     tensor_model_parallel_size: int = 1

@@ -135,15 +135,22 @@ def test_signal_agreement_on_device(monkeypatch):
     assert seen == [("all_reduce", [CUDA])]
 
 
-def test_local_spec_with_sequence_parallel_is_refused():
-    """Defect 3: megatron's local spec asserts ``not sequence_parallel`` in WrappedTorchNorm; the
-    build refuses first, naming the fix."""
-    from megatron_longctx.model.build import build_gpt_model
-    from megatron_longctx.model.config import get_preset
+def test_sequence_parallel_norms_with_the_local_spec():
+    """Defect 3: megatron's local spec norm asserts ``not sequence_parallel``; the project's norm
+    builds the same torch module with its weight marked for the TP gradient all-reduce.
+    (TP 2 + SP against the unsharded model: tests/distributed/test_model_parallel.py.)"""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    layout = ParallelLayout(2, 1, 1, sequence_parallel=True)
-    with pytest.raises(LayoutError, match="sequence_parallel=false"):
-        build_gpt_model(get_preset("tiny"), layout, backend="local")
+    from megatron_longctx.model.build import transformer_config
+    from megatron_longctx.model.config import get_preset
+    from megatron_longctx.model.norm import SequenceParallelTorchNorm
+
+    config = transformer_config(get_preset("tiny"), ParallelLayout(2, 1, 1, sequence_parallel=True))
+    with pytest.raises(AssertionError, match="sequence parallel"):
+        WrappedTorchNorm(config, 64)
+    norm = SequenceParallelTorchNorm(config, 64, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel is True
+    assert list(norm.state_dict()) == ["weight"]
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
