@@ -59,6 +59,8 @@ setup(
         # pytest-timeout: hard per-test timeout on multi-process tests (they hang rather than fail).
         "test": ["pytest", "pytest-timeout", "hypothesis"],
         # GPU kernels; never installed on the CPU machines (transformer-engine needs CUDA headers).
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # TE >= 2.2: DotProductAttention takes pad_between_seqs (TE#3331, model/attention/gpu.py);
+        # < 3: the 2.x API megatron-core 0.16.1 targets. Untested on GPU.
+        "gpu": ["transformer-engine[pytorch]>=2.2,<3", "flash-attn"],
     },
 )

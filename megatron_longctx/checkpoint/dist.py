@@ -241,13 +241,21 @@ def load_checkpoint(
                 f"(checkpoint vs config): {diff}; point the run at a matching "
                 "checkpoint or fix the model config"
             )
+    from megatron_longctx.checkpoint.spec_keys import (
+        checkpoint_keys,
+        drop_absent_extra_state,
+        load_model_state,
+    )
+
     sd = _model_sharded(model_chunks)
+    available = checkpoint_keys(ckpt_dir)  # local <-> TE spec: see checkpoint/spec_keys.py
+    dropped = {key: drop_absent_extra_state(part, available) for key, part in sd.items()}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True)
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key])
+        load_model_state(_unwrap(chunk), loaded[key], dropped[key], str(ckpt_dir))
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in common:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_longctx.model import rope_thd
 from megatron_longctx.model.config import ModelConfig
 from megatron_longctx.model.rope import install_megatron_rope, megatron_attention_factor
-from megatron_longctx.model.specs import layer_spec
+from megatron_longctx.model.specs import block_spec, resolve_backend
 from megatron_longctx.parallel.layout import ParallelLayout
 
 
@@ -18,10 +19,13 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     recompute: str | None = None,
     calculate_per_token_loss: bool = True,
+    apply_rope_fusion: bool = False,
 ):
     """Megatron's TransformerConfig for a Llama model under ``layout``.
 
-    Fusions that need apex/TE/CUDA are turned off; they are kernels, not semantics.
+    Fusions that need apex/TE/CUDA are turned off; they are kernels, not semantics. The one
+    exception is ``apply_rope_fusion`` (TE's fused RoPE), which build_gpt_model turns on with the
+    TE backend: megatron's unfused THD RoPE syncs with the host per document (model/rope_thd.py).
     ``calculate_per_token_loss`` makes the schedule sum token counts so the loss is averaged over
     all tokens of the global batch (finalize_model_grads divides by the global count).
     """
@@ -57,7 +61,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=apply_rope_fusion,  # TE's fused RoPE (THD included): no host syncs
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
         calculate_per_token_loss=calculate_per_token_loss,
@@ -90,14 +94,21 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(model, layout, params_dtype=params_dtype, recompute=recompute)
+    te = resolve_backend(backend) == "te"
+    if not te:
+        rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
+    config = transformer_config(
+        model, layout, params_dtype=params_dtype, recompute=recompute, apply_rope_fusion=te
+    )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(backend, core_attention),
+        transformer_layer_spec=block_spec(
+            config, backend, core_attention, layout.sequence_parallel
+        ),
         vocab_size=model.padded_vocab_size(layout.tensor_model_parallel_size),
         max_sequence_length=seq_length or model.max_position_embeddings,
         pre_process=pre_process,

@@ -1,6 +1,6 @@
 """The only place that chooses Transformer Engine vs local layers and the core attention.
 
-``layer_spec(backend)``:
+``layer_spec(backend)`` (and ``block_spec``, which adds the final norm under sequence parallelism):
   * "local": megatron-core's own modules (torch RMSNorm, ColumnParallel/RowParallel linears,
     DotProductAttention). The CPU path, and the numerical reference.
   * "te": Transformer Engine fused layers (GPU only; import-guarded; untested on GPU in this project).
@@ -36,13 +36,19 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def layer_spec(backend: str = "auto", core_attention: type | str | None = None) -> ModuleSpec:
+def layer_spec(
+    backend: str = "auto",
+    core_attention: type | str | None = None,
+    sequence_parallel: bool = False,
+) -> ModuleSpec:
     """The transformer-layer spec for a Llama layer (RMSNorm chosen through the config).
 
     Args:
         backend: see the module docstring.
         core_attention: None (the backend's own), a class, or a name from
             ``model.attention.CORE_ATTENTIONS`` ("local" | "ring" | "a2a" | "te").
+        sequence_parallel: with the local backend, the layer norms become
+            ``model.norm.SequenceParallelTorchNorm`` (megatron's torch norm asserts without SP).
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -51,6 +57,11 @@ def layer_spec(backend: str = "auto", core_attention: type | str | None = None) 
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        if sequence_parallel:
+            from megatron_longctx.model.norm import SequenceParallelTorchNorm
+
+            spec.submodules.input_layernorm = SequenceParallelTorchNorm
+            spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     if isinstance(core_attention, str):
         from megatron_longctx.model.attention import core_attention_class
 
@@ -58,3 +69,25 @@ def layer_spec(backend: str = "auto", core_attention: type | str | None = None) 
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
+
+
+def block_spec(config, backend: str, core_attention, sequence_parallel: bool):
+    """What GPTModel gets as ``transformer_layer_spec``: the layer spec, or with sequence
+    parallelism on the local backend a block spec whose final norm is also
+    ``SequenceParallelTorchNorm`` (megatron would add its asserting WrappedTorchNorm)."""
+    spec = layer_spec(backend, core_attention, sequence_parallel)
+    if not (sequence_parallel and resolve_backend(backend) == "local"):
+        return spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megatron_longctx.model.norm import SequenceParallelTorchNorm
+
+    num_layers = get_num_layers_to_build(config)
+    submodules = TransformerBlockSubmodules(
+        layer_specs=[spec] * num_layers, layer_norm=SequenceParallelTorchNorm
+    )
+    return ModuleSpec(module=TransformerBlock, submodules=submodules)

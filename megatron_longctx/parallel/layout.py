@@ -13,6 +13,19 @@ class LayoutError(ValueError):
     """An impossible parallel layout; the message names the rule and the numbers."""
 
 
+def token_multiple(
+    context_parallel_size: int, tensor_model_parallel_size: int = 1, sequence_parallel: bool = False
+) -> int:
+    """What a packed (THD) sequence's padded length must be a multiple of: 2 x CP (zigzag chunks),
+    x TP with sequence parallelism (megatron scatters each CP rank's ``t / CP`` tokens over TP).
+
+    The batch path pads to it (training.batch) and validation checks recipes against it, so the
+    planner (which validates every candidate) and the trainer agree.
+    """
+    tp = tensor_model_parallel_size if sequence_parallel else 1
+    return 2 * context_parallel_size * tp
+
+
 @dataclass
 class ParallelLayout:
     """How the job's GPUs (or CPU processes) are split. GPUs = TP x PP x CP x DP.
@@ -23,7 +36,8 @@ class ParallelLayout:
         context_parallel_size: CP, splits the sequence (zigzag chunks) across ranks.
         data_parallel_size: DP; None means "whatever the world size leaves".
         virtual_pipeline_model_parallel_size: interleaved pipeline chunks per stage (None = off).
-        sequence_parallel: shard layer-norm/dropout activations over TP (GPU / Transformer Engine only).
+        sequence_parallel: shard layer-norm/dropout activations over TP (TE, or model/norm.py's
+            torch norm with the local spec).
     """
 
     tensor_model_parallel_size: int = 1
@@ -46,6 +60,13 @@ class ParallelLayout:
             raise LayoutError(
                 f"data_parallel_size must be >= 1 or None, got {self.data_parallel_size}"
             )
+
+    @property
+    def token_multiple(self) -> int:
+        """See the module-level ``token_multiple``."""
+        return token_multiple(
+            self.context_parallel_size, self.tensor_model_parallel_size, self.sequence_parallel
+        )
 
     @property
     def model_parallel_size(self) -> int:
@@ -129,7 +150,7 @@ class ParallelLayout:
                 "sequence_parallel needs TP > 1 (it shards activations over TP), got TP 1"
             )
         if seq_length is not None:
-            multiple = 2 * cp * (tp if self.sequence_parallel else 1)
+            multiple = token_multiple(cp, tp, self.sequence_parallel)
             rule = "2 x CP" + (" x TP (sequence parallel)" if self.sequence_parallel else "")
             if seq_length % multiple:
                 raise LayoutError(

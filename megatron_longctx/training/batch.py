@@ -4,7 +4,10 @@
       -> flatten to one THD sequence [1, b*S]
       -> group documents into zigzag units (parallel.units), pad each unit to a multiple of
          2 x CP                                                (parallel.cp_split.pad_documents_for_cp)
+         and the sequence to a multiple of 2 x CP x TP under sequence parallelism
+         (parallel.layout.token_multiple: megatron scatters each CP rank's tokens over TP)
       -> keep chunks r and 2CP-1-r of every unit              (parallel.cp_split.cp_split)
+      -> onto the training device (non-blocking copies)
       -> megatron PackedSeqParams (qkv_format="thd")         (parallel.cp_split.packed_seq_params_for_rank)
 
 Padding tokens carry loss_mask 0 and are masked out of attention, so they change nothing but the
@@ -22,23 +25,78 @@ from megatron_longctx.parallel.cp_split import (
     packed_seq_params_for_rank,
     pad_documents_for_cp,
 )
+from megatron_longctx.parallel.layout import token_multiple
 
 
 def to_model_batch(
-    micro: dict, cp_size: int = 1, cp_rank: int = 0, cp_group=None, sharding: str = "document"
+    micro: dict,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    cp_group=None,
+    sharding: str = "document",
+    *,
+    device: torch.device | str | None = None,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
 ) -> dict:
-    """This CP rank's model inputs for one loader micro-batch (see module docstring);
-    ``sharding`` is parallel/units.py's (``"document"``: one unit per document)."""
+    """This CP rank's model inputs for one loader micro-batch (see module docstring).
+
+    Args:
+        micro: the loader's micro-batch (CPU tensors).
+        cp_size / cp_rank / cp_group: this rank's place in the CP group.
+        sharding: parallel/units.py's CP sharding (``"document"``: one unit per document).
+        device: where the model runs; every tensor the model or the loss reads (tokens, labels,
+            loss mask, positions, every ``cu_seqlens``) is copied there. None: left where it is.
+        tp_size / sequence_parallel: with sequence parallelism the sequence is padded (a
+            padding-only document at the end) to a multiple of 2 x CP x TP.
+    """
     flat = {k: micro[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     flat["cu_seqlens"] = micro["cu_seqlens"].to(torch.int32)
+    multiple = token_multiple(cp_size, tp_size, sequence_parallel)
     padded = pad_documents_for_cp(flat, cp_size, sharding=sharding)
+    if padded["tokens"].shape[1] % multiple:
+        pad_to = -(-padded["tokens"].shape[1] // multiple) * multiple
+        padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, sharding=sharding)
     local = cp_split(padded, cp_size, cp_rank)
-    return {
+    batch = {
         "tokens": local["tokens"],
         "labels": local["labels"],
         "loss_mask": local["loss_mask"].float(),
         "position_ids": local["position_ids"],
-        "packed_seq_params": packed_seq_params_for_rank(local, cp_group),
+        "packed_seq_params": _thd(packed_seq_params_for_rank(local, cp_group)),
         "num_padding": int(padded["tokens"].shape[1] - flat["tokens"].shape[1]),
         "doc_lengths": flat["cu_seqlens"].diff(),
     }
+    return batch if device is None else batch_to_device(batch, device)
+
+
+def _thd(psp):
+    """The same parameters as THDPackedSeqParams: TE also gets ``pad_between_seqs=True``
+    (TE#3331, model/attention/gpu.py); every other core attention ignores the field."""
+    from dataclasses import fields
+
+    from megatron_longctx.model.attention.gpu import THDPackedSeqParams
+
+    out = THDPackedSeqParams(**{f.name: getattr(psp, f.name) for f in fields(psp)})
+    out.doc_spans = getattr(psp, "doc_spans", None)  # documents inside units (host-side)
+    return out
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    """The model inputs on ``device``: per-token tensors and every ``cu_seqlens`` of the
+    ``PackedSeqParams`` (non-blocking copies). ``doc_lengths`` stays on the host: only the
+    metrics read it. ``max_seqlen_*`` stay Python ints, so no kernel needs a host sync for them."""
+    from dataclasses import replace
+
+    out = dict(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = batch[key].to(device, non_blocking=True)
+    psp = batch["packed_seq_params"]
+    moved = {
+        name: getattr(psp, name).to(device, non_blocking=True)
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+        if getattr(psp, name) is not None
+    }
+    out["packed_seq_params"] = replace(psp, **moved)
+    out["packed_seq_params"].doc_spans = getattr(psp, "doc_spans", None)  # read on the host
+    return out

@@ -107,9 +107,13 @@ class SignalWatcher:
     """
 
     def __init__(
-        self, signals=(signal.SIGTERM, signal.SIGUSR1), deadline: WallClockDeadline | None = None
+        self,
+        signals=(signal.SIGTERM, signal.SIGUSR1),
+        deadline: WallClockDeadline | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.received: int | None = None
+        self.device = torch.device(device)  # the training device: NCCL reduces CUDA tensors only
         self.deadline = deadline
         self.reason = ""
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
@@ -128,7 +132,7 @@ class SignalWatcher:
 
     def agreed(self) -> bool:
         due = self.deadline is not None and self.deadline.due()
-        flag = torch.tensor([self.received is not None, due], dtype=torch.int32)
+        flag = torch.tensor([self.received is not None, due], dtype=torch.int32, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         got_signal, deadline_due = (bool(v) for v in flag.tolist())

@@ -40,8 +40,8 @@ from megatron_longctx.training.callbacks import (
     WallClockDeadline,
 )
 from megatron_longctx.training.data import build_stage_loader
-from megatron_longctx.training.reporting import evaluate_stage, step_record
 from megatron_longctx.training.reporting import log0 as _log0
+from megatron_longctx.training.reporting import maybe_evaluate_stage, step_record
 from megatron_longctx.training.setup import (
     OptimizerSettings,
     build_optimizer,
@@ -56,15 +56,15 @@ CPU_NOMINAL_PEAK_FLOPS = 1e11  # MFU on CPU is indicative only
 
 
 def core_attention_name(stage: StageConfig, backend: str = "auto") -> str | None:
-    """The stage's core attention. "auto": Transformer Engine's own THD/CP attention when the TE
-    backend is in use (GPU, untested here), else the project's document-masked attention
-    ("local" for CP 1, "ring" for CP > 1)."""
+    """The stage's core attention. "auto": Transformer Engine's own THD/CP attention ("te", with
+    ``pad_between_seqs``, model/attention/gpu.py) when the TE backend is in use (GPU, untested
+    here), else the project's document-masked attention ("local" for CP 1, "ring" for CP > 1)."""
     from megatron_longctx.model.specs import resolve_backend
 
     if stage.core_attention != "auto":
         return stage.core_attention
     if resolve_backend(backend) == "te":
-        return None
+        return "te"
     return "local" if stage.parallel.context_parallel_size == 1 else "ring"
 
 
@@ -99,7 +99,9 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     """Runs (or resumes) the whole curriculum. Returns the process exit code."""
     from megatron_longctx.runtime.distributed import init_process_group
 
-    init_process_group(device=cfg.training.device, timeout_s=60 * cfg.training.dist_timeout_minutes)
+    device = init_process_group(
+        device=cfg.training.device, timeout_s=60 * cfg.training.dist_timeout_minutes
+    )
     save_dir = expand_env(cfg.checkpoint.save_dir)
     first, resume, transition, iteration = _start_point(cfg, save_dir)
     metrics = MetricsLogger(
@@ -112,7 +114,8 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
     )
     if first == len(cfg.stages) and dist.get_rank() == 0:
         print(f"all {len(cfg.stages)} stages are complete in {save_dir}; nothing to do", flush=True)
-    signals, faults = SignalWatcher(deadline=WallClockDeadline.from_env()), FaultInjector()
+    signals = SignalWatcher(deadline=WallClockDeadline.from_env(), device=device)
+    faults = FaultInjector()
     rc = 0
     for idx in range(first, len(cfg.stages)):
         rc, iteration = _run_stage(
@@ -127,6 +130,7 @@ def train(cfg: ExperimentConfig, resolved: dict, *, config_dir: str | Path | Non
             signals=signals,
             faults=faults,
             config_dir=config_dir,
+            device=device,
         )
         if rc:
             break
@@ -149,6 +153,7 @@ def _run_stage(
     signals,
     faults,
     config_dir,
+    device,
 ) -> tuple[int, int]:
     from megatron.core import parallel_state, tensor_parallel
 
@@ -284,7 +289,16 @@ def _run_stage(
     while stage_step < total:
         faults.before_step(iteration + 1, chunks)
         micro = [
-            to_model_batch(next(loader), cp, cp_rank, cp_group, sharding)
+            to_model_batch(
+                next(loader),
+                cp,
+                cp_rank,
+                cp_group,
+                sharding,
+                device=device,
+                tp_size=layout.tensor_model_parallel_size,
+                sequence_parallel=layout.sequence_parallel,
+            )
             for _ in range(loader.num_micro_batches)
         ]
         result = forward_backward(
@@ -335,7 +349,9 @@ def _run_stage(
         if stage_step == total:
             save(protected=True)
             if stage.eval:
-                evaluate_stage(cfg, stage, iteration_dir(save_dir, iteration), metrics, iteration)
+                maybe_evaluate_stage(
+                    cfg, stage, iteration_dir(save_dir, iteration), metrics, iteration
+                )
         elif interval_due:
             save()
         if signals.agreed():

@@ -1,6 +1,13 @@
 """What the loop reports: the per-step metrics record (loss, LR, throughput, MFU from the perf
-model with the document-masked attention term, memory) and the stage-end evaluation (rank 0 exports
-the stage's final checkpoint to HF and runs megatron_longctx.eval; the others wait)."""
+model with the document-masked attention term, memory) and the stage-end evaluation.
+
+Stage-end evaluation runs outside every collective on GPU clusters: rank 0 exporting and evaluating
+an 8B model takes far longer than an NCCL timeout, and the other ranks would wait in a collective
+until the watchdog kills the job. So with NCCL and more than one rank the trainer does not evaluate;
+it logs the command, and the launcher's evaluation job (``LONGCTX_EVAL_JOB=1``,
+launch/eval_longctx.sh, a dependent job on its own GPU) evaluates the final checkpoint. In-process
+evaluation (rank 0 exports + evaluates, the others wait at a barrier) is kept for gloo/CPU and
+one-process runs, where nothing can time out behind it."""
 
 from __future__ import annotations
 
@@ -16,6 +23,30 @@ def log0(msg: str) -> None:
     """Prints on global rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
+
+
+def evaluate_in_trainer() -> bool:
+    """True when the stage-end evaluation may run inside the trainer (see module docstring)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    return dist.get_backend() != "nccl"
+
+
+def maybe_evaluate_stage(
+    cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration: int
+) -> bool:
+    """Evaluates in the trainer when ``evaluate_in_trainer()``, else logs the evaluation job's
+    command. Returns whether it evaluated."""
+    if evaluate_in_trainer():
+        evaluate_stage(cfg, stage, ckpt_dir, metrics, iteration)
+        return True
+    log0(
+        f"[{stage.name}] stage-end evaluation is not run inside a multi-GPU NCCL job (rank 0 "
+        "would hold every other rank in a collective past the timeout); it runs as its own job: "
+        f"LONGCTX_EVAL_JOB=1 in launch/, or LONGCTX_EVAL_CHECKPOINT={ckpt_dir} sbatch "
+        "launch/eval_longctx.sh"
+    )
+    return False
 
 
 def evaluate_stage(cfg, stage, ckpt_dir: Path, metrics: MetricsLogger, iteration: int) -> None:

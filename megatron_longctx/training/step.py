@@ -51,14 +51,19 @@ class StepResult:
     skipped: bool = False
 
 
-def reduce_loss(losses_reduced: list) -> tuple[float, int]:
+def reduce_loss(losses_reduced: list, device: torch.device | str = "cpu") -> tuple[float, int]:
     """Global token-averaged loss, known on every rank: sums the per-micro-batch [loss_sum, tokens]
-    reports, all-reduces over DP x CP, then broadcasts from the last pipeline stage."""
+    reports, all-reduces over DP x CP, then broadcasts from the last pipeline stage.
+
+    ``device`` is the training device: NCCL only reduces CUDA tensors, and ranks that are not the
+    last pipeline stage have no report to take the device from. One host sync per step.
+    """
     from megatron.core import parallel_state
 
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     if losses_reduced:
         total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
+        total = total.to(device)
     torch.distributed.all_reduce(
         total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
     )
@@ -68,7 +73,8 @@ def reduce_loss(losses_reduced: list) -> tuple[float, int]:
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+    loss_sum, count = total.tolist()  # the step's one host sync
+    return loss_sum / max(count, 1.0), int(count)
 
 
 def forward_backward(
@@ -103,5 +109,6 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    loss, tokens = reduce_loss(losses)
+    device = next(model_chunks[0].parameters()).device
+    loss, tokens = reduce_loss(losses, device)
     return StepResult(loss=loss, num_tokens=tokens)

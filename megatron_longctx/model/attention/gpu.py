@@ -6,6 +6,19 @@ The flash-attention block kernels live in kernel_cuda.py (chosen through kernels
   consumes the same THD layout (per-document zigzag, ``cu_seqlens_*_padded``) with its own ring /
   a2a communication (``cp_comm_type``). Untested on GPU.
 
+Known TE bugs with this exact layout (every document padded at its end to a multiple of 2 x CP):
+
+* TE#3331: TE infers ``pad_between_seqs`` by comparing ``cu_seqlens_padded[:-1]`` with
+  ``cu_seqlens[:-1]`` (TE <= 2.17), blind to padding of the *last* document; the CP p2p fast path
+  it then takes computes wrong attention. Fix here: ``pad_between_seqs=True`` is always passed
+  (``THDPackedSeqParams`` carries it, ``with_pad_between_seqs`` makes megatron hand it to TE; the
+  argument exists since TE 2.2, hence the ``gpu`` extra's ``transformer-engine>=2.2``).
+* TE#2186: NaN dK/dV when one of a rank's chunks of a document is all padding (short documents:
+  at CP 8 a 5-token document is 11/16 padding). Padding cannot avoid it (TE needs every document
+  padded to 2 x CP). Not worked around inside TE's attention; the project's own ring / a2a
+  attention (``stages.N.core_attention=ring``) never hands an empty segment to a kernel
+  (``VarlenBlock`` drops them), so it is the fallback if NaNs appear with ``te``.
+
 Import-guarded: importing this module never requires Transformer Engine.
 Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``.
 """
@@ -13,12 +26,38 @@ Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+
+@dataclass
+class THDPackedSeqParams(PackedSeqParams):
+    """megatron's PackedSeqParams plus TE's ``pad_between_seqs`` (True: documents are padded)."""
+
+    pad_between_seqs: bool = True
+
+
+def with_pad_between_seqs(base: type) -> type:
+    """``base`` (megatron's TEDotProductAttention) forwarding ``pad_between_seqs`` to TE.
+
+    megatron builds TE's keyword arguments as ``{k: getattr(packed_seq_params, k) for k in
+    self.kept_packed_seq_params}``; adding the key makes it pass THDPackedSeqParams' field.
+    """
+
+    class TEThdAttention(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kept_packed_seq_params.add("pad_between_seqs")
+
+    TEThdAttention.__name__ = f"{base.__name__}PadBetweenSeqs"
+    return TEThdAttention
 
 
 def te_core_attention() -> type:
-    """Transformer Engine's ``TEDotProductAttention`` (CP via TE). Untested on GPU."""
+    """Transformer Engine's ``TEDotProductAttention`` with ``pad_between_seqs`` (see module
+    docstring). Untested on GPU."""
     if not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
         raise RuntimeError(
             "core attention 'te' needs CUDA and Transformer Engine "
@@ -26,4 +65,4 @@ def te_core_attention() -> type:
         )
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-    return TEDotProductAttention
+    return with_pad_between_seqs(TEDotProductAttention)
