@@ -14,23 +14,11 @@ import torch
 
 from megatron_longctx.model.attention.reference import document_causal_attention
 from megatron_longctx.parallel.cp_split import rank_token_index
+from tests.attention_cases import padded_cu
 from tests.harness import run_distributed
 
 HQ, D = 8, 8
 SCALE = D**-0.5
-
-
-def _padded_cu(real_lengths: list[int], cp: int, pad_doc: int = 0):
-    """(cu_padded, cu_real) for documents of these real lengths (+ an optional padding-only doc)."""
-    multiple = 2 * cp
-    cu_p, cu_r = [0], [0]
-    for n in real_lengths:
-        cu_p.append(cu_p[-1] + n + (-n) % multiple)
-        cu_r.append(cu_r[-1] + n)
-    if pad_doc:
-        cu_p.append(cu_p[-1] + pad_doc * multiple)
-        cu_r.append(cu_r[-1])
-    return cu_p, cu_r
 
 
 def _units_case(groups: list[list[int]], cp: int, pad_first: bool = False):
@@ -66,10 +54,10 @@ def _cases(cp: int) -> dict[str, tuple]:
     g = torch.Generator().manual_seed(cp)
     random_lengths = torch.randint(1, 40, (6,), generator=g).tolist()
     per_doc = {
-        "random": _padded_cu(random_lengths, cp),
-        "equal_lengths": _padded_cu([4 * cp] * 3 + [9], cp),  # batched same-shape segments
-        "shorter_than_chunk": _padded_cu([1, 2, 3, 1, 2 * cp + 1], cp, pad_doc=1),
-        "one_doc_all_ranks": _padded_cu([16 * cp - 3], cp),
+        "random": padded_cu(random_lengths, cp),
+        "equal_lengths": padded_cu([4 * cp] * 3 + [9], cp),  # batched same-shape segments
+        "shorter_than_chunk": padded_cu([1, 2, 3, 1, 2 * cp + 1], cp, pad_doc=1),
+        "one_doc_all_ranks": padded_cu([16 * cp - 3], cp),
         # every document's real tokens fit in chunk 0 (held by rank 0): ranks 1.. hold only padding
         "fully_padded_rank": ([0, 8 * cp, 16 * cp, 20 * cp], [0, 4, 7, 7]),
     }

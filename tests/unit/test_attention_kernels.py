@@ -23,21 +23,10 @@ from megatron_longctx.model.attention.blocks import CPLayout
 from megatron_longctx.model.attention.kernels import block_attention, resolve_kernel
 from megatron_longctx.model.attention.reference import document_causal_attention
 from megatron_longctx.model.attention.ring import ring_attention
+from tests.attention_cases import padded_cu, ring_pairs
 
 D = 16
 SCALE = D**-0.5
-
-
-def _cu(lengths, cp, pad_doc=0):
-    m = 2 * cp
-    cu_p, cu_r = [0], [0]
-    for n in lengths:
-        cu_p.append(cu_p[-1] + n + (-n) % m)
-        cu_r.append(cu_r[-1] + n)
-    if pad_doc:
-        cu_p.append(cu_p[-1] + pad_doc * m)
-        cu_r.append(cu_r[-1])
-    return cu_p, cu_r
 
 
 CASES = {
@@ -68,7 +57,7 @@ def _reference(q, k, v, w, cu_p, cu_r):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("scheduler", ["local_block", "ring_cp1", "tiled"])
 def test_cpu_kernels_match_dense_oracle(name, heads, scheduler, monkeypatch):
-    cu_p, cu_r = _cu(CASES[name], 1, pad_doc=2)
+    cu_p, cu_r = padded_cu(CASES[name], 1, pad_doc=2)
     q, k, v, w = _inputs(cu_p[-1], *heads)
     refs = _reference(q, k, v, w, cu_p, cu_r)
     layout = CPLayout(cu_p, cu_r, 1)
@@ -97,7 +86,7 @@ def test_cpu_kernels_match_dense_oracle(name, heads, scheduler, monkeypatch):
 
 
 def test_cpu_kernel_bf16_within_1e_2():
-    cu_p, cu_r = _cu([40, 3, 17], 1)
+    cu_p, cu_r = padded_cu([40, 3, 17], 1)
     q, k, v, w = _inputs(cu_p[-1], 8, 2, seed=1)
     refs = _reference(q, k, v, w, cu_p, cu_r)
     qb, kb, vb = (x.bfloat16().requires_grad_() for x in (q, k, v))
@@ -115,31 +104,13 @@ def test_nothing_real_gives_zeros_not_nan():
     assert (out == 0).all() and (q.grad == 0).all() and (k.grad == 0).all()
 
 
-def _pairs_from_blocks(cu_p, cu_r, cp):
-    """Global (query, key) pairs that the ring's blocks compute, over every rank and step."""
-    layout = CPLayout(cu_p, cu_r, cp)
-    from megatron_longctx.parallel.cp_split import rank_token_index
-
-    index = [rank_token_index(cu_p, cp, r).tolist() for r in range(cp)]
-    pairs = []
-    for rank in range(cp):
-        for src in range(cp):
-            b = layout.ring_block(rank, src)
-            for qs, ql, ks, kl in zip(b.q_start, b.q_len, b.k_start, b.k_len):
-                for i in range(ql):
-                    for j in range(kl):
-                        if not b.causal or j <= i:
-                            pairs.append((index[rank][qs + i], index[src][ks + j]))
-    return pairs
-
-
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
 def test_ring_blocks_cover_exactly_the_allowed_pairs(cp):
-    cu_p, cu_r = _cu([7, 1, 2 * cp + 3, 12 * cp], cp, pad_doc=1)
+    cu_p, cu_r = padded_cu([7, 1, 2 * cp + 3, 12 * cp], cp, pad_doc=1)
     want = set()
     for a, n in zip(cu_p, torch.tensor(cu_r).diff().tolist()):
         want |= {(a + i, a + j) for i in range(n) for j in range(i + 1)}
-    got = _pairs_from_blocks(cu_p, cu_r, cp)
+    got = ring_pairs(CPLayout(cu_p, cu_r, cp), cu_p, cp)
     assert len(got) == len(set(got)), "a pair is computed twice"
     assert set(got) == want
     layout = CPLayout(cu_p, cu_r, cp)
@@ -150,7 +121,7 @@ def test_ring_blocks_cover_exactly_the_allowed_pairs(cp):
 def test_gathered_order_puts_documents_in_position_order():
     from megatron_longctx.parallel.cp_split import rank_token_index
 
-    cu_p, cu_r = _cu([5, 17, 2], 3)
+    cu_p, cu_r = padded_cu([5, 17, 2], 3)
     gathered = torch.cat([rank_token_index(cu_p, 3, r) for r in range(3)])
     order = torch.from_numpy(CPLayout(cu_p, cu_r, 3).gathered_order())
     assert torch.equal(gathered[order], torch.arange(cu_p[-1]))

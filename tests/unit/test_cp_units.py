@@ -29,6 +29,7 @@ from megatron_longctx.parallel.units import (
     plan_units,
     work_per_rank,
 )
+from tests.attention_cases import ring_pairs
 
 LENGTHS = [5, 1, 17, 8, 2, 40, 3]
 
@@ -102,16 +103,7 @@ def test_ring_blocks_with_grouped_units_cover_exactly_the_allowed_pairs(cp, pad_
         (a + i, a + j) for a, b in zip(starts, ends) for i in range(b - a) for j in range(i + 1)
     }
     layout = CPLayout(cu_p, cu_r, cp, (starts, ends))
-    index = [rank_token_index(cu_p, cp, r).tolist() for r in range(cp)]
-    got = []
-    for rank in range(cp):
-        for src in range(cp):
-            blk = layout.ring_block(rank, src)
-            for qs, ql, ks, kl in zip(blk.q_start, blk.q_len, blk.k_start, blk.k_len):
-                for i in range(ql):
-                    for j in range(kl):
-                        if not blk.causal or j <= i:
-                            got.append((index[rank][qs + i], index[src][ks + j]))
+    got = ring_pairs(layout, cu_p, cp)
     assert len(got) == len(set(got)), "a pair is computed twice"
     assert set(got) == want
     doc_block = layout.document_block()
