@@ -9,7 +9,8 @@ triton, no Transformer Engine and no flash-attn, in <= 8 minutes.
    for bf16, the tiled kernel for fp32): output and q/k/v gradients against the dense fp32
    reference (``attention/reference.py``) on a packed mix, max error relative to the reference's
    max: bf16 <= 1e-2, fp32 <= 1e-5. Then forward+backward time and peak memory at 16K and 64K
-   tokens, one document and a ProLong-like mix (one long document + short ones).
+   tokens, one document and a ProLong-like mix (one long document + short ones), each with its
+   ratio to torch SDPA (is_causal, one call per document) measured in the same run.
 2. Trainer: a Llama-3.2-1B-shaped model (local spec, the project's document-masked attention),
    megatron DDP + distributed optimizer, bf16, full recompute, on packed sequences of 8K and 64K
    through ``training.batch.to_model_batch`` + ``training.step.forward_backward`` + the optimizer
@@ -135,6 +136,31 @@ def attention_correctness(dev, dtype, tokens, heads, seed=0) -> dict:
     }
 
 
+def _timed(fn, dev, repeats: int) -> tuple[float, float]:
+    """(best fwd+bwd seconds after one warm-up, peak memory GiB) of ``fn``."""
+    times = []
+    _reset_peak(dev)
+    for _ in range(repeats + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]), _peak_gib(dev)
+
+
+def _sdpa_per_document(q, k, v, docs: list[int]) -> None:
+    """The baseline: torch SDPA (is_causal, GQA) once per document, forward + backward."""
+    total, start = 0, 0
+    for n in docs:
+        qd, kd, vd = (x[start : start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, is_causal=True, enable_gqa=True
+        )
+        total, start = total + out.sum(), start + n
+    total.backward()
+
+
 def attention_timing(dev, dtype, tokens, heads, one_doc, repeats=3) -> dict:
     from megatron_longctx.model.attention.kernels import block_attention, resolve_kernel
 
@@ -145,22 +171,21 @@ def attention_timing(dev, dtype, tokens, heads, one_doc, repeats=3) -> dict:
     q = torch.randn(tokens, hq, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(tokens, hk, d, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(tokens, hk, d, device=dev, dtype=dtype, requires_grad=True)
-    times = []
-    _reset_peak(dev)
-    for _ in range(repeats + 1):
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = block_attention(q, k, v, block, d**-0.5, kernel)
-        out.sum().backward()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
+    ours, ours_peak = _timed(
+        lambda: block_attention(q, k, v, block, d**-0.5, kernel).sum().backward(), dev, repeats
+    )
+    sdpa, sdpa_peak = _timed(lambda: _sdpa_per_document(q, k, v, docs), dev, repeats)
     return {
         "dtype": str(dtype).replace("torch.", ""),
         "kernel": kernel.name,
         "tokens": tokens,
         "layout": "one document" if one_doc else f"mix of {len(docs)} documents",
-        "fwd_bwd_ms": 1e3 * min(times[1:]),
-        "peak_memory_gib": _peak_gib(dev),
+        "fwd_bwd_ms": 1e3 * ours,
+        "peak_memory_gib": ours_peak,
+        "sdpa_fwd_bwd_ms": 1e3 * sdpa,
+        "sdpa_peak_memory_gib": sdpa_peak,
+        "time_vs_sdpa": ours / sdpa,
+        "memory_vs_sdpa": ours_peak / sdpa_peak,
     }
 
 
