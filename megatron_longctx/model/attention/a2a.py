@@ -110,11 +110,7 @@ def a2a_attention(
     """
     cp = dist.get_world_size(group) if group is not None else 1
     check_a2a_heads(q.shape[1], k.shape[1], cp)
-    if layout.cp_size != cp or q.shape[0] != layout.local_tokens:
-        raise ValueError(
-            f"the layout is for CP {layout.cp_size} with {layout.local_tokens} tokens per rank, "
-            f"but the CP group has {cp} ranks and this rank holds {q.shape[0]} tokens"
-        )
+    layout.check_local(q.shape[0], cp)
     kernel = kernel or resolve_kernel("auto", q.device, q.dtype)
     block = layout.document_block()
     if cp == 1:
@@ -122,17 +118,19 @@ def a2a_attention(
     rep = kv_replication(k.shape[1], cp)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    order = _order(layout, q.device)
+    order, inverse = _order(layout, q.device)
     q_h, k_h, v_h = (_SeqToHead.apply(x, group).index_select(0, order) for x in (q, k, v))
     out_d = block_attention(q_h, k_h, v_h, block, scale, kernel)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     return _HeadToSeq.apply(out_d.index_select(0, inverse), group)
 
 
-def _order(layout: CPLayout, device) -> torch.Tensor:
+def _order(layout: CPLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gathered -> document order, its inverse), built once per layout and device."""
     cache = layout._blocks
     key = ("order", str(device))
     if key not in cache:
-        cache[key] = torch.from_numpy(layout.gathered_order().astype(np.int64)).to(device)
+        order = torch.from_numpy(layout.gathered_order().astype(np.int64)).to(device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+        cache[key] = (order, inverse)
     return cache[key]

@@ -27,6 +27,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from megatron_longctx.parallel.cp_split import _as_list  # boundaries as a list of ints
+
 
 @dataclass(eq=False)
 class VarlenBlock:
@@ -138,8 +140,8 @@ class CPLayout:
     """
 
     def __init__(self, cu_padded, cu_real, cp_size: int, docs=None):
-        cu_p = np.asarray(_as_ints(cu_padded), dtype=np.int64)
-        cu_r = np.asarray(_as_ints(cu_real), dtype=np.int64)
+        cu_p = np.asarray(_as_list(cu_padded), dtype=np.int64)
+        cu_r = np.asarray(_as_list(cu_real), dtype=np.int64)
         padded, real = np.diff(cu_p), np.diff(cu_r)
         if padded.size != real.size or (padded % (2 * cp_size)).any() or (real > padded).any():
             raise ValueError(
@@ -155,7 +157,7 @@ class CPLayout:
         if docs is None:
             starts, ends = cu_p[:-1], cu_p[:-1] + real
         else:
-            starts, ends = (np.asarray(_as_ints(x), dtype=np.int64) for x in docs)
+            starts, ends = (np.asarray(_as_list(x), dtype=np.int64) for x in docs)
         keep = ends > starts
         self.doc_start, self.doc_end = starts[keep], ends[keep]
         self.doc_unit = np.searchsorted(cu_p, self.doc_start, side="right") - 1
@@ -175,6 +177,14 @@ class CPLayout:
                 "document intervals must be sorted, disjoint, each inside one unit of cu_padded, "
                 f"and add up to each unit's real length: units {np.diff(cu).tolist()[:8]}..., "
                 f"real {self.real.tolist()[:8]}..., documents {s.tolist()[:8]}..{e.tolist()[:8]}"
+            )
+
+    def check_local(self, num_tokens: int, cp_size: int) -> None:
+        """Refuses local tensors that do not belong to this layout (another CP size or batch)."""
+        if self.cp_size != cp_size or num_tokens != self.local_tokens:
+            raise ValueError(
+                f"the layout is for CP {self.cp_size} with {self.local_tokens} tokens per rank, "
+                f"but the CP group has {cp_size} ranks and this rank holds {num_tokens} tokens"
             )
 
     def rank_parts(self, rank: int) -> tuple[np.ndarray, ...]:
@@ -247,9 +257,3 @@ class CPLayout:
             length = self.doc_end - self.doc_start
             self._blocks[(-1, -1)] = VarlenBlock(start, length, start, length, True, total, total)
         return self._blocks[(-1, -1)]
-
-
-def _as_ints(cu) -> list[int]:
-    if isinstance(cu, torch.Tensor):
-        return cu.tolist()
-    return [int(x) for x in cu]

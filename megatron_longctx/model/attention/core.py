@@ -85,11 +85,7 @@ class _CPCoreAttention(MegatronModule):
         pass
 
     def _kernel(self, q: torch.Tensor):
-        key = (q.device, q.dtype)
-        cache = self.__dict__.setdefault("_kernels", {})
-        if key not in cache:
-            cache[key] = resolve_kernel(self.kernel_name, q.device, q.dtype)
-        return cache[key]
+        return resolve_kernel(self.kernel_name, q.device, q.dtype)  # cached per device and dtype
 
     def _layout(self, packed_seq_params) -> CPLayout:
         """The batch's CPLayout, built once per micro-batch and shared by every layer."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_longctx.model.attention.kernels import BlockKernel
+from megatron_longctx.model.attention.kernels import BlockKernel, stat_dtype
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -71,17 +71,13 @@ def _groups(block) -> list[_Group]:
     return cached
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class CPUFlashKernel(BlockKernel):
     """torch's CPU flash kernel per group of equal-shape segments (see the module docstring)."""
 
     name = "cpu_flash"
 
     def forward(self, q, k, v, block, scale: float):
-        acc = _stat_dtype(q)
+        acc = stat_dtype(q)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
         for grp in _groups(block):
@@ -98,7 +94,7 @@ class CPUFlashKernel(BlockKernel):
         return out, lse
 
     def backward(self, q, k, v, dout, out, lse, block, scale: float):
-        acc = _stat_dtype(q)
+        acc = stat_dtype(q)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_longctx.model.attention.kernels import BlockKernel
+from megatron_longctx.model.attention.kernels import BlockKernel, merge, stat_dtype
 
 TILE = 1024
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _tiles(block):
@@ -52,7 +48,7 @@ class TiledKernel(BlockKernel):
     name = "tiled"
 
     def forward(self, q, k, v, block, scale: float):
-        acc = _acc(q)
+        acc = stat_dtype(q)
         hk = k.shape[1]
         qg = q.reshape(q.shape[0], hk, -1, q.shape[2])
         g = qg.shape[2]
@@ -66,17 +62,11 @@ class TiledKernel(BlockKernel):
                 torch.exp(s - tile_lse.permute(1, 2, 0)[..., None]),
                 v[ksl].to(acc),
             )
-            old = lse[qsl]
-            new = torch.logaddexp(old, tile_lse)
-            out[qsl] = (
-                out[qsl] * torch.exp(old - new)[..., None]
-                + tile_out * torch.exp(tile_lse - new)[..., None]
-            )
-            lse[qsl] = new
+            out[qsl], lse[qsl] = merge(out[qsl], lse[qsl], tile_out, tile_lse)
         return out.reshape(q.shape), lse.reshape(q.shape[:2])
 
     def backward(self, q, k, v, dout, out, lse, block, scale: float):
-        acc = _acc(q)
+        acc = stat_dtype(q)
         hk, d = k.shape[1], q.shape[2]
         shape = (q.shape[0], hk, -1, d)
         qg, dog = q.reshape(shape), dout.to(acc).reshape(shape)

@@ -22,6 +22,7 @@ Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``, lse ``[t, hq]``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -41,10 +42,16 @@ class BlockKernel:
         raise NotImplementedError
 
 
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of softmax statistics and accumulators for inputs like ``x`` (fp64 stays fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _cuda_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> BlockKernel:
     """The kernel for ``name`` on this device and dtype; ``auto`` picks the scalable one.
 

@@ -146,10 +146,6 @@ def ring_attention(
             f"query heads {q.shape[1]} are not divisible by key/value heads {k.shape[1]}"
         )
     size = dist.get_world_size(group) if group is not None else 1
-    if layout.cp_size != size or q.shape[0] != layout.local_tokens:
-        raise ValueError(
-            f"the layout is for CP {layout.cp_size} with {layout.local_tokens} tokens per rank, "
-            f"but the CP group has {size} ranks and this rank holds {q.shape[0]} tokens"
-        )
+    layout.check_local(q.shape[0], size)
     kernel = kernel or resolve_kernel("auto", q.device, q.dtype)
     return RingAttention.apply(q, k, v, layout, scale, group, kernel)
