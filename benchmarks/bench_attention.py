@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from tests.attention_cases import padded_cu  # noqa: E402
+
 HQ, HK, D = 8, 2, 64
 
 
@@ -43,14 +45,6 @@ def _inputs(n: int, seed: int = 0):
     return q, k, v, torch.randn(n, HQ, D, generator=g)
 
 
-def _padded(lengths: list[int], cp: int) -> tuple[list[int], list[int]]:
-    cu_p, cu_r = [0], [0]
-    for n in lengths:
-        cu_p.append(cu_p[-1] + n + (-n) % (2 * cp))
-        cu_r.append(cu_r[-1] + n)
-    return cu_p, cu_r
-
-
 def _run_case(kind: str, lengths: list[int]) -> dict:
     """Runs one case in this process; returns seconds (fwd + bwd) and peak RSS in GiB."""
     import resource
@@ -62,7 +56,7 @@ def _run_case(kind: str, lengths: list[int]) -> dict:
     from megatron_longctx.model.attention.ring import ring_attention
 
     torch.set_num_threads(1)
-    cu_p, cu_r = _padded(lengths, 1)
+    cu_p, cu_r = padded_cu(lengths, 1)
     q, k, v, grad = _inputs(cu_p[-1])
     start = time.perf_counter()
     if kind == "ours":
@@ -109,7 +103,7 @@ def _ring_worker(rank, world, lengths):
     from megatron_longctx.model.attention.ring import ring_attention
     from megatron_longctx.parallel.cp_split import rank_token_index
 
-    cu_p, cu_r = _padded(lengths, world)
+    cu_p, cu_r = padded_cu(lengths, world)
     idx = rank_token_index(cu_p, world, rank)
     q, k, v, grad = (x.detach()[idx].requires_grad_() for x in _inputs(cu_p[-1]))
     dist.barrier()
