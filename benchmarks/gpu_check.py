@@ -213,7 +213,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
     from megatron_longctx.perf.hardware import HARDWARE
     from megatron_longctx.perf.planner import PlanRequest, evaluate
     from megatron_longctx.runtime.distributed import initialize_model_parallel
-    from megatron_longctx.training.batch import to_model_batch
+    from megatron_longctx.training.batch import BatchSharding
     from megatron_longctx.training.setup import (
         OptimizerSettings,
         build_optimizer,
@@ -242,7 +242,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
     )
     times, losses = [], []
     for step in range(steps + 1):
-        batch = [to_model_batch(_micro(seq, model_cfg.vocab_size, step), device=dev)]
+        batch = [BatchSharding(device=dev)(_micro(seq, model_cfg.vocab_size, step))]
         _sync(dev)
         t0 = time.perf_counter()
         result = forward_backward(

@@ -16,20 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from megatron_longctx.config.loading import (
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_yaml,
-    to_dict,
-)
+from megatron_longctx.config.loading import ConfigError, to_dict
 from megatron_longctx.config.schema import ExperimentConfig
 from megatron_longctx.parallel.layout import LayoutError
-
-
-def load_config(path: str, overrides: list[str]) -> ExperimentConfig:
-    raw = apply_overrides(load_yaml(path), overrides)
-    return from_dict(ExperimentConfig, raw)
 
 
 def dry_run(cfg: ExperimentConfig, world_size: int, config_dir: Path | None = None) -> str:
@@ -69,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=2e-5")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = ExperimentConfig.load(args.config, args.overrides)
         world = args.world_size or int(
             os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1
         )
@@ -82,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_longctx.checkpoint.dist import CheckpointError
     from megatron_longctx.data.mixture import MixtureError
+    from megatron_longctx.eval.stage_end import StageEndEvaluation
     from megatron_longctx.training.loop import train
 
-    try:
-        return train(cfg, to_dict(cfg), config_dir=Path(args.config).resolve().parent)
+    config_dir = Path(args.config).resolve().parent
+    try:  # the stage-end evaluation is this entry point's callback: training/ never imports eval/
+        return train(cfg, to_dict(cfg), config_dir=config_dir, callbacks=[StageEndEvaluation()])
     except (CheckpointError, MixtureError, LayoutError, ConfigError) as err:
         # Bad input found before (or instead of) a step: one clear line, no traceback; nothing
         # already written is touched.

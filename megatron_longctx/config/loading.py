@@ -3,7 +3,9 @@
 ``from_dict(cls, raw)`` builds a dataclass (recursively through nested dataclasses, lists of
 dataclasses and ``X | None``), rejecting unknown keys with the full dotted path and the allowed
 names. ``apply_overrides(raw, ["stages.1.lr=5e-6", ...])`` edits the raw dict before building, so a
-mistyped override fails the same way a mistyped recipe key does. ``${ENV}`` in strings is expanded.
+mistyped override fails the same way a mistyped recipe key does. ``expand_env`` expands ``${ENV}``
+in every string once, when a recipe is loaded (``ExperimentConfig.load``); code downstream reads
+plain values.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def from_dict(cls, raw: dict, path: str = ""):
     """Builds dataclass ``cls`` from ``raw``; unknown keys raise ConfigError."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    refused = getattr(cls, "NOT_IN_RECIPE", {})  # fields set by the code, not by a recipe
+    for key in sorted(set(raw) & set(refused)):
+        raise ConfigError(f"{path + '.' if path else ''}{key} is not a config key: {refused[key]}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
@@ -161,7 +166,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def to_dict(obj) -> Any:
     """Dataclass tree -> plain dict (for printing, wandb and checkpoints)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        refused = getattr(obj, "NOT_IN_RECIPE", {})
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.name not in refused
+        }
     if isinstance(obj, list):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

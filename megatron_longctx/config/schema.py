@@ -6,9 +6,17 @@ prints the resolved tree. Paths may use ``${ENV_VAR}`` (``${VAR:-default}``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
 
-from megatron_longctx.config.loading import ConfigError, from_dict
+from megatron_longctx.config.loading import (
+    ConfigError,
+    apply_overrides,
+    expand_env,
+    from_dict,
+    load_yaml,
+)
 from megatron_longctx.model.config import ModelConfig, get_preset
 from megatron_longctx.model.rope import validate_rope_scaling
 from megatron_longctx.parallel.layout import ParallelLayout
@@ -151,12 +159,24 @@ class StageConfig:
 
 
 @dataclass
-class OptimizerSection:
-    """AdamW settings shared by all stages (ProLong's defaults); the LR is per stage.
+class OptimizerSettings:
+    """AdamW with ProLong's defaults: the recipe's ``optimizer:`` section, and what
+    ``training/setup.py`` builds megatron's optimizer and LR schedule from (the one type).
 
-    ``use_distributed_optimizer`` shards Adam state over DP (megatron's DistributedOptimizer; GPU
-    recipes; its checkpoints fail on megatron's CPU torch-AdamW fallback, so CPU runs refuse it).
+    Attributes:
+        weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW hyper-parameters.
+        clip_grad: global gradient-norm clip (0 disables).
+        use_distributed_optimizer: shard Adam state over DP (megatron's DistributedOptimizer;
+            GPU recipes; its checkpoints fail on megatron's CPU torch-AdamW fallback, so CPU runs
+            refuse it).
+        lr / min_lr: peak LR and the schedule's floor. Per stage, so not recipe keys:
+            ``for_stage`` fills them from ``stages.N.lr`` and ``min_lr_ratio``.
     """
+
+    NOT_IN_RECIPE: ClassVar[dict[str, str]] = {
+        "lr": "the learning rate is per stage: set stages.N.lr",
+        "min_lr": "the LR floor is per stage: set stages.N.min_lr_ratio",
+    }
 
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -164,6 +184,12 @@ class OptimizerSection:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+
+    def for_stage(self, stage: StageConfig) -> OptimizerSettings:
+        """These settings with ``stage``'s peak LR and floor."""
+        return replace(self, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio)
 
 
 @dataclass
@@ -237,10 +263,11 @@ class TrainingSection:
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"training.nan_policy must be one of {NAN_POLICIES}")
-        kernels = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")  # attention.KERNELS
-        if self.attention_kernel not in kernels:
+        from megatron_longctx.model.attention.kernels import KERNELS  # the one kernel registry
+
+        if self.attention_kernel not in KERNELS:
             raise ConfigError(
-                f"training.attention_kernel must be one of {kernels}, got {self.attention_kernel!r}"
+                f"training.attention_kernel must be one of {KERNELS}, got {self.attention_kernel!r}"
             )
         if self.dist_timeout_minutes <= 0:
             raise ConfigError(
@@ -256,7 +283,7 @@ class ExperimentConfig:
     stages: list[StageConfig]
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     seed: int = 1234
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -271,6 +298,11 @@ class ExperimentConfig:
         self.model_config()  # validates the model section early
         for stage in self.stages:  # and each stage's model (RoPE, trained length)
             self.model_config(stage)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+        """A recipe YAML + dotted overrides; ``${VAR}`` / ``${VAR:-default}`` expanded here, once."""
+        return from_dict(cls, expand_env(apply_overrides(load_yaml(path), list(overrides))))
 
     def model_config(self, stage: StageConfig | None = None) -> ModelConfig:
         """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""

@@ -5,8 +5,9 @@
     DotProductAttention). The CPU path, and the numerical reference.
   * "te": Transformer Engine fused layers (GPU only; import-guarded; untested on GPU in this project).
   * "auto": "te" when CUDA and Transformer Engine are both available, else "local".
-The context-parallel core attention (ring / all-to-all) plugs in here when it lands, by replacing
-``submodules.self_attention.submodules.core_attention`` of the chosen spec.
+The core attention (``core_attention_name``: local | ring | a2a | te, with a block kernel from
+``model.attention.KERNELS``) replaces ``submodules.self_attention.submodules.core_attention`` of the
+chosen spec; a new attention or kernel is added to ``model/attention/``'s registries only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ def resolve_backend(backend: str = "auto") -> str:
             "machine, or use backend 'local'"
         )
     return backend
+
+
+def core_attention_name(requested: str, backend: str, cp_size: int) -> str:
+    """The core attention a stage runs. ``requested`` other than "auto" is kept; "auto" is
+    Transformer Engine's own THD/CP attention ("te", with ``pad_between_seqs``,
+    model/attention/gpu.py) when the TE backend is in use (GPU, untested here), else the
+    project's document-masked attention: "local" for CP 1, "ring" for CP > 1."""
+    if requested != "auto":
+        return requested
+    if resolve_backend(backend) == "te":
+        return "te"
+    return "local" if cp_size == 1 else "ring"
+
+
+def core_attention_spec(requested: str, backend: str, cp_size: int, kernel: str = "auto") -> type:
+    """The core-attention class (``core_attention_name``) with block kernel ``kernel``."""
+    from megatron_longctx.model.attention import core_attention_class
+
+    return core_attention_class(core_attention_name(requested, backend, cp_size), kernel)
 
 
 def layer_spec(

@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 _NOTED_FALLBACKS = False
 
 
+def log0(msg: str) -> None:
+    """Prints on global rank 0 only (the trainer's user-facing lines)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
 def note_fallback_kernels(rank: int) -> None:
     """One line, once per process, on rank 0: which fused-kernel libraries megatron lacks (their
     per-module warnings are silenced in ``megatron_longctx/__init__.py``)."""

@@ -18,6 +18,9 @@ document masking this equals ProLong's un-reset positions because RoPE is relati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from megatron_longctx.parallel.cp_split import (
@@ -28,6 +31,32 @@ from megatron_longctx.parallel.cp_split import (
 from megatron_longctx.parallel.layout import token_multiple
 
 
+@dataclass(frozen=True)
+class BatchSharding:
+    """This rank's place in the batch path, fixed for a stage: ``shard(micro)`` is its model
+    inputs on the training device.
+
+    Attributes:
+        cp_size / cp_rank / cp_group: this rank's place in the CP group.
+        sharding: parallel/units.py's CP sharding.
+        sp_size: the TP size when sequence parallelism is on, else 1.
+        device: the training device (None: tensors stay on the host).
+    """
+
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: Any = None
+    sharding: str = "document"
+    sp_size: int = 1
+    device: torch.device | str | None = None
+
+    def __call__(self, micro: dict) -> dict:
+        batch = to_model_batch(
+            micro, self.cp_size, self.cp_rank, self.cp_group, self.sharding, sp_size=self.sp_size
+        )
+        return batch if self.device is None else batch_to_device(batch, self.device)
+
+
 def to_model_batch(
     micro: dict,
     cp_size: int = 1,
@@ -35,30 +64,26 @@ def to_model_batch(
     cp_group=None,
     sharding: str = "document",
     *,
-    device: torch.device | str | None = None,
-    tp_size: int = 1,
-    sequence_parallel: bool = False,
+    sp_size: int = 1,
 ) -> dict:
-    """This CP rank's model inputs for one loader micro-batch (see module docstring).
+    """This CP rank's model inputs for one loader micro-batch, on the host (see module docstring).
 
     Args:
         micro: the loader's micro-batch (CPU tensors).
         cp_size / cp_rank / cp_group: this rank's place in the CP group.
         sharding: parallel/units.py's CP sharding (``"document"``: one unit per document).
-        device: where the model runs; every tensor the model or the loss reads (tokens, labels,
-            loss mask, positions, every ``cu_seqlens``) is copied there. None: left where it is.
-        tp_size / sequence_parallel: with sequence parallelism the sequence is padded (a
-            padding-only document at the end) to a multiple of 2 x CP x TP.
+        sp_size: the TP size under sequence parallelism (1 without it): the sequence is padded
+            (a padding-only document at the end) to a multiple of 2 x CP x ``sp_size``.
     """
     flat = {k: micro[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     flat["cu_seqlens"] = micro["cu_seqlens"].to(torch.int32)
-    multiple = token_multiple(cp_size, tp_size, sequence_parallel)
+    multiple = token_multiple(cp_size, sp_size, sequence_parallel=True)
     padded = pad_documents_for_cp(flat, cp_size, sharding=sharding)
     if padded["tokens"].shape[1] % multiple:
         pad_to = -(-padded["tokens"].shape[1] // multiple) * multiple
         padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, sharding=sharding)
     local = cp_split(padded, cp_size, cp_rank)
-    batch = {
+    return {
         "tokens": local["tokens"],
         "labels": local["labels"],
         "loss_mask": local["loss_mask"].float(),
@@ -67,7 +92,6 @@ def to_model_batch(
         "num_padding": int(padded["tokens"].shape[1] - flat["tokens"].shape[1]),
         "doc_lengths": flat["cu_seqlens"].diff(),
     }
-    return batch if device is None else batch_to_device(batch, device)
 
 
 def _thd(psp):

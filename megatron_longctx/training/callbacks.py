@@ -1,300 +1,135 @@
-"""Small callbacks around the loop: signals and the job's wall-clock deadline, logging (stdout,
-metrics.jsonl, wandb, PNG), faults.
+"""The loop's callbacks (OLMo-core's Trainer + callbacks): checkpoint cadence, metrics, faults and
+preemption live here, not in the loop. The entry point adds its own (the stage-end evaluation,
+eval/stage_end.py) between checkpointing and preemption.
 
-Exit codes a launcher can act on (launch/common.sh requeues on EXIT_PREEMPTED only):
-  0  finished;  EXIT_PREEMPTED (75) checkpoint saved after SIGTERM/SIGUSR1 or before the job's
-  time limit (WallClockDeadline), requeue me;
-  EXIT_NONFINITE (3) NaN/inf loss or grad norm, nothing checkpointed after it; 2 config error.
+A callback sees the stage (training/state.py's ``StageRun``) and the step's ``StepResult``;
+``after_step`` returns an exit code to end the run with (signals.EXIT_*), or None to go on.
+Exit codes and what stops a run (signals, the wall-clock deadline, faults): training/signals.py.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import signal
-import time
-import uuid
-from pathlib import Path
+from megatron_longctx.checkpoint.dist import save_checkpoint
+from megatron_longctx.runtime.distributed import log0
+from megatron_longctx.training.metrics import MetricsLogger, memory_gib, step_record
+from megatron_longctx.training.signals import (
+    EXIT_CONFIG,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    FaultInjector,
+    SignalWatcher,
+    WallClockDeadline,
+)
 
-import torch
-import torch.distributed as dist
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_NONFINITE",
+    "EXIT_PREEMPTED",
+    "Callback",
+    "Checkpointing",
+    "FaultInjector",
+    "Faults",
+    "Metrics",
+    "MetricsLogger",
+    "Preemption",
+    "SignalWatcher",
+    "WallClockDeadline",
+    "memory_gib",
+]
 
-logger = logging.getLogger("megatron_longctx.train")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
-EXIT_NONFINITE = 3
-EXIT_CONFIG = 2
+class Callback:
+    """Hooks the stage loop calls; every method is optional."""
 
-DEFAULT_EXIT_MARGIN_S = 900.0  # launch/common.sh: LONGCTX_EXIT_MARGIN_S
+    def stage_start(self, run) -> None:
+        """After the stage is built and restored, before its first step."""
+
+    def before_step(self, run) -> None:
+        """Before the step's micro-batches are read."""
+
+    def after_step(self, run, result) -> int | None:
+        """After the optimizer and scheduler stepped (``run.step`` / ``run.iteration`` count it)."""
+        return None
+
+    def close(self) -> None:
+        """Once, when the run ends (finished, preempted or halted)."""
 
 
-class WallClockDeadline:
-    """Stop (checkpoint, exit EXIT_PREEMPTED) before the job's time limit, on the trainer's clock.
+class Metrics(Callback):
+    """One metrics record per step (balance figures + step_record), the PNG at the end."""
 
-    SLURM's own warning (``--signal=B:USR1@600``) and the SIGTERM at the limit (then SIGKILL after
-    KillWait, 30 s by default) leave at most one step's time to a trainer that checks between
-    steps; a 512K step is about a minute. ``due()`` (called once per step, after it) is True once
-    the next step would end within ``margin_s`` of ``end_time``, with the next step's length taken
-    as the longest of the last few intervals between calls (a step, plus any save in it). The first
-    call has no interval yet: it compares the time itself.
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
 
-    Args:
-        end_time: the job's end time, seconds since the epoch (None: no deadline, ``due()`` is
-            always False).
-        margin_s: how long before ``end_time`` the checkpoint must have started.
-        clock: time source (tests).
-    """
+    def stage_start(self, run) -> None:
+        self.logger.reset_timer()
 
-    def __init__(
-        self,
-        end_time: float | None,
-        margin_s: float = DEFAULT_EXIT_MARGIN_S,
-        clock=time.time,
-        window: int = 8,
-    ):
-        self.end_time, self.margin_s, self.clock = end_time, float(margin_s), clock
-        self._last: float | None = None
-        self._intervals: list[float] = []
-        self._window = window
+    def after_step(self, run, result) -> None:
+        # max/mean work across CP and DP ranks and the padding share, then loss, LR, MFU, ...
+        self.logger.log(run.loader.step_balance() | step_record(run, result))
 
-    @classmethod
-    def from_env(cls, environ=None) -> WallClockDeadline:
-        """``LONGCTX_JOB_END_TIME`` (set by launch/common.sh from squeue) or SLURM's own
-        ``SLURM_JOB_END_TIME`` (newer SLURM), and ``LONGCTX_EXIT_MARGIN_S``; no end time: off."""
-        env = os.environ if environ is None else environ
-        raw = env.get("LONGCTX_JOB_END_TIME") or env.get("SLURM_JOB_END_TIME") or ""
-        try:
-            end = float(raw) if raw else None
-        except ValueError:
-            logger.warning("ignoring job end time %r (not seconds since the epoch)", raw)
-            end = None
-        margin = float(env.get("LONGCTX_EXIT_MARGIN_S") or DEFAULT_EXIT_MARGIN_S)
-        return cls(end if end and end > 0 else None, margin)
+    def close(self) -> None:
+        self.logger.plot()
+        self.logger.finish()
 
-    @property
-    def step_estimate_s(self) -> float:
-        return max(self._intervals, default=0.0)
 
-    def due(self) -> bool:
-        now = self.clock()
-        if self._last is not None:
-            self._intervals = (self._intervals + [now - self._last])[-self._window :]
-        self._last = now
-        if self.end_time is None:
-            return False
-        return now + self.step_estimate_s >= self.end_time - self.margin_s
+class Faults(Callback):
+    """The test hook (signals.FaultInjector: LONGCTX_FAULT); a no-op in normal runs."""
 
-    def describe(self) -> str:
-        end = time.strftime("%H:%M:%S", time.localtime(self.end_time or 0))
-        return (
-            f"wall-clock exit: the job ends at {end}, next step ~{self.step_estimate_s:.0f} s, "
-            f"exit margin {self.margin_s:.0f} s"
+    def __init__(self, injector: FaultInjector):
+        self.injector = injector
+
+    def before_step(self, run) -> None:
+        self.injector.before_step(run.iteration + 1, run.chunks)
+
+    def after_step(self, run, result) -> None:
+        self.injector.after_step(run.iteration)
+
+
+class Checkpointing(Callback):
+    """Saves every ``stages.N.checkpoint_interval`` (else ``checkpoint.interval``) steps and,
+    protected from retention, at every stage's last step."""
+
+    def __init__(self, cfg, resolved: dict, faults: FaultInjector):
+        self.section, self.resolved, self.faults = cfg.checkpoint, resolved, faults
+        self.saved_at: int | None = None  # the iteration of this run's newest save
+
+    def save(self, run, protected: bool = False) -> None:
+        save_checkpoint(
+            self.section.save_dir,
+            run.iteration,
+            run.chunks,
+            run.optimizer,
+            run.scheduler,
+            state=run.checkpoint_state(self.resolved),
+            keep_last=self.section.keep_last,
+            protected=protected,
+            before_marker=self.faults.in_save,
         )
+        self.saved_at = run.iteration
+
+    def after_step(self, run, result) -> None:
+        every = max(1, run.stage.checkpoint_interval or self.section.interval)
+        if run.step == run.total:
+            self.save(run, protected=True)
+        elif run.step % every == 0:
+            self.save(run)
 
 
-class SignalWatcher:
-    """Records SIGTERM / SIGUSR1 on this rank; ``agreed()`` is a collective OR over all ranks.
+class Preemption(Callback):
+    """SIGTERM / SIGUSR1 on any rank, or the job's wall-clock deadline (a collective check every
+    step): checkpoint unless this step already did, then exit EXIT_PREEMPTED (requeue me)."""
 
-    SLURM signals every process of a job on preemption, including the helper process megatron's
-    checkpoint writer starts (a multiprocessing manager); killed mid-save, it breaks the save we
-    are about to make. So the helper is started here, once, with those signals ignored (an
-    ignored disposition survives the helper's exec), before our handlers are installed.
+    def __init__(self, signals: SignalWatcher, checkpointing: Checkpointing):
+        self.signals, self.checkpointing = signals, checkpointing
 
-
-    ``deadline`` (a WallClockDeadline) is consulted in the same collective: ``agreed()`` is also
-    True when any rank finds the deadline due; ``reason`` then says which of the two it was.
-    """
-
-    def __init__(
-        self,
-        signals=(signal.SIGTERM, signal.SIGUSR1),
-        deadline: WallClockDeadline | None = None,
-        device: torch.device | str = "cpu",
-    ):
-        self.received: int | None = None
-        self.device = torch.device(device)  # the training device: NCCL reduces CUDA tensors only
-        self.deadline = deadline
-        self.reason = ""
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-        try:
-            from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-            filesystem_async._get_write_results_queue()
-        except (ImportError, AttributeError):  # another megatron version: nothing to pre-start
-            pass
-        finally:
-            for sig in previous:
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def agreed(self) -> bool:
-        due = self.deadline is not None and self.deadline.due()
-        flag = torch.tensor([self.received is not None, due], dtype=torch.int32, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        got_signal, deadline_due = (bool(v) for v in flag.tolist())
-        if got_signal:
-            name = signal.Signals(self.received).name if self.received else "a signal"
-            self.reason = f"signal received ({name} on this rank or another)"
-        elif deadline_due:
-            self.reason = self.deadline.describe()
-        return got_signal or deadline_due
-
-
-class FaultInjector:
-    """Test hook: ``LONGCTX_FAULT=kill_after_step:N`` / ``kill_in_save:N`` / ``nan_at_step:N`` /
-    ``term_after_step:N`` makes global rank 0 really SIGKILL / SIGTERM itself, or poisons a weight
-    with NaN, at iteration N; ``slow_steps:S`` makes every step S seconds longer on every rank (a
-    slow step, for the wall-clock deadline). Unset in normal runs (then every method is a no-op)."""
-
-    def __init__(self, spec: str | None = None):
-        spec = spec if spec is not None else os.environ.get("LONGCTX_FAULT", "")
-        self.kind, self.at = (spec.split(":") + [""])[:2] if spec else ("", "")
-        self.at = int(self.at) if self.at else -1
-        self.rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
-
-    def after_step(self, iteration: int) -> None:
-        if self.rank0 and iteration == self.at and self.kind == "kill_after_step":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.rank0 and iteration == self.at and self.kind == "term_after_step":
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def in_save(self, iteration: int) -> None:
-        if self.rank0 and iteration == self.at and self.kind == "kill_in_save":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def before_step(self, iteration: int, model_chunks: list) -> None:
-        if self.kind == "slow_steps":
-            time.sleep(self.at)
-        if iteration == self.at and self.kind == "nan_at_step":
-            with torch.no_grad():
-                next(model_chunks[0].parameters()).fill_(float("nan"))
-
-
-def memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
-class MetricsLogger:
-    """Rank-0 log line per interval, metrics.jsonl per step, wandb (offline unless configured)."""
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        interval: int,
-        config: dict,
-        *,
-        wandb_project: str,
-        wandb_mode: str,
-        resume_iteration: int,
-    ):
-        self.rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
-        self.run_dir = Path(run_dir)
-        self.interval = max(1, interval)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.wandb = None
-        self._t = time.perf_counter()
-        if not self.rank0:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate(resume_iteration)
-        self.wandb = self._init_wandb(config, wandb_project, wandb_mode)
-
-    def _truncate(self, iteration: int) -> None:
-        """Drops records past the resumed iteration (they will be recomputed identically)."""
-        if not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
-
-    def _init_wandb(self, config: dict, project: str, mode: str):
-        if mode == "disabled":
+    def after_step(self, run, result) -> int | None:
+        if not self.signals.agreed():
             return None
-        os.environ.setdefault("WANDB_SILENT", "true")
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        try:
-            import wandb
-        except ImportError:
-            logger.warning("wandb is not installed; logging to metrics.jsonl only")
-            return None
-        id_file = self.run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
-        return wandb.init(
-            project=project,
-            name=config.get("name"),
-            id=run_id,
-            resume="allow",
-            mode=mode,
-            dir=str(self.run_dir),
-            config=config,
+        if self.checkpointing.saved_at != run.iteration:
+            self.checkpointing.save(run)
+        log0(
+            f"{self.signals.reason}: checkpoint at iteration {run.iteration} saved; exiting with "
+            f"{EXIT_PREEMPTED} so the launcher requeues the job"
         )
-
-    def reset_timer(self) -> None:
-        self._t = time.perf_counter()
-
-    def log(self, record: dict) -> None:
-        now = time.perf_counter()
-        record["step_time_s"] = now - self._t
-        self._t = now
-        if not self.rank0:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(
-                {k: v for k, v in record.items() if isinstance(v, (int, float))},
-                step=record["iteration"],
-            )
-        if record["stage_step"] % self.interval == 0 or record.get("skipped"):
-            print(
-                f"[{record['stage']}] step {record['stage_step']:>4}/{record['stage_steps']} "
-                f"iter {record['iteration']:>4} | loss {record['loss']:.4f} | "
-                f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f} | "
-                f"tok/s {record['tokens_per_s']:.0f} | MFU {100 * record['mfu']:.2f}% | "
-                f"mem {record['memory_gib']:.2f} GiB"
-                + (" | SKIPPED" if record.get("skipped") else ""),
-                flush=True,
-            )
-
-    def plot(self) -> Path | None:
-        """Writes loss_curve.png from metrics.jsonl (rank 0)."""
-        if not self.rank0 or not self.path.exists():
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        recs = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-        if not recs:
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for stage in dict.fromkeys(r["stage"] for r in recs):
-            pts = [(r["iteration"], r["loss"]) for r in recs if r["stage"] == stage]
-            ax.plot(*zip(*pts), label=stage)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss (token-averaged)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        out = self.run_dir / "loss_curve.png"
-        fig.tight_layout()
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        return out
-
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+        return EXIT_PREEMPTED

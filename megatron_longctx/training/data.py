@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_longctx.config.loading import expand_env
 from megatron_longctx.config.schema import ExperimentConfig, StageConfig
 from megatron_longctx.data.index_cache import build_mixture_index
 from megatron_longctx.data.loader import MixtureLoader
@@ -21,8 +20,8 @@ def stage_mixture(stage: StageConfig, base_dir: str | Path | None = None) -> Mix
             "YAML (see examples/mixtures/) or an inline mapping with components:"
         )
     if isinstance(stage.mixture, dict):
-        return mixture_from_dict(expand_env(stage.mixture))
-    path = Path(expand_env(stage.mixture))
+        return mixture_from_dict(stage.mixture)
+    path = Path(stage.mixture)
     if not path.is_absolute() and base_dir is not None and not path.exists():
         path = Path(base_dir) / path
     return load_mixture_yaml(path)
@@ -34,11 +33,11 @@ def build_stage_loader(
     *,
     dp_rank: int,
     dp_size: int,
-    consumed_samples: int = 0,
     base_dir: str | Path | None = None,
     cp_sharding: str | None = None,
 ) -> MixtureLoader:
-    """Builds (or loads from cache) the stage's index, positioned at ``consumed_samples``.
+    """Builds (or loads from cache) the stage's index and this DP rank's loader at its start
+    (``MixtureLoader.load_state_dict`` moves it to a resumed position).
 
     ``cp_sharding`` (default the stage's) is the sharding the work model assumes for the balanced
     DP assignment and the balance telemetry."""
@@ -49,7 +48,7 @@ def build_stage_loader(
         stage.num_steps * stage.samples_per_step,
         vocab_size=cfg.data.vocab_size or cfg.model_config().vocab_size,
         cp_size=stage.parallel.context_parallel_size,
-        cache_dir=expand_env(cfg.data.cache_dir),
+        cache_dir=cfg.data.cache_dir,
     )
     return MixtureLoader(
         index,
@@ -57,7 +56,6 @@ def build_stage_loader(
         micro_batch_size=stage.micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        consumed_samples=consumed_samples,
         work=WorkModel(
             stage.parallel.context_parallel_size,
             cp_sharding or stage.cp_sharding,

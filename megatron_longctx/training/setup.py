@@ -3,28 +3,9 @@ grad finalisation into the config, build megatron's optimizer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class OptimizerSettings:
-    """AdamW with ProLong's defaults.
-
-    Attributes:
-        lr: peak learning rate. min_lr: floor of the cosine schedule.
-        weight_decay / adam_beta1 / adam_beta2 / adam_eps: AdamW hyper-parameters.
-        clip_grad: global gradient-norm clip (0 disables).
-    """
-
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+from megatron_longctx.config.schema import OptimizerSettings  # the one settings type
 
 
 def wrap_ddp(
@@ -73,10 +54,11 @@ def build_optimizer(
     settings: OptimizerSettings,
     *,
     bf16: bool = False,
-    use_distributed_optimizer: bool = False,
+    use_distributed_optimizer: bool | None = None,
 ):
-    """megatron-core's optimizer. The distributed optimizer is for GPU runs only (untested on GPU):
-    its checkpoints fail with megatron's CPU torch-AdamW fallback (MEGATRON_ON_CPU.md)."""
+    """megatron-core's optimizer. The distributed optimizer (``settings.use_distributed_optimizer``
+    unless given here) is for GPU runs only (untested on GPU): its checkpoints fail with
+    megatron's CPU torch-AdamW fallback (MEGATRON_ON_CPU.md)."""
     from megatron.core.optimizer import (
         OptimizerConfig,
         get_megatron_optimizer,
@@ -94,7 +76,11 @@ def build_optimizer(
         clip_grad=settings.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=use_distributed_optimizer,
+        use_distributed_optimizer=(
+            settings.use_distributed_optimizer
+            if use_distributed_optimizer is None
+            else use_distributed_optimizer
+        ),
     )
     # Standard Megatron/HF convention: no weight decay on biases and 1-D tensors (norm weights).
     return get_megatron_optimizer(
@@ -114,10 +100,13 @@ def build_scheduler(
     ``warmup_ratio x total_steps``, then ``decay_style`` down to ``min_lr`` at ``total_steps``.
 
     It also sets each param group's weight decay (``weight_decay x wd_mult``: 0 for norms/biases),
-    so it must exist before the first optimizer step.
+    so it must exist before the first optimizer step. The groups' peak / floor LRs are set to
+    ``settings`` first: after a stage transition they carry the previous stage's.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = settings.lr, settings.min_lr
     warmup = int(round(warmup_ratio * total_steps))
     return OptimizerParamScheduler(
         optimizer,

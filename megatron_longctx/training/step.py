@@ -14,7 +14,7 @@ Batch legend (one micro-batch, as the loader yields it): ``tokens``, ``labels``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -45,10 +45,16 @@ def forward_step(data_iterator, model):
 
 @dataclass
 class StepResult:
-    loss: float  # global token-averaged loss, the same on every rank
+    """One step's outcome. ``loss`` is the global token-averaged loss (the same on every rank)
+    over ``num_tokens`` loss tokens; the loop fills in the rest: the optimizer's gradient norm
+    (NaN for a skipped step) and the first micro-batch's document lengths (the MFU estimate's
+    attention term)."""
+
+    loss: float
     num_tokens: int
     grad_norm: float | None = None
     skipped: bool = False
+    doc_lengths: list[int] = field(default_factory=list)
 
 
 def reduce_loss(losses_reduced: list, device: torch.device | str = "cpu") -> tuple[float, int]:

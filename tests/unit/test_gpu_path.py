@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from megatron_longctx.parallel.layout import LayoutError, ParallelLayout
 from megatron_longctx.runtime import cpu_shim
-from megatron_longctx.training.batch import batch_to_device, to_model_batch
+from megatron_longctx.training.batch import BatchSharding, batch_to_device, to_model_batch
 from megatron_longctx.training.step import loss_func, reduce_loss
 from tests.nccl_rules import NcclRuleError, enforce_nccl_device
 
@@ -59,7 +59,7 @@ def fake_cuda():
 
 def test_model_batch_lands_on_the_training_device():
     """Defect 1: every tensor the model and the loss read is on the requested device."""
-    batch = to_model_batch(_micro(), 2, 1, device="meta")
+    batch = BatchSharding(2, 1, device="meta")(_micro())
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         assert batch[key].device.type == "meta", key
     psp = batch["packed_seq_params"]
@@ -160,7 +160,7 @@ def test_sequence_parallel_padding(tp, cp):
     TP), every document stays padded to 2 x CP, and the multiple is the one validation uses."""
     layout = ParallelLayout(tp, 1, cp, sequence_parallel=True)
     for rank in range(cp):
-        batch = to_model_batch(_micro(), cp, rank, tp_size=tp, sequence_parallel=True)
+        batch = to_model_batch(_micro(), cp, rank, sp_size=tp)
         local = batch["tokens"].shape[1]
         assert local % tp == 0, (local, tp)
         cu = batch["packed_seq_params"].cu_seqlens_q_padded
@@ -200,15 +200,25 @@ def test_stage_eval_leaves_nccl_jobs(monkeypatch):
     collective behind rank 0's export); on one process / gloo it does."""
     import torch.distributed as dist
 
-    from megatron_longctx.training import reporting
+    from types import SimpleNamespace
+
+    from megatron_longctx.eval import stage_end
 
     calls = []
-    monkeypatch.setattr(reporting, "evaluate_stage", lambda *a: calls.append(a))
+    monkeypatch.setattr(stage_end, "evaluate_stage", lambda *a: calls.append(a))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
-    stage = type("S", (), {"name": "s1"})()
-    assert not reporting.maybe_evaluate_stage(None, stage, "ckpt", None, 1) and not calls
+    stage = SimpleNamespace(name="s1", eval=True)
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(save_dir="ckpts"))
+    run = SimpleNamespace(cfg=cfg, stage=stage, step=3, total=3, iteration=7)
+    callback = stage_end.StageEndEvaluation()
+    callback.after_step(run, None)
+    assert not calls
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
-    assert reporting.maybe_evaluate_stage(None, stage, "ckpt", None, 1) and len(calls) == 1
+    callback.after_step(run, None)
+    assert len(calls) == 1 and str(calls[0][1]).endswith("iter_0000007")
+    run.step = 2  # not the stage's last step: nothing
+    callback.after_step(run, None)
+    assert len(calls) == 1

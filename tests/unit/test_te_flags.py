@@ -68,11 +68,9 @@ def test_pad_between_seqs_reaches_te():
 
 def test_te_backend_uses_the_flagged_attention(monkeypatch):
     from megatron_longctx.model import specs
-    from megatron_longctx.training.loop import core_attention_name
-
-    stage = type("S", (), {"core_attention": "auto"})()
     monkeypatch.setattr(specs, "resolve_backend", lambda backend="auto": "te")
-    assert core_attention_name(stage, "auto") == "te"
+    assert specs.core_attention_name("auto", "auto", 1) == "te"
+    assert specs.core_attention_name("ring", "auto", 2) == "ring"  # an explicit choice is kept
     monkeypatch.setattr(specs, "resolve_backend", lambda backend="auto": "local")
-    stage.parallel = type("P", (), {"context_parallel_size": 2})()
-    assert core_attention_name(stage, "auto") == "ring"
+    assert specs.core_attention_name("auto", "auto", 2) == "ring"
+    assert specs.core_attention_name("auto", "auto", 1) == "local"
