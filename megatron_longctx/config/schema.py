@@ -301,7 +301,7 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-        """A recipe YAML + dotted overrides; ``${VAR}`` / ``${VAR:-default}`` expanded here, once."""
+        """A recipe YAML + dotted overrides, ``${VAR}`` / ``${VAR:-default}`` expanded (once)."""
         return from_dict(cls, expand_env(apply_overrides(load_yaml(path), list(overrides))))
 
     def model_config(self, stage: StageConfig | None = None) -> ModelConfig:

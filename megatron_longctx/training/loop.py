@@ -47,7 +47,9 @@ def train(
     point = find_start(cfg.stages, cfg.checkpoint.save_dir)
     metrics = MetricsLogger(cfg.logging, resolved, point.iteration)
     if point.stage_index == len(cfg.stages):
-        log0(f"all {len(cfg.stages)} stages are complete in {cfg.checkpoint.save_dir}; nothing to do")
+        log0(
+            f"all {len(cfg.stages)} stages are complete in {cfg.checkpoint.save_dir}; nothing to do"
+        )
     faults = FaultInjector()
     saver = Checkpointing(cfg, resolved, faults)
     signals = SignalWatcher(deadline=WallClockDeadline.from_env(), device=device)

@@ -198,9 +198,9 @@ def test_planner_uses_the_trainers_multiple():
 def test_stage_eval_leaves_nccl_jobs(monkeypatch):
     """Defect 6: under NCCL with several ranks the trainer does not evaluate (no rank waits in a
     collective behind rank 0's export); on one process / gloo it does."""
-    import torch.distributed as dist
-
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     from megatron_longctx.eval import stage_end
 
