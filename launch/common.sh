@@ -24,7 +24,7 @@
 
 set -euo pipefail
 
-readonly LONGCTX_EXIT_PREEMPTED=75  # megatron_longctx/training/callbacks.py
+readonly LONGCTX_EXIT_PREEMPTED=75  # megatron_longctx/training/signals.py
 readonly LONGCTX_EXIT_CONFIG=2
 readonly LONGCTX_EXIT_BUSY=4        # the run directory belongs to another live job
 
@@ -118,7 +118,7 @@ longctx_settings() {
     LONGCTX_JOB_END_TIME=$(_job_end_time)
     export LONGCTX_JOB_END_TIME
 
-    # Test hook: LONGCTX_FAULT (see training/callbacks.py FaultInjector) applies to the first run of
+    # Test hook: LONGCTX_FAULT (see training/signals.py FaultInjector) applies to the first run of
     # a job only; a requeued run (SLURM_RESTART_COUNT >= 1) must not inject the fault again.
     if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 && -n ${LONGCTX_FAULT:-} ]]; then
         _log "restart ${SLURM_RESTART_COUNT}: dropping test hook LONGCTX_FAULT=${LONGCTX_FAULT}"

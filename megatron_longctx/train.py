@@ -4,7 +4,7 @@ Launch with torchrun (``torchrun --nproc-per-node 8 -m megatron_longctx.train --
 srun (one task per GPU; launch/*.sh). Re-running the same command resumes from the newest complete
 checkpoint in ``checkpoint.save_dir``. ``--dry-run`` prints the resolved config (all stages) and the
 validated parallel layout of each stage, then exits without starting torch.distributed.
-Exit codes: see megatron_longctx/training/callbacks.py (75 = preempted, checkpoint saved, requeue).
+Exit codes: see megatron_longctx/training/signals.py (75 = preempted, checkpoint saved, requeue).
 """
 
 from __future__ import annotations

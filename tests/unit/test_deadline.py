@@ -1,4 +1,4 @@
-"""The trainer's wall-clock exit (training/callbacks.py WallClockDeadline, consulted by
+"""The trainer's wall-clock exit (training/signals.py WallClockDeadline, consulted by
 SignalWatcher.agreed once per step) and the one timeout for every process group."""
 
 from __future__ import annotations
