@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_longctx.parallel.zigzag import rank_chunks
+
 _INSTALLED = False
 ORIGINAL = None  # megatron's own function, kept by install() (the tests' reference)
 
@@ -45,7 +47,8 @@ def local_positions(cu_seqlens: torch.Tensor, num_local: int, cp_size: int, cp_r
         return doc, j
     chunk = (local_len // 2)[doc]
     late = j >= chunk
-    pos = torch.where(late, (2 * cp_size - 1 - cp_rank) * chunk + (j - chunk), cp_rank * chunk + j)
+    early_chunk, late_chunk = rank_chunks(cp_size, cp_rank)
+    pos = torch.where(late, late_chunk * chunk + (j - chunk), early_chunk * chunk + j)
     return doc, pos
 
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_longctx.parallel.zigzag import chunk_owner, num_chunks, padding_to_zigzag
+
 SCHEMES = ("sequence_zigzag", "document_zigzag")
-
-
-def _zigzag_rank(chunk: np.ndarray, cp_size: int) -> np.ndarray:
-    return np.where(chunk < cp_size, chunk, 2 * cp_size - 1 - chunk)
 
 
 def attention_work_per_rank(
@@ -41,7 +39,7 @@ def attention_work_per_rank(
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     lengths = np.asarray(doc_lengths, dtype=np.int64)
-    multiple = 2 * cp_size
+    multiple = num_chunks(cp_size)
     if scheme == "document_zigzag":
         padded = lengths + (-lengths) % multiple
         doc = np.repeat(np.arange(len(lengths)), padded)
@@ -59,7 +57,7 @@ def attention_work_per_rank(
         real = np.arange(padded_total) < total
         chunk = np.arange(padded_total) // (padded_total // multiple)
     work = np.where(real, pos + 1 + linear_pairs_per_token, 0.0)
-    return np.bincount(_zigzag_rank(chunk, cp_size), weights=work, minlength=cp_size)
+    return np.bincount(chunk_owner(chunk, cp_size), weights=work, minlength=cp_size)
 
 
 def imbalance(work: np.ndarray) -> float:
@@ -71,4 +69,4 @@ def imbalance(work: np.ndarray) -> float:
 def padding_fraction(doc_lengths, cp_size: int) -> float:
     """Extra tokens added by padding every document to a multiple of 2 x CP, as a fraction."""
     lengths = np.asarray(doc_lengths, dtype=np.int64)
-    return float(((-lengths) % (2 * cp_size)).sum() / max(int(lengths.sum()), 1))
+    return float(padding_to_zigzag(lengths, cp_size).sum() / max(int(lengths.sum()), 1))

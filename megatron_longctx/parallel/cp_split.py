@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_longctx.parallel.zigzag import num_chunks, rank_chunks
+
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
@@ -58,10 +60,10 @@ def _check_padded(cu_padded: list[int], cu_real: list[int], cp_size: int) -> Non
         )
     for i in range(len(cu_padded) - 1):
         padded, real = cu_padded[i + 1] - cu_padded[i], cu_real[i + 1] - cu_real[i]
-        if padded % (2 * cp_size):
+        if padded % num_chunks(cp_size):
             raise CPSplitError(
                 f"document {i}: padded length {padded} is not divisible by 2 x CP = "
-                f"{2 * cp_size}; call pad_documents_for_cp first"
+                f"{num_chunks(cp_size)}; call pad_documents_for_cp first"
             )
         if real > padded:
             raise CPSplitError(f"document {i}: real length {real} > padded length {padded}")
@@ -122,7 +124,7 @@ def pad_documents_for_cp(
             f"s; got shape {tuple(batch['tokens'].shape)} and cu_seqlens[-1] = "
             f"{cu[-1]}"
         )
-    multiple = 2 * cp_size
+    multiple = num_chunks(cp_size)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     order, unit = plan_units(lengths, cp_size, sharding)
     pad_first = PAD_FIRST[sharding]
@@ -187,10 +189,10 @@ def rank_token_index(cu_padded, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Global (padded-layout) indices of the tokens rank ``cp_rank`` keeps, in local order."""
     cu = _as_list(cu_padded)
     idx = []
+    early, late = rank_chunks(cp_size, cp_rank)
     for start, end in zip(cu, cu[1:]):
-        c = (end - start) // (2 * cp_size)
-        idx.append(torch.arange(start + cp_rank * c, start + (cp_rank + 1) * c))
-        late = 2 * cp_size - 1 - cp_rank
+        c = (end - start) // num_chunks(cp_size)
+        idx.append(torch.arange(start + early * c, start + (early + 1) * c))
         idx.append(torch.arange(start + late * c, start + (late + 1) * c))
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
 
@@ -311,15 +313,15 @@ def rank_token_layout(
     _check_padded(cu_p, cu_r, cp_size)
     padded = torch.tensor(cu_p[1:]) - torch.tensor(cu_p[:-1])
     real = torch.tensor(cu_r[1:]) - torch.tensor(cu_r[:-1])
-    chunk = padded // (2 * cp_size)
+    chunk = padded // num_chunks(cp_size)
     local_len = 2 * chunk
     doc = torch.repeat_interleave(torch.arange(len(padded)), local_len)
     local_start = torch.cumsum(local_len, 0) - local_len
     j = torch.arange(int(local_len.sum())) - local_start[doc]
     c = chunk[doc]
     is_late = j >= c
-    late_chunk = 2 * cp_size - 1 - cp_rank
-    pos = torch.where(is_late, late_chunk * c + j - c, cp_rank * c + j)
+    early_chunk, late_chunk = rank_chunks(cp_size, cp_rank)
+    pos = torch.where(is_late, late_chunk * c + j - c, early_chunk * c + j)
     valid = pos < real[doc]
     index = torch.arange(doc.numel())
     return RankTokenLayout(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from megatron_longctx.parallel.cp_split import _as_list  # boundaries as a list of ints
+from megatron_longctx.parallel.zigzag import chunk_owner, num_chunks, rank_chunks
 
 
 @dataclass(eq=False)
@@ -194,10 +195,11 @@ class CPLayout:
             c, base = self.chunk[unit], self.cu_padded[unit]
             a, b = self.doc_start - base, self.doc_end - base
             local = self.local_start[unit]
-            late = 2 * self.cp_size - 1 - rank
-            e_lo, e_hi = np.clip(a, rank * c, (rank + 1) * c), np.clip(b, rank * c, (rank + 1) * c)
+            early, late = rank_chunks(self.cp_size, rank)
+            e_lo = np.clip(a, early * c, (early + 1) * c)
+            e_hi = np.clip(b, early * c, (early + 1) * c)
             t_lo, t_hi = np.clip(a, late * c, (late + 1) * c), np.clip(b, late * c, (late + 1) * c)
-            e_start, t_start = local + e_lo - rank * c, local + c + t_lo - late * c
+            e_start, t_start = local + e_lo - early * c, local + c + t_lo - late * c
             self._parts[rank] = (e_start, e_hi - e_lo, t_start, t_hi - t_lo)
         return self._parts[rank]
 
@@ -243,12 +245,11 @@ class CPLayout:
         """
         cp, t = self.cp_size, self.local_tokens
         chunks = []  # chunk j of every unit, j = 0 .. 2 CP - 1, as gathered rows
-        for j in range(2 * cp):
-            rank = j if j < cp else 2 * cp - 1 - j
-            offset = self.local_start + (0 if j < cp else self.chunk)
-            chunks.append(rank * t + offset)
+        for j in range(num_chunks(cp)):
+            offset = self.local_start + (0 if j < cp else self.chunk)  # early or late part
+            chunks.append(int(chunk_owner(j, cp)) * t + offset)
         starts = np.stack(chunks, axis=1).reshape(-1)  # unit-major, chunk-minor
-        return _ranges(starts, np.repeat(self.chunk, 2 * cp))
+        return _ranges(starts, np.repeat(self.chunk, num_chunks(cp)))
 
     def document_block(self) -> VarlenBlock:
         """The causal per-document block of the whole sequence in position order (CP 1 layout)."""
