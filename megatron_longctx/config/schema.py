@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from megatron_longctx.config.loading import ConfigError, from_dict
 from megatron_longctx.model.config import ModelConfig, get_preset
 from megatron_longctx.model.rope import validate_rope_scaling
-from megatron_longctx.parallel.layout import ParallelLayout
+from megatron_longctx.parallel.layout import LayoutError, ParallelLayout, samples_per_step
 
 STAGE_TYPES = ("pretrain", "sft")
 NAN_POLICIES = ("halt", "skip")
@@ -95,11 +95,11 @@ class StageConfig:
             raise ConfigError(
                 f"{where}: give exactly one of global_batch_tokens or global_batch_size"
             )
-        if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_length:
-            raise ConfigError(
-                f"{where}: global_batch_tokens {self.global_batch_tokens} is not a "
-                f"multiple of seq_length {self.seq_length}"
-            )
+        if self.global_batch_tokens is not None:
+            try:
+                samples_per_step(self.global_batch_tokens, self.seq_length)
+            except LayoutError as err:
+                raise ConfigError(f"{where}: {err}") from None
         if self.type not in STAGE_TYPES:
             raise ConfigError(f"{where}: type must be one of {STAGE_TYPES}, got {self.type!r}")
         if self.recompute not in (None, "selective", "full"):
@@ -141,7 +141,7 @@ class StageConfig:
     def samples_per_step(self) -> int:
         if self.global_batch_size is not None:
             return self.global_batch_size
-        return self.global_batch_tokens // self.seq_length
+        return samples_per_step(self.global_batch_tokens, self.seq_length)
 
     @property
     def num_steps(self) -> int:
