@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_longctx.config.loading import ConfigError, from_dict
+from megatron_longctx.config.loading import ConfigError, check_keys, from_dict
 from megatron_longctx.model.config import ModelConfig, get_preset
 from megatron_longctx.model.rope import validate_rope_scaling
 from megatron_longctx.parallel.layout import LayoutError, ParallelLayout, samples_per_step
@@ -276,13 +276,7 @@ class ExperimentConfig:
         """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""
         raw = dict(self.model)
         preset = raw.pop("preset", None)
-        allowed = set(ModelConfig.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
-                f"allowed: preset, {', '.join(sorted(allowed))}"
-            )
+        check_keys(self.model, {"preset", *ModelConfig.__dataclass_fields__}, "model")
         try:
             base = get_preset(preset).to_dict() if preset else {}
             cfg = from_dict(ModelConfig, {**base, **raw}, "model")  # typed: "1.28e8" -> float
