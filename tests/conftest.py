@@ -16,4 +16,7 @@ def pytest_sessionfinish(session, exitstatus):
     helpers of torchrun ranks that the SIGKILL fault tests killed on purpose (megatron's checkpoint
     writer starts a multiprocessing manager that outlives a killed parent, in the rank's own
     session). See megatron_longctx/testing/reaper.py."""
-    reap(SESSION, descendants=True)
+    killed = reap(SESSION, descendants=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if killed and reporter is not None:
+        reporter.write_line(f"reaped {len(killed)} leftover process(es) of this session: {killed}")
