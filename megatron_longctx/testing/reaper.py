@@ -9,8 +9,8 @@ process; every process started after that inherits it (torchrun, its ranks, thei
 service), and ``/proc/<pid>/environ`` keeps the environment a process started with, whatever
 became of its parent. ``reap(id)`` kills every process carrying the id, plus (``descendants=True``)
 the living descendants of this process (a child forked without exec shows the environment its
-parent started with, which predates the mark). This process and its ancestors are never touched,
-nor are other sessions' processes: ids are unique, so concurrent test runs on one machine are safe.
+parent started with, which predates the mark). This process, its ancestors and its own
+multiprocessing resource tracker are never touched, nor are other sessions' processes: ids are unique, so concurrent test runs on one machine are safe.
 
 A nested session appends its id (``outer:inner``), so the outer session reaps the inner one's
 leftovers too. A daemon that is meant to outlive the session (the SLURM test cluster's
@@ -47,7 +47,7 @@ def session_processes(session: str, descendants: bool = False) -> list[psutil.Pr
     """The processes marked with ``session`` (and this process's descendants if asked), except
     this process and its ancestors."""
     me = psutil.Process()
-    spared = {me.pid, *(p.pid for p in me.parents())}
+    spared = {me.pid, *(p.pid for p in me.parents()), _own_resource_tracker()}
     found = {p.pid: p for p in me.children(recursive=True)} if descendants else {}
     for proc in psutil.process_iter():
         if proc.pid in spared or proc.pid in found:
@@ -59,6 +59,14 @@ def session_processes(session: str, descendants: bool = False) -> list[psutil.Pr
         if session in marks.split(":"):
             found[proc.pid] = proc
     return [p for pid, p in sorted(found.items()) if pid not in spared]
+
+
+def _own_resource_tracker() -> int | None:
+    """This process's multiprocessing resource tracker (started with the first spawned child):
+    it is no leftover, it exits when this process does."""
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
 
 
 def _running(proc: psutil.Process) -> bool:
