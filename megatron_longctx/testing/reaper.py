@@ -10,7 +10,8 @@ service), and ``/proc/<pid>/environ`` keeps the environment a process started wi
 became of its parent. ``reap(id)`` kills every process carrying the id, plus (``descendants=True``)
 the living descendants of this process (a child forked without exec shows the environment its
 parent started with, which predates the mark). This process, its ancestors and its own
-multiprocessing resource tracker are never touched, nor are other sessions' processes: ids are unique, so concurrent test runs on one machine are safe.
+multiprocessing resource tracker are never touched, nor are other sessions' processes: ids are
+unique, so concurrent test runs on one machine are safe.
 
 A nested session appends its id (``outer:inner``), so the outer session reaps the inner one's
 leftovers too. A daemon that is meant to outlive the session (the SLURM test cluster's
