@@ -19,4 +19,6 @@ def pytest_sessionfinish(session, exitstatus):
     killed = reap(SESSION, descendants=True)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if killed and reporter is not None:
-        reporter.write_line(f"reaped {len(killed)} leftover process(es) of this session: {killed}")
+        reporter.write_line(f"reaped {len(killed)} leftover process(es) of this session:")
+        for pid, cmd in killed.items():
+            reporter.write_line(f"  {pid} {cmd}")

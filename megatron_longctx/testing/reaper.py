@@ -81,19 +81,24 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def reap(session: str, descendants: bool = False, timeout: float = 10.0) -> list[int]:
+def reap(session: str, descendants: bool = False, timeout: float = 10.0) -> dict[int, str]:
     """SIGKILLs ``session_processes(session, descendants)`` and waits (up to ``timeout``) until
-    they are gone. Returns the pids it killed."""
+    they are gone. Returns ``{pid: command line}`` of what it killed."""
     procs = session_processes(session, descendants)
+    killed = {}
     for proc in procs:
         try:
+            if proc.status() == psutil.STATUS_ZOMBIE:  # dead already; collected below if ours
+                continue
+            cmd = " ".join(proc.cmdline())[:120]
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+        except psutil.Error:  # gone meanwhile
+            continue
+        killed[proc.pid] = cmd
     deadline = time.monotonic() + timeout
     alive = procs
     while alive and time.monotonic() < deadline:
         alive = [p for p in alive if _running(p)]
         if alive:
             time.sleep(0.05)
-    return [p.pid for p in procs]
+    return killed
