@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from tests.attention_cases import padded_cu  # noqa: E402
+from megatron_longctx.testing.attention_cases import padded_cu  # noqa: E402
 
 HQ, HK, D = 8, 2, 64
 
@@ -142,7 +142,7 @@ def main() -> None:
         short = _short_docs(np.random.default_rng(0), 65536)
         _row(f"packed 64K: {len(short)} ProLong short", short)
     if not args.skip_ring:
-        from tests.harness import run_distributed
+        from megatron_longctx.testing.distributed import run_distributed
 
         n = args.ring_tokens
         lengths = [args.ring_doc] * (n // args.ring_doc)

@@ -124,7 +124,7 @@ def _comm_worker(rank, world, seq, repeats):
 
 
 def comm_report(seq: int = 1024) -> None:
-    from tests.harness import run_distributed
+    from megatron_longctx.testing.distributed import run_distributed
 
     print(
         f"\n== bytes sent per rank per layer (fp32, S={seq}, {HQ} q heads, {HK} kv heads, d={D}) =="
@@ -157,7 +157,7 @@ def comm_report(seq: int = 1024) -> None:
 
 
 def time_report(seq: int = 2048) -> None:
-    from tests.harness import run_distributed
+    from megatron_longctx.testing.distributed import run_distributed
 
     print(f"\n== CPU time, ring attention fwd+bwd, S={seq} (one document), fp32, median of 3 ==")
     t1 = run_distributed(_comm_worker, 1, args=(seq, 3), timeout=300)[0]["ring"][1]

@@ -57,7 +57,7 @@ stages:
 def _corpus(root: Path, seq: int) -> None:
     import numpy as np
 
-    from tests.integration.data import write_indexed
+    from megatron_longctx.testing.data import write_indexed
 
     rng = np.random.default_rng(0)
     write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), 512, 0)

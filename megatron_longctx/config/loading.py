@@ -71,20 +71,49 @@ def _build(tp, value, path: str):
     return value
 
 
+def check_keys(
+    raw: dict,
+    allowed,
+    path: str = "",
+    *,
+    noun: str = "config key(s)",
+    error: type[ValueError] = ConfigError,
+    where: str = "",
+    required=(),
+) -> None:
+    """The one strict-key rule (recipes, mixtures, eval settings): every key of ``raw`` is one of
+    ``allowed``, and every ``required`` key is there.
+
+    The error names each offending key by its full dotted path and lists the allowed names, e.g.
+    "unknown config key(s) stages.0.bogus; allowed under stages.0: eval, init_from, lr, ...".
+
+    Args:
+        raw: the mapping read from YAML (or a dotted override).
+        allowed: the names it may hold. path: its dotted path ("" = the top level).
+        noun / error / where: the caller's wording, exception type and an optional "where:" prefix.
+        required: names it must hold.
+    """
+    dotted = f"{path}." if path else ""
+    head = f"{where}: " if where else ""
+    unknown = sorted(set(raw) - set(allowed), key=str)
+    if unknown:
+        raise error(
+            f"{head}unknown {noun} {', '.join(dotted + str(k) for k in unknown)}; "
+            f"allowed under {path or 'the top level'}: {', '.join(sorted(allowed))}"
+        )
+    missing = sorted(set(required) - set(raw))
+    if missing:
+        raise error(f"{head}missing required {noun} {', '.join(dotted + k for k in missing)}")
+
+
 def from_dict(cls, raw: dict, path: str = ""):
-    """Builds dataclass ``cls`` from ``raw``; unknown keys raise ConfigError."""
+    """Builds dataclass ``cls`` from ``raw``; unknown keys raise ConfigError (``check_keys``)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     refused = getattr(cls, "NOT_IN_RECIPE", {})  # fields set by the code, not by a recipe
     for key in sorted(set(raw) & set(refused)):
         raise ConfigError(f"{path + '.' if path else ''}{key} is not a config key: {refused[key]}")
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"allowed under {path or 'the top level'}: {', '.join(sorted(fields))}"
-        )
+    check_keys(raw, fields, path)
     kwargs = {
         name: _build(hints[name], raw[name], f"{path}.{name}" if path else name) for name in raw
     }

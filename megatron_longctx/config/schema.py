@@ -13,13 +13,14 @@ from typing import ClassVar
 from megatron_longctx.config.loading import (
     ConfigError,
     apply_overrides,
+    check_keys,
     expand_env,
     from_dict,
     load_yaml,
 )
 from megatron_longctx.model.config import ModelConfig, get_preset
 from megatron_longctx.model.rope import validate_rope_scaling
-from megatron_longctx.parallel.layout import ParallelLayout
+from megatron_longctx.parallel.layout import LayoutError, ParallelLayout, samples_per_step
 
 STAGE_TYPES = ("pretrain", "sft")
 NAN_POLICIES = ("halt", "skip")
@@ -103,11 +104,11 @@ class StageConfig:
             raise ConfigError(
                 f"{where}: give exactly one of global_batch_tokens or global_batch_size"
             )
-        if self.global_batch_tokens is not None and self.global_batch_tokens % self.seq_length:
-            raise ConfigError(
-                f"{where}: global_batch_tokens {self.global_batch_tokens} is not a "
-                f"multiple of seq_length {self.seq_length}"
-            )
+        if self.global_batch_tokens is not None:
+            try:
+                samples_per_step(self.global_batch_tokens, self.seq_length)
+            except LayoutError as err:
+                raise ConfigError(f"{where}: {err}") from None
         if self.type not in STAGE_TYPES:
             raise ConfigError(f"{where}: type must be one of {STAGE_TYPES}, got {self.type!r}")
         if self.recompute not in (None, "selective", "full"):
@@ -149,7 +150,7 @@ class StageConfig:
     def samples_per_step(self) -> int:
         if self.global_batch_size is not None:
             return self.global_batch_size
-        return self.global_batch_tokens // self.seq_length
+        return samples_per_step(self.global_batch_tokens, self.seq_length)
 
     @property
     def num_steps(self) -> int:
@@ -308,13 +309,7 @@ class ExperimentConfig:
         """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""
         raw = dict(self.model)
         preset = raw.pop("preset", None)
-        allowed = set(ModelConfig.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
-                f"allowed: preset, {', '.join(sorted(allowed))}"
-            )
+        check_keys(self.model, {"preset", *ModelConfig.__dataclass_fields__}, "model")
         try:
             base = get_preset(preset).to_dict() if preset else {}
             cfg = from_dict(ModelConfig, {**base, **raw}, "model")  # typed: "1.28e8" -> float

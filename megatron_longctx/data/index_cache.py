@@ -41,26 +41,12 @@ from megatron_longctx.data.sources import (
     file_identity,
     read_document_table,
 )
+from megatron_longctx.parallel.layout import check_sequence_length
 
 logger = logging.getLogger(__name__)
 
 #: Index builds done by this process (tests check that one rank built and the others loaded).
 NUM_BUILDS = 0
-
-
-def validate_sequence_length(seq_length: int, cp_size: int = 1) -> None:
-    """S must be a positive multiple of 2 x CP (zigzag context parallelism)."""
-    if not isinstance(cp_size, int) or cp_size < 1:
-        raise MixtureError(f"context_parallel_size must be a positive integer, got {cp_size!r}")
-    if not isinstance(seq_length, int) or seq_length < 1:
-        raise MixtureError(f"seq_length must be a positive integer, got {seq_length!r}")
-    if seq_length % (2 * cp_size):
-        raise MixtureError(
-            f"seq_length {seq_length} is not divisible by 2 x context_parallel_size = "
-            f"{2 * cp_size} (zigzag CP cuts each sequence into 2 x CP chunks): {seq_length} % "
-            f"{2 * cp_size} = {seq_length % (2 * cp_size)}; pick a multiple such as "
-            f"{(seq_length // (2 * cp_size) + 1) * 2 * cp_size}"
-        )
 
 
 def index_config(spec: MixtureSpec, seq_length: int, num_samples: int) -> dict:
@@ -239,7 +225,7 @@ def build_mixture_index(
     Raises:
         MixtureError: any problem with the config or the data (the message names the fix).
     """
-    validate_sequence_length(seq_length, cp_size)
+    check_sequence_length(seq_length, cp_size, error=MixtureError)
     for comp in spec.components:  # header, size and dtype checks first, on every rank
         for p in comp.prefixes:
             check_source(p, vocab_size)

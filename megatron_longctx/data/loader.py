@@ -39,6 +39,7 @@ from megatron_longctx.parallel.dp_assign import (
     megatron_order,
     step_balance,
 )
+from megatron_longctx.parallel.layout import num_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,7 @@ class MixtureLoader:
                 raise MixtureError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise MixtureError(f"dp_rank {dp_rank!r} must be in [0, dp_size={dp_size})")
-        step = micro_batch_size * dp_size
-        if global_batch_size % step:
-            raise MixtureError(
-                f"global_batch_size {global_batch_size} is not micro_batch_size {micro_batch_size}"
-                f" x DP {dp_size} x micro-batches: {global_batch_size} is not divisible by {step}"
-            )
+        num_micro_batches(global_batch_size, micro_batch_size, dp_size, error=MixtureError)
         self.index = index
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -109,7 +105,7 @@ class MixtureLoader:
     @property
     def num_micro_batches(self) -> int:
         """Micro-batches per global batch on each rank."""
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+        return num_micro_batches(self.global_batch_size, self.micro_batch_size, self.dp_size)
 
     def _set_consumed(self, consumed: int) -> None:
         step = self.micro_batch_size * self.dp_size

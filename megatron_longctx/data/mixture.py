@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_longctx.config.loading import check_keys
+
 #: How far the weights may sum from 1 before it is an error (they are fractions written by hand).
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -121,8 +123,8 @@ class MixtureSpec:
 
     def __post_init__(self):
         self.components = [
-            c if isinstance(c, MixtureComponent) else _component_from_dict(c)
-            for c in (self.components or [])
+            c if isinstance(c, MixtureComponent) else _component_from_dict(c, i)
+            for i, c in enumerate(self.components or [])
         ]
         if not self.components:
             raise MixtureError("mixture has no components; add at least one under 'components:'")
@@ -146,20 +148,20 @@ class MixtureSpec:
         return [c.weight for c in self.components]
 
 
-def _component_from_dict(raw: Any) -> MixtureComponent:
+def _component_from_dict(raw: Any, i: int) -> MixtureComponent:
     if not isinstance(raw, dict):
         raise MixtureError(
             f"each component must be a mapping with name/prefixes/weight, got {raw!r}"
         )
-    known = {"name", "prefixes", "weight", "min_tokens", "max_tokens", "mask_prefixes"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise MixtureError(
-            f"component {raw.get('name')!r}: unknown keys {unknown}; allowed: {sorted(known)}"
-        )
-    missing = sorted({"name", "prefixes", "weight"} - set(raw))
-    if missing:
-        raise MixtureError(f"component {raw.get('name')!r}: missing required keys {missing}")
+    check_keys(
+        raw,
+        {"name", "prefixes", "weight", "min_tokens", "max_tokens", "mask_prefixes"},
+        f"mixture.components.{i}",
+        noun="keys",
+        error=MixtureError,
+        where=f"component {raw.get('name')!r}",
+        required=("name", "prefixes", "weight"),
+    )
     return MixtureComponent(**raw)
 
 
@@ -177,10 +179,7 @@ def mixture_from_dict(raw: dict[str, Any]) -> MixtureSpec:
             "(THD) RoPE restarts positions at every document from cu_seqlens, and attention is "
             "document-masked, so every document already sees positions 0..n-1; delete the key"
         )
-    known = {"components", "seed"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise MixtureError(f"unknown mixture keys {unknown}; allowed: {sorted(known)}")
+    check_keys(raw, {"components", "seed"}, "mixture", noun="keys", error=MixtureError)
     return MixtureSpec(**raw)
 
 

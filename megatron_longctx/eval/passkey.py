@@ -25,7 +25,6 @@ Shapes: tokens ``[b, L]``; logits ``[b, L, V_padded]`` (megatron returns batch-f
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -105,24 +104,15 @@ def eval_prompts(
     return tokens, tokens[:, -NUM_DIGITS:].clone()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process() -> None:
     """torch.distributed (gloo, world 1) + megatron groups for TP = PP = CP = 1. Idempotent."""
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_longctx.parallel.layout import ParallelLayout
-    from megatron_longctx.runtime.distributed import (
-        DistEnv,
-        init_process_group,
-        initialize_model_parallel,
-    )
+    from megatron_longctx.runtime.distributed import initialize_model_parallel
+    from megatron_longctx.runtime.spawn import free_port, init_local_rank
 
-    init_process_group(DistEnv(0, 1, 0, "127.0.0.1", _free_port()), device="cpu")
+    init_local_rank(0, 1, free_port())
     if not parallel_state.model_parallel_is_initialized():
         initialize_model_parallel(ParallelLayout())
         tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron's attention forks this RNG

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from megatron_longctx.config.loading import check_keys
 from megatron_longctx.eval.loss_position import loss_by_position
 from megatron_longctx.eval.model import HFEvalModel, load_eval_tokenizer
 from megatron_longctx.eval.tasks import RULER_TASKS, Sample, TaskBuilder, score
@@ -79,10 +80,8 @@ class EvalSettings:
     def from_dict(cls, raw: dict | None) -> EvalSettings:
         """Builds settings from a mapping (a recipe's ``eval:`` block); unknown keys are errors."""
         raw = dict(raw or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown eval settings {unknown}; allowed: {sorted(known)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        check_keys(raw, fields, "eval", noun="eval settings", error=ValueError)
         return cls(**raw)
 
 

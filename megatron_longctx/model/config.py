@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from megatron_longctx.model.rope import validate_rope_scaling
+from megatron_longctx.parallel.layout import check_heads
 
 
 @dataclass
@@ -62,11 +63,7 @@ class ModelConfig:
                 f"model.hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"model.num_attention_heads {self.num_attention_heads} is not divisible "
-                f"by num_query_groups {self.num_query_groups}"
-            )
+        check_heads(self.num_attention_heads, self.num_query_groups)  # a LayoutError (ValueError)
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         if self.head_dim % 2:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_longctx.parallel.layout import num_micro_batches
 from megatron_longctx.parallel.units import (
     LINEAR_PAIRS_PER_TOKEN,
     PAD_FIRST,
@@ -104,12 +105,8 @@ def assign_global_batch(cost, dp_size: int, micro_batch_size: int) -> np.ndarray
     """
     cost = np.asarray(cost, dtype=np.float64)
     g = cost.size
-    if g % (dp_size * micro_batch_size):
-        raise ValueError(
-            f"global batch {g} is not divisible by DP {dp_size} x micro-batch {micro_batch_size}"
-        )
-    num_mb = g // micro_batch_size
-    per_rank = num_mb // dp_size
+    per_rank = num_micro_batches(g, micro_batch_size, dp_size)
+    num_mb = per_rank * dp_size
     mb_of = _lpt(cost, num_mb, micro_batch_size)
     mb_cost = np.bincount(mb_of, weights=cost, minlength=num_mb)
     rank_of = _lpt(mb_cost, dp_size, per_rank)
@@ -124,7 +121,7 @@ def assign_global_batch(cost, dp_size: int, micro_batch_size: int) -> np.ndarray
 
 def megatron_order(global_batch: int, dp_size: int, micro_batch_size: int) -> np.ndarray:
     """megatron's MegatronPretrainingSampler layout as ``[D, M, b]`` positions (no balancing)."""
-    m = global_batch // (dp_size * micro_batch_size)
+    m = num_micro_batches(global_batch, micro_batch_size, dp_size)
     return np.arange(global_batch).reshape(m, dp_size, micro_batch_size).transpose(1, 0, 2)
 
 

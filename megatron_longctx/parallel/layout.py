@@ -2,6 +2,11 @@
 
 Each error names the rule and shows the arithmetic, e.g.
 "world size 6 is not TP 2 x PP 1 x CP 2 x DP: 6 is not divisible by 4".
+
+The rules other modules need on their own are module-level functions, and those modules call them
+instead of restating them: ``check_sequence_length`` (the mixture index), ``check_heads`` (the
+model config, all-to-all CP), ``samples_per_step`` (the recipe's and the planner's token batch),
+``num_micro_batches`` (the loader, the DP assignment). ``error=`` keeps a caller's exception type.
 """
 
 from __future__ import annotations
@@ -24,6 +29,91 @@ def token_multiple(
     """
     tp = tensor_model_parallel_size if sequence_parallel else 1
     return 2 * context_parallel_size * tp
+
+
+def check_sequence_length(
+    seq_length: int,
+    context_parallel_size: int = 1,
+    tensor_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    *,
+    error: type[ValueError] = LayoutError,
+) -> None:
+    """The sequence-length rule: S is a positive multiple of ``token_multiple``.
+
+    ``error`` is the caller's exception type (the data path raises MixtureError).
+    """
+    cp = context_parallel_size
+    if not isinstance(cp, int) or cp < 1:
+        raise error(f"context_parallel_size must be a positive integer, got {cp!r}")
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise error(f"seq_length must be a positive integer, got {seq_length!r}")
+    multiple = token_multiple(cp, tensor_model_parallel_size, sequence_parallel)
+    if seq_length % multiple:
+        rule = "2 x CP" + (" x TP (sequence parallel)" if sequence_parallel else "")
+        raise error(
+            f"sequence length {seq_length} is not divisible by {rule} = {multiple} (zigzag CP "
+            f"cuts each sequence into 2 x CP chunks): {seq_length} % {multiple} = "
+            f"{seq_length % multiple}; pick a multiple such as "
+            f"{(seq_length // multiple + 1) * multiple}"
+        )
+
+
+def check_heads(
+    num_attention_heads: int, num_query_groups: int, *, error: type[ValueError] = LayoutError
+) -> None:
+    """The grouped-query rule: every query group (KV head) serves the same number of heads."""
+    if num_attention_heads % num_query_groups:
+        raise error(
+            f"attention heads {num_attention_heads} are not divisible by query groups "
+            f"{num_query_groups} (KV heads): {num_attention_heads} % {num_query_groups} = "
+            f"{num_attention_heads % num_query_groups}"
+        )
+
+
+def samples_per_step(
+    global_batch_tokens: int, seq_length: int, *, error: type[ValueError] = LayoutError
+) -> int:
+    """The global batch in samples when it is given in tokens (a whole number of sequences)."""
+    if global_batch_tokens % seq_length:
+        lower = global_batch_tokens // seq_length * seq_length
+        raise error(
+            f"global_batch_tokens {global_batch_tokens} is not a multiple of seq_length "
+            f"{seq_length}: {global_batch_tokens} % {seq_length} = "
+            f"{global_batch_tokens % seq_length}; use "
+            + (f"{lower} or " if lower else "")
+            + f"{lower + seq_length} tokens"
+        )
+    return global_batch_tokens // seq_length
+
+
+def num_micro_batches(
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_size: int,
+    *,
+    error: type[ValueError] = LayoutError,
+) -> int:
+    """The global-batch rule: global = micro batch x DP x micro-batches per step (per DP rank).
+
+    Returns:
+        The micro-batches per step of each DP rank.
+    """
+    step = micro_batch_size * dp_size
+    if global_batch_size % step:
+        why = (
+            f"its {global_batch_size // micro_batch_size} micro-batches are not divisible by "
+            f"DP {dp_size}"
+            if global_batch_size % micro_batch_size == 0
+            else f"it is not a multiple of micro batch {micro_batch_size}"
+        )
+        raise error(
+            f"global batch {global_batch_size} is not divisible by micro batch "
+            f"{micro_batch_size} x DP {dp_size} = {step} (global batch = micro batch x DP x "
+            f"micro-batches): {global_batch_size} is not divisible by {step}, {why}; use a "
+            f"multiple of {step}"
+        )
+    return global_batch_size // step
 
 
 @dataclass
@@ -129,11 +219,7 @@ class ParallelLayout:
             raise LayoutError(
                 f"query groups (KV heads) {num_query_groups} are not divisible by TP {tp}"
             )
-        if num_attention_heads % num_query_groups:
-            raise LayoutError(
-                f"attention heads {num_attention_heads} are not divisible by "
-                f"query groups {num_query_groups}"
-            )
+        check_heads(num_attention_heads, num_query_groups)
         if num_layers % pp:
             raise LayoutError(f"layers {num_layers} are not divisible by PP {pp}")
         if self.virtual_pipeline_model_parallel_size:
@@ -150,21 +236,13 @@ class ParallelLayout:
                 "sequence_parallel needs TP > 1 (it shards activations over TP), got TP 1"
             )
         if seq_length is not None:
-            multiple = token_multiple(cp, tp, self.sequence_parallel)
-            rule = "2 x CP" + (" x TP (sequence parallel)" if self.sequence_parallel else "")
-            if seq_length % multiple:
-                raise LayoutError(
-                    f"sequence length {seq_length} is not divisible by {rule} = {multiple}"
-                )
+            check_sequence_length(seq_length, cp, tp, self.sequence_parallel)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise LayoutError(f"micro batch size must be >= 1, got {micro_batch_size}")
         if global_batch_size is not None and micro_batch_size is not None:
-            if global_batch_size % (micro_batch_size * dp):
-                raise LayoutError(
-                    f"global batch {global_batch_size} is not divisible by micro batch "
-                    f"{micro_batch_size} x DP {dp} = {micro_batch_size * dp}"
-                )
+            num_micro_batches(global_batch_size, micro_batch_size, dp)
         return dp
 
     def num_micro_batches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:
-        return global_batch_size // (micro_batch_size * dp)
+        """See the module-level ``num_micro_batches``."""
+        return num_micro_batches(global_batch_size, micro_batch_size, dp)

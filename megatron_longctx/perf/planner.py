@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 
 from megatron_longctx.model.config import ModelConfig
-from megatron_longctx.parallel.layout import LayoutError, ParallelLayout
+from megatron_longctx.parallel.layout import LayoutError, ParallelLayout, samples_per_step
 from megatron_longctx.perf.comm import CommEstimate, estimate_comm
 from megatron_longctx.perf.flops import attention_flops_per_token, flops_per_token, mfu
 from megatron_longctx.perf.hardware import HARDWARE, Hardware
@@ -90,11 +90,7 @@ class PlanRequest:
                 f"num_gpus {self.num_gpus} is not whole nodes of "
                 f"{self.gpus_per_node}: {self.num_gpus} % {self.gpus_per_node} != 0"
             )
-        if self.global_batch_tokens % self.seq_length:
-            raise ValueError(
-                f"global batch {self.global_batch_tokens} tokens is not a multiple of "
-                f"seq_length {self.seq_length}"
-            )
+        samples_per_step(self.global_batch_tokens, self.seq_length)
         if not 0 < self.usable_memory_fraction <= 1:
             raise ValueError(
                 f"usable_memory_fraction must be in (0, 1], got {self.usable_memory_fraction}"
@@ -104,7 +100,7 @@ class PlanRequest:
 
     @property
     def global_batch_size(self) -> int:
-        return self.global_batch_tokens // self.seq_length
+        return samples_per_step(self.global_batch_tokens, self.seq_length)
 
 
 @dataclass

@@ -8,8 +8,8 @@ when megatron swallowed the exception) or if the run itself failed.
 
 import pytest
 
+from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import build, make_batches
-from tests.harness import run_distributed
 
 SEQ, MICRO = 32, 2
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB, SEQ, BATCH = 500, 24, 2

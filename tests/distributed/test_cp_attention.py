@@ -14,8 +14,8 @@ import torch
 
 from megatron_longctx.model.attention.reference import document_causal_attention
 from megatron_longctx.parallel.cp_split import rank_token_index
-from tests.attention_cases import padded_cu
-from tests.harness import run_distributed
+from megatron_longctx.testing.attention_cases import padded_cu
+from megatron_longctx.testing.distributed import run_distributed
 
 HQ, D = 8, 8
 SCALE = D**-0.5

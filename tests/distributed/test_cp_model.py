@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_longctx.parallel.cp_split import pad_documents_for_cp
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 REAL_LENGTHS = [13, 3, 27, 1, 9]  # one document shorter than a CP-4 chunk, one long one
 PAD_TO = 96

@@ -4,8 +4,8 @@ megatron-core's optimizer equal a plain torch reference (full batch, torch.optim
 import pytest
 import torch
 
+from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import build, make_batches, max_rel_err
-from tests.harness import run_distributed
 
 SEQ, MICRO = 32, 2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 S = 32
 

@@ -7,8 +7,8 @@ gradients come from torch autograd, without megatron's schedule, DDP or grad fin
 
 import pytest
 
+from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import build, make_batches, max_rel_err, reference_loss_and_grads
-from tests.harness import run_distributed
 
 SEQ, MICRO, NUM_MICRO = 32, 2, 4
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 
 def _grads_with_recompute(rank, world):

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 ORIGINAL, TRAINED = 64, 256  # trained length = 4x the original context
 VARIANTS = {

@@ -10,7 +10,7 @@ exactly as for TE modules. What this cannot prove: the contents of real TE extra
 
 import torch
 
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 
 def _worker(rank, world, tmp):

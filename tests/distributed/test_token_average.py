@@ -9,9 +9,9 @@ separately, positions from 0 (document masking = independent documents), summing
 import pytest
 import torch
 
+from megatron_longctx.testing.data import tiny_corpus
+from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import max_rel_err
-from tests.harness import run_distributed
-from tests.integration.data import tiny_corpus
 
 SEQ, GLOBAL_BATCH = 128, 4
 

@@ -5,8 +5,8 @@ exp_avg_sq tensors, parameter by parameter, and the same weights."""
 import pytest
 import torch
 
+from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import build, make_batches
-from tests.harness import run_distributed
 
 SEQ = 32
 

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_longctx.testing.reaper import unmarked_env
+
 CONF = Path("/etc/slurm/slurm.conf")
 OURS = "# written by tests/integration/slurm_cluster.py"
 STATE = Path("/var/spool/longctx-slurm")
@@ -108,7 +110,12 @@ def _start_munge() -> None:
     for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
         Path(d).mkdir(parents=True, exist_ok=True)
         shutil.chown(d, "munge", "munge")
-    subprocess.run(["runuser", "-u", "munge", "--", "munged", "--force"], check=False, timeout=30)
+    subprocess.run(
+        ["runuser", "-u", "munge", "--", "munged", "--force"],
+        check=False,
+        timeout=30,
+        env=unmarked_env(),  # a daemon that outlives the test session: the reaper spares it
+    )
     for _ in range(50):
         if sh("munge", "-n", check=False, timeout=10).returncode == 0:
             return
@@ -168,7 +175,9 @@ def ensure_cluster(deadline_s: float = 60) -> Cluster:
         d.mkdir(parents=True, exist_ok=True)
     _start_munge()
     for daemon in ("slurmctld", "slurmd"):  # each forks into the background and returns
-        p = subprocess.run([daemon], capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [daemon], capture_output=True, text=True, timeout=60, env=unmarked_env()
+        )
         if p.returncode != 0:
             raise ClusterUnavailable(f"{daemon} did not start: {p.stderr[-1500:]}")
     if not _wait_idle(deadline_s):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megatron_longctx.checkpoint.dist import MARKER, find_latest, iteration_dir, list_checkpoints
-from tests.harness import free_port
-from tests.integration.data import tiny_corpus
+from megatron_longctx.runtime.spawn import free_port
+from megatron_longctx.testing.data import tiny_corpus
 from tests.integration.run_utils import ROOT, launch, metrics, read_model_tensors
 
 CONFIG = ROOT / "examples" / "tiny_test.yaml"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
-from tests.integration.data import tiny_corpus
+from megatron_longctx.runtime.spawn import free_port
+from megatron_longctx.testing.data import tiny_corpus
 from tests.integration.run_utils import ROOT
 
 RECIPE = """

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.data import tiny_corpus
+from megatron_longctx.testing.data import tiny_corpus
 from tests.integration.run_utils import ROOT, read_model_tensors
 from tests.integration.slurm_cluster import ClusterUnavailable, ensure_cluster
 

@@ -14,7 +14,7 @@ import pytest
 
 from megatron_longctx.model.config import get_preset
 from megatron_longctx.perf.memory import layer_activation_bytes, loss_bytes, outside_layers_bytes
-from tests.harness import run_distributed
+from megatron_longctx.testing.distributed import run_distributed
 
 # (preset, layers, seq_length, micro_batch, recompute, with_labels)
 CASES = [

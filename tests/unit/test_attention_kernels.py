@@ -23,7 +23,7 @@ from megatron_longctx.model.attention.blocks import CPLayout
 from megatron_longctx.model.attention.kernels import block_attention, resolve_kernel
 from megatron_longctx.model.attention.reference import document_causal_attention
 from megatron_longctx.model.attention.ring import ring_attention
-from tests.attention_cases import padded_cu, ring_pairs
+from megatron_longctx.testing.attention_cases import padded_cu, ring_pairs
 
 D = 16
 SCALE = D**-0.5

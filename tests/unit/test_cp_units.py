@@ -29,7 +29,7 @@ from megatron_longctx.parallel.units import (
     plan_units,
     work_per_rank,
 )
-from tests.attention_cases import ring_pairs
+from megatron_longctx.testing.attention_cases import ring_pairs
 
 LENGTHS = [5, 1, 17, 8, 2, 40, 3]
 

@@ -14,7 +14,7 @@ from megatron_longctx.data.preprocess.tokenizer import load_tokenizer
 from megatron_longctx.eval import EvalSettings, evaluate, evaluate_model
 from megatron_longctx.eval.loss_position import bucket_edges
 from megatron_longctx.eval.tasks import RULER_TASKS, TaskBuilder, score
-from tests.integration.data import write_indexed
+from megatron_longctx.testing.data import write_indexed
 
 LENGTHS = [256, 512]
 

@@ -82,3 +82,49 @@ def test_heads_not_divisible_by_groups():
 def test_sizes_must_be_positive(bad):
     with pytest.raises(LayoutError, match="tensor_model_parallel_size must be a positive integer"):
         ParallelLayout(tensor_model_parallel_size=bad)
+
+
+def test_shared_rules_give_every_caller_the_same_message():
+    """Each size rule lives in parallel/layout.py; the data path, the model config and the DP
+    assignment call it (with their own exception type) instead of restating it."""
+    import numpy as np
+
+    from megatron_longctx.data.mixture import MixtureError
+    from megatron_longctx.model.attention.a2a import check_a2a_heads
+    from megatron_longctx.model.config import get_preset
+    from megatron_longctx.parallel.dp_assign import assign_global_batch, megatron_order
+    from megatron_longctx.parallel.layout import (
+        check_heads,
+        check_sequence_length,
+        num_micro_batches,
+        samples_per_step,
+    )
+
+    with pytest.raises(LayoutError) as want:
+        check_sequence_length(250, 2)
+    assert "250 % 4 = 2; pick a multiple such as 252" in str(want.value)
+    with pytest.raises(MixtureError) as got:
+        check_sequence_length(250, 2, error=MixtureError)
+    assert str(got.value) == str(want.value)
+
+    with pytest.raises(LayoutError) as want:
+        check_heads(8, 3)
+    for call in (
+        lambda: get_preset("tiny").with_updates(num_attention_heads=8, num_query_groups=3),
+        lambda: check_a2a_heads(8, 3, 2),
+    ):
+        with pytest.raises(LayoutError) as got:
+            call()
+        assert str(got.value) == str(want.value)
+
+    with pytest.raises(LayoutError) as want:
+        num_micro_batches(8, 1, 3)
+    assert "its 8 micro-batches are not divisible by DP 3" in str(want.value)
+    for call in (lambda: assign_global_batch(np.ones(8), 3, 1), lambda: megatron_order(8, 3, 1)):
+        with pytest.raises(LayoutError) as got:
+            call()
+        assert str(got.value) == str(want.value)
+    assert num_micro_batches(12, 2, 3) == 2
+    assert samples_per_step(4096, 1024) == 4
+    with pytest.raises(LayoutError, match="use 3072 or 4096 tokens"):
+        samples_per_step(4000, 1024)

@@ -87,7 +87,7 @@ def test_fallback_kernel_warnings_are_one_line_once(tmp_path):
     import subprocess
     import sys
 
-    from tests.harness import free_port
+    from megatron_longctx.runtime.spawn import free_port
 
     code = (
         "from megatron_longctx.runtime.distributed import DistEnv, init_process_group\n"

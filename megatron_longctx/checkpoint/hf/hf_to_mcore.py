@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
 import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from megatron_longctx.checkpoint.hf import keymap
 from megatron_longctx.checkpoint.hf.config_map import ConversionError, model_config_from_hf
 from megatron_longctx.checkpoint.hf.hf_io import HFReader
 from megatron_longctx.model.config import ModelConfig
+from megatron_longctx.runtime.spawn import init_local_rank, join_ranks, spawn_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +140,10 @@ def hf_to_mcore_collective(
     return save_checkpoint(save_dir, 0, [model], state=state)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawned_rank(rank: int, world: int, port: int, args: tuple, kwargs: dict, errors) -> None:
     try:
         torch.set_num_threads(1)
-        from megatron_longctx.runtime.distributed import DistEnv, init_process_group
-
-        init_process_group(DistEnv(rank, world, rank, "127.0.0.1", port), device="cpu")
+        init_local_rank(rank, world, port)
         hf_to_mcore_collective(*args, **kwargs)
     except BaseException:  # noqa: BLE001 - reported to the parent, which kills the other ranks
         errors.put((rank, traceback.format_exc()))
@@ -198,26 +190,10 @@ def hf_to_mcore(
         torch.distributed.barrier()  # every rank checked --save before any rank writes into it
         return hf_to_mcore_collective(*args, **kwargs)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_spawned_rank, args=(r, world, port, args, kwargs, errors))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    failed = None
-    while any(p.is_alive() for p in procs) and failed is None:
-        for p in procs:
-            p.join(0.2)
-            if p.exitcode not in (None, 0):
-                failed = p
-    for p in procs:  # one rank failed: the others would wait in a collective forever
-        if failed is not None and p.is_alive():
-            p.kill()
-        p.join()
-    if failed is not None or any(p.exitcode != 0 for p in procs):
+    errors = mp.get_context("spawn").SimpleQueue()
+    procs, _ = spawn_ranks(_spawned_rank, world, args, kwargs, errors)
+    join_ranks(procs, fail_fast=True)  # one rank failed: the others are killed
+    if any(p.exitcode != 0 for p in procs):
         details = "\n".join(f"--- rank {r}:\n{tb}" for r, tb in _drain(errors))
         raise RuntimeError(f"hf-to-mcore failed on a spawned rank:\n{details or '(no traceback)'}")
     return iteration_dir(save_dir, 0)

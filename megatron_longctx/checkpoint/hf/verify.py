@@ -21,7 +21,6 @@ A mismatch raises :class:`ExportParityError` naming what differs (the CLI exits 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import tempfile
 import traceback
@@ -108,7 +107,7 @@ def probe_tokens(cfg: ModelConfig, num: int = PROBE_TOKENS) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
 
 
-def _megatron_rank(ckpt: str, tokens, dtype: torch.dtype, result: str, port: int) -> None:
+def _megatron_rank(rank, world, port, ckpt: str, tokens, dtype: torch.dtype, result: str) -> None:
     """The spawned single rank: megatron logits of the checkpoint on ``tokens`` -> ``result``."""
     try:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -118,13 +117,10 @@ def _megatron_rank(ckpt: str, tokens, dtype: torch.dtype, result: str, port: int
         from megatron_longctx.checkpoint.hf.config_map import model_config_from_dict
         from megatron_longctx.model.build import build_gpt_model
         from megatron_longctx.parallel.layout import ParallelLayout
-        from megatron_longctx.runtime.distributed import (
-            DistEnv,
-            init_process_group,
-            initialize_model_parallel,
-        )
+        from megatron_longctx.runtime.distributed import initialize_model_parallel
+        from megatron_longctx.runtime.spawn import init_local_rank
 
-        init_process_group(DistEnv(0, 1, 0, "127.0.0.1", port), device="cpu")
+        init_local_rank(rank, world, port)
         layout = ParallelLayout(1, 1, 1)
         initialize_model_parallel(layout)
         tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -144,18 +140,12 @@ def _megatron_rank(ckpt: str, tokens, dtype: torch.dtype, result: str, port: int
 
 def megatron_probe_logits(ckpt: str | Path, tokens: torch.Tensor, dtype: torch.dtype, timeout=900):
     """Logits ``[b, s, vocab]`` of the checkpoint's megatron model (spawned single rank)."""
-    from megatron_longctx.checkpoint.hf.hf_to_mcore import _free_port
+    from megatron_longctx.runtime.spawn import join_ranks, spawn_ranks
 
     with tempfile.TemporaryDirectory(prefix="longctx-verify-") as tmp:
         result = os.path.join(tmp, "logits.pt")
-        ctx = mp.get_context("spawn")
-        args = (str(ckpt), tokens, dtype, result, _free_port())
-        proc = ctx.Process(target=_megatron_rank, args=args)
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        (proc,), _ = spawn_ranks(_megatron_rank, 1, str(ckpt), tokens, dtype, result)
+        if join_ranks([proc], timeout):
             raise ExportParityError(f"the megatron probe of {ckpt} did not finish in {timeout}s")
         if not os.path.exists(result):
             raise ExportParityError(f"the megatron probe of {ckpt} died (exit {proc.exitcode})")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_longctx.model.attention.blocks import CPLayout
 from megatron_longctx.model.attention.kernels import BlockKernel, block_attention, resolve_kernel
+from megatron_longctx.parallel.layout import check_heads
 
 #: bytes sent by this process's all-to-alls (excluding the slice kept locally), for benchmarks.
 COMM_BYTES: dict[str, int] = {"a2a_fwd": 0, "a2a_bwd": 0}
@@ -86,10 +87,7 @@ def check_a2a_heads(num_heads: int, num_kv_heads: int, cp_size: int) -> None:
             f"{cp_size}: got {num_heads} query heads ({num_heads} % {cp_size} = "
             f"{num_heads % cp_size}); use the ring mode, or a CP size that divides {num_heads}"
         )
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"query heads {num_heads} are not divisible by key/value heads {num_kv_heads}"
-        )
+    check_heads(num_heads, num_kv_heads)
 
 
 def kv_replication(num_kv_heads: int, cp_size: int) -> int:

@@ -1,5 +1,7 @@
 """Run a function on N gloo processes with a hard timeout and tracebacks on hang.
 
+    from megatron_longctx.testing.distributed import run_distributed
+
     results = run_distributed(fn, world_size=2, args=(...,), timeout=120)
 
 ``fn(rank, world_size, *args)`` runs in each spawned process after torch.distributed is initialised
@@ -14,22 +16,16 @@ import faulthandler
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
+
+from megatron_longctx.runtime.spawn import init_local_rank, join_ranks, spawn_ranks
 
 
 class DistributedTestError(AssertionError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, workdir, timeout):
@@ -46,11 +42,7 @@ def _worker(rank, world_size, port, fn, args, workdir, timeout):
         import torch
 
         torch.set_num_threads(1)
-        from megatron_longctx.runtime.distributed import DistEnv, init_process_group
-
-        init_process_group(
-            DistEnv(rank, world_size, rank, "127.0.0.1", port), device="cpu", timeout_s=timeout
-        )
+        init_local_rank(rank, world_size, port, timeout_s=timeout)
         out = fn(rank, world_size, *args)
         payload = ("ok", out)
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -67,33 +59,10 @@ def _worker(rank, world_size, port, fn, args, workdir, timeout):
 
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 180) -> list:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes; per-rank results."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
     workdir = tempfile.mkdtemp(prefix="longctx-dist-")
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LONGCTX_DEVICE")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LONGCTX_DEVICE="cpu")
-    procs = []
-    try:
-        for rank in range(world_size):
-            p = ctx.Process(
-                target=_worker, args=(rank, world_size, port, fn, args, workdir, timeout)
-            )
-            p.start()
-            procs.append(p)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
+    env = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LONGCTX_DEVICE="cpu")
+    procs, _ = spawn_ranks(_worker, world_size, fn, args, workdir, timeout, env=env)
+    hung = join_ranks(procs, timeout)
     results, errors = [], []
     for rank in range(world_size):
         path = Path(workdir) / f"rank{rank}.result"
