@@ -158,15 +158,16 @@ def _filled_units(lengths, sort, threshold: float, m: int, pool_size: int = 24):
 
 
 def _residue_subset(lengths, pool: list[int], need: int, m: int) -> list[int]:
-    """A few-token subset of ``pool`` whose length is ``need`` mod m ([] if none): the shortest
-    single document or pair that fits, else the fewest-token subset (0/1 knapsack over
-    residues)."""
+    """The fewest-token subset of ``pool`` (ascending lengths) whose length is ``need`` mod m ([]
+    if none): the shortest fitting single document or pair when no larger subset can be shorter,
+    else a 0/1 knapsack over residues."""
     n = lengths[pool] if pool else np.zeros(0, dtype=np.int64)
     r = n % m
     big = np.iinfo(np.int64).max
     single = np.where(r == need, n, big)
     pair = np.where(((r[:, None] + r[None, :]) % m == need) & _upper(n.size), n[:, None] + n, big)
-    if n.size and min(single.min(), pair.min()) < big:
+    if n.size and min(single.min(), pair.min()) <= n[: min(3, n.size)].sum():
+        # no subset of three or more can be shorter than the three shortest documents
         if single.min() <= pair.min():
             return [pool[int(np.argmin(single))]]
         i, j = np.unravel_index(int(np.argmin(pair)), pair.shape)
