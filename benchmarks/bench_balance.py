@@ -229,5 +229,6 @@ def main(argv=None) -> None:
         f"{max(r['dp_max'] for r in new):.3f}, max padding {100 * max(r['pad'] for r in new):.2f}%"
     )
 
+
 if __name__ == "__main__":
     main()

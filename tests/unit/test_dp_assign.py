@@ -81,13 +81,11 @@ def test_variable_assignment_permutation_optimum_and_bound(dp, b, min_count):
         got = max(cost[o.ravel()].sum() for o in order)
         equal = cost[assign_global_batch(cost, dp, b).reshape(dp, -1)].sum(1).max()
         assert got <= equal + 1e-12
-        mb_cost = cost.reshape(-1, b).sum(1) if b > 1 else cost  # b > 1: any pairing is allowed
         best = _brute_force(cost, dp, min_count * b) if b == 1 else None
         if best is not None:
             assert got <= best * 1.05 + 1e-12, (got, best)  # LPT + moves + exhaustive re-splits
             bound = dp_lower_bound(cost, dp) * cost.sum() / dp
             assert bound <= best + 1e-9, (bound, best)
-        del mb_cost
     # a heavy sample alone, the light ones together: counts differ and the max is the heavy one
     order = assign_variable(np.array([10.0, 1, 1, 1, 1, 1, 1, 1]), 2, 1)
     assert sorted(len(o) for o in order) == [1, 7]
@@ -190,3 +188,36 @@ def test_step_balance_equals_hand_computation():
     assert got["cp_work_max_over_min"] == pytest.approx(max(18 / 14, 9 / 7))
     assert got["dp_work_max_over_mean"] == pytest.approx(18 / 13.5)
     assert got["padding_share"] == pytest.approx(4 / 124)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_work_model_is_the_layout_the_batch_is_split_with(cp):
+    """The telemetry's per-rank work (``WorkModel.sample``) counted by brute force over the
+    tokens each rank really holds after ``to_model_batch``'s padding (same linear weight)."""
+    import torch
+
+    from megatron_longctx.parallel.cp_split import pad_documents_for_cp, rank_token_index
+
+    rng = np.random.default_rng(cp)
+    linear = 7.0
+    for _ in range(5):
+        lengths = rng.integers(1, 60, size=int(rng.integers(2, 9))).tolist()
+        lengths[-1] += (-sum(lengths)) % (2 * cp)  # the packer's sequence: a multiple of 2 CP
+        s = sum(lengths)
+        cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+        ones = torch.ones(1, s, dtype=torch.long)
+        batch = dict(
+            tokens=ones, labels=ones, loss_mask=ones.float(), position_ids=ones, cu_seqlens=cu
+        )
+        padded = pad_documents_for_cp(batch, cp, sharding="adaptive", linear=linear)
+        pos = torch.full((padded["tokens"].shape[1],), -1)  # position in document, -1 = padding
+        for a, b in padded["doc_spans"].tolist():
+            pos[a:b] = torch.arange(b - a)
+        want = []
+        for r in range(cp):
+            p = pos[rank_token_index(padded["cu_seqlens"], cp, r)]
+            p = p[p >= 0].double()
+            want.append(float((p + 1).sum() + linear * p.numel()))
+        got, pads = WorkModel(cp, "adaptive", linear).sample(lengths)
+        assert got.tolist() == pytest.approx(want)
+        assert pads == padded["tokens"].shape[1] - s
