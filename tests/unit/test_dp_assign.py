@@ -69,7 +69,7 @@ def _brute_force(cost, dp, min_count=1):
 @pytest.mark.parametrize("dp,b,min_count", [(2, 1, 1), (3, 1, 1), (2, 2, 1), (2, 1, 2)])
 def test_variable_assignment_permutation_optimum_and_bound(dp, b, min_count):
     rng = np.random.default_rng(dp * 7 + b + min_count)
-    for trial in range(4):
+    for _ in range(4):
         cost = np.round(rng.lognormal(0, 1.0, size=4 * dp * b if dp < 3 else 6), 3)
         order = assign_variable(cost, dp, b, min_count)
         assert len(order) == dp and all(o.shape[1] == b for o in order)
