@@ -14,12 +14,16 @@ Schemes (``SHARDINGS``):
   unbalanced at large CP (benchmarks/bench_balance.py).
 * ``"sequence"``: the whole sample is one unit (megatron's whole-sequence zigzag): almost no
   padding, but the rank holding a long document's late chunk does most of its attention.
-* ``"adaptive"`` (default): the documents of the sample are put shortest first; documents of at
-  least T tokens are their own unit and all shorter ones form one unit, with T chosen per sample
-  among a few thresholds (0, 2 CP x 2^k, infinity) as the one whose total work (attention pairs +
-  linear work per token, the perf model's ratio) is most even across CP ranks, subject to padding
-  <= ``max_padding`` (WLB-LLM's per-document vs per-sequence rule, made per sample and exact).
-  Units are padded at their start (``PAD_FIRST``).
+* ``"adaptive"`` (default): per sample, the most even of a few candidate layouts (total work =
+  attention pairs + linear work per token, the perf model's ratio, across CP ranks), subject to
+  padding <= ``max_padding`` (WLB-LLM's per-document vs per-sequence rule, made per sample and
+  exact). For each threshold T among (0, 2 CP x 2^k, infinity): (i) documents of at least T
+  tokens are their own unit and all shorter ones form one unit, shortest first; (ii) the same,
+  but every long document is led by the fewest tokens of short documents that make its unit a
+  multiple of 2 x CP (``_filled_units``): its unit then needs no padding, which otherwise always
+  lands on rank 0 (it holds both ends of every unit), and a prefix of ell tokens moves only
+  ~ell^2/2 attention pairs to the ranks holding the unit's first chunks. Units are padded at
+  their start (``PAD_FIRST``). Plans are cached per document-length vector.
 
 Everything is numpy, per (document, chunk) piece: a 512K-token sample costs well under 1 ms/plan.
 """
