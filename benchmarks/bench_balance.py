@@ -15,15 +15,23 @@ No real corpus is available offline, so document lengths are SIMULATED per compo
 synthetic distributions in ``LENGTHS`` (log-normal, truncated to the component's bucket
 [min_tokens, max_tokens)); samples are then built exactly as the packer does (each component one
 stream of its documents, sample j = stream tokens [jS, jS + S + 1)), and the component of every
-sample comes from the project's blending (data/index.py ``blend_components``). Rows where the
-global batch has fewer samples than DP ranks cannot run and are skipped; "bound" is the best any
-assignment of whole samples can reach (heaviest sample over the mean DP-rank cost).
+sample comes from the project's blending (data/index.py ``blend_components``). The new scheme's DP
+assignment lets ranks run different numbers of micro-batches (``assign_variable``). Rows where the
+global batch has fewer samples than DP ranks cannot run and are printed as such. "bound" is the
+best any assignment of whole samples can reach in the row's worst step (``dp_lower_bound``: the
+heaviest sample, and the smallest subset sum that reaches the mean DP-rank cost); rows where it
+exceeds 1.03 are marked ``*`` (the DP target is out of reach there); "gap" is the worst step's
+achieved value over its own bound. The bound is valid but weak when costs come in clusters (it
+looks at one rank at a time), so an unmarked row above 1.03 is not proven feasible.
 
 Where the targets (CP <= 1.02, DP <= 1.03) are out of reach, and why: at CP 32 a 64K sample gives
-each rank 2K tokens (1K at 32K), so documents of a few thousand tokens, and the one padded unit
-end per long document that every zigzag puts on rank 0, are coarse against a rank's share; with
-one to four samples per DP rank (512K: 16 samples per step; 64K: DP 16 and 64) whole samples
-cannot be split and a one-document 64K sample costs about twice a short-document one.
+each rank 2K tokens (1K at 32K). Rank 0 holds both ends of every unit, so the padding of a unit
+(up to 2 CP - 1 tokens) always costs rank 0; the adaptive rule avoids it by leading long documents
+with short ones, but samples of a few long documents and no short ones (arxiv, two-piece long
+samples) keep up to ~2 CP tokens of padding per document on rank 0, and long filling prefixes move
+attention work to the low ranks. With one to four samples per DP rank (512K: 16 samples per step;
+64K: DP 16 and 64) whole samples cannot be split and a one-document 64K sample costs about twice a
+short-document one.
 
 The last line is ``balance: worst CP max/min X, worst DP max/mean Y, max padding Z%`` over the
 new scheme's rows.
