@@ -23,6 +23,8 @@ class _OneHeavy:
     """Work model: a sample's cost grows as the cube of its attention pairs, so the heaviest
     sample of the batch outweighs the rest together (a pure function of the lengths)."""
 
+    linear = 0.0  # the weight WorkModel hands the CP split (CP 1 here: unused)
+
     def sample(self, doc_lengths):
         pairs = float(np.sum(np.asarray(doc_lengths, dtype=np.float64) ** 2))
         return np.array([pairs**3]), 0
