@@ -10,7 +10,9 @@ document they come from, the distribution of documents per sample, and the index
 kept/dropped, documents carried across samples, epochs restarted), and the load balance the
 stage will get (``--context-parallel-size``, ``--dp-size``, ``--global-batch-size``,
 ``--cp-sharding``): max/mean work across CP and DP ranks per step (parallel/dp_assign.py) and the
-padding share, for the balanced assignment and megatron's order. Writes the same as a PNG.
+padding share, for the balanced assignment (DP ranks may run different numbers of micro-batches)
+and megatron's order, with the best any assignment of whole samples can reach (DP bound). Writes
+the same as a PNG.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def balance_report(index, num_samples: int, cp: int, dp: int, gb: int, sharding:
     from megatron_longctx.data.packing import sample_doc_lengths
     from megatron_longctx.parallel.dp_assign import (
         WorkModel,
-        assign_global_batch,
+        assign_variable,
+        dp_lower_bound,
         megatron_order,
         step_balance,
     )
@@ -102,10 +105,12 @@ def balance_report(index, num_samples: int, cp: int, dp: int, gb: int, sharding:
         work = np.stack([w for w, _ in per])
         pads, toks = [p for _, p in per], [x.sum() for x in lengths]
         for name, order in (
-            ("balanced", assign_global_batch(work.max(1), dp, 1)),
+            ("balanced", assign_variable(work.max(1), dp, 1)),
             ("megatron order", megatron_order(gb, dp, 1)),
         ):
             out[name].append(step_balance(work, pads, toks, order))
+        # no assignment of whole samples can beat this (parallel/dp_assign.py)
+        out["balanced"][-1]["dp_lower_bound"] = dp_lower_bound(work.max(1), dp)
     return out
 
 
@@ -121,6 +126,11 @@ def format_balance(res: dict, cp: int, dp: int, sharding: str) -> str:
             f"{np.median(figs['dp_work_max_over_mean']):.4f} worst "
             f"{figs['dp_work_max_over_mean'].max():.4f} | padding "
             f"{100 * figs['padding_share'].mean():.3f}%"
+            + (
+                f" | DP bound worst {figs['dp_lower_bound'].max():.4f}"
+                if "dp_lower_bound" in figs
+                else ""
+            )
         )
     return "\n".join(lines)
 

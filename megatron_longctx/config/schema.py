@@ -56,7 +56,8 @@ class StageConfig:
             forced with Transformer Engine's attention, the only THD layout it accepts) or
             "sequence" (megatron's whole-sequence zigzag).
         dp_balance: deal each global batch's samples to DP ranks and micro-batches by their
-            work (parallel/dp_assign.py); the set of samples per step is unchanged.
+            work (parallel/dp_assign.py; ranks may run different numbers of micro-batches);
+            the set of samples per step, hence the loss, is unchanged.
         eval: run the long-context evaluation at the end of the stage (rank 0 exports the
             stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
         eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,

@@ -4,9 +4,11 @@ Sample order is a pure function of the index and the absolute sample number: glo
 is samples ``[g*G, (g+1)*G)``; inside it, micro-step ``m`` takes the next ``b*D`` samples and DP
 rank ``r`` gets the ``b`` of them at ``[r*b, (r+1)*b)`` (megatron's ``MegatronPretrainingSampler``
 layout; G = global batch, b = micro batch, D = DP size). With a ``work`` model (balanced
-assignment, parallel/dp_assign.py) the same G samples are instead dealt to DP ranks and
-micro-batches by their work, a pure function of global batch ``g``. The only state is
-``consumed_samples``, so:
+assignment, parallel/dp_assign.py ``assign_variable``) the same G samples are instead dealt to DP
+ranks and micro-batches by their work, a pure function of global batch ``g``; ranks may then run
+different numbers of micro-batches in a step (``num_micro_batches`` is this rank's count for the
+coming step). The only state is ``consumed_samples`` (with balance it advances by G once this
+rank has taken its last micro-batch of the global batch), so:
 
 * restarting at any micro-step boundary replays exactly the batches that would have followed;
 * changing D at a fixed G keeps each global batch's set of samples (hence the loss) unchanged;
@@ -35,7 +37,7 @@ from megatron_longctx.data.mixture import MixtureError
 from megatron_longctx.data.packing import SamplePacker, sample_doc_lengths
 from megatron_longctx.parallel.dp_assign import (
     WorkModel,
-    assign_global_batch,
+    assign_variable,
     megatron_order,
     step_balance,
 )
@@ -58,6 +60,7 @@ class MixtureLoader:
         packer: SamplePacker | None = None,
         work: WorkModel | None = None,
         balance: bool = True,
+        min_micro_batches: int = 1,
     ):
         """Checks the batch arithmetic and positions the loader.
 
@@ -71,7 +74,9 @@ class MixtureLoader:
             packer: Sample materialiser; default opens the index's ``.bin`` files.
             work: per-sample work model (CP size and sharding); enables ``step_balance``.
             balance: with ``work``, deal each global batch to DP ranks and micro-batches by work
-                (``assign_global_batch``); False keeps megatron's order.
+                (``assign_variable``); False keeps megatron's order.
+            min_micro_batches: fewest micro-batches a rank runs per step with balance (the
+                interleaved pipeline schedule needs >= PP).
 
         Raises:
             MixtureError: inconsistent sizes, with the arithmetic in the message.
@@ -93,8 +98,9 @@ class MixtureLoader:
         self.dp_size = dp_size
         self.packer = packer or SamplePacker(index)
         self.work, self.balance = work, balance and work is not None
-        self._plan: tuple[int, np.ndarray, dict] | None = None
-        self._consumed = 0
+        self.min_micro_batches = min_micro_batches
+        self._plan: tuple | None = None
+        self._consumed, self._taken = 0, 0  # _taken: this rank's micro-batches of the batch
         self._set_consumed(consumed_samples)
 
     @property
@@ -104,8 +110,15 @@ class MixtureLoader:
 
     @property
     def num_micro_batches(self) -> int:
-        """Micro-batches per global batch on each rank."""
-        return num_micro_batches(self.global_batch_size, self.micro_batch_size, self.dp_size)
+        """Micro-batches this rank runs in the coming step (with balance: its share of the global
+        batch the next micro-batch comes from, which may differ between ranks)."""
+        if not self.balance:
+            return num_micro_batches(self.global_batch_size, self.micro_batch_size, self.dp_size)
+        return len(self._global_plan(*self._position())[1][self.dp_rank])
+
+    def _position(self) -> tuple[int, int]:
+        """(global batch, first sample of it not yet dealt) of the coming step."""
+        return divmod(self._consumed, self.global_batch_size)
 
     def _set_consumed(self, consumed: int) -> None:
         step = self.micro_batch_size * self.dp_size
@@ -119,7 +132,7 @@ class MixtureLoader:
                 f"consumed_samples {consumed} is past the index's "
                 f"{self.index.num_samples} samples; rebuild it with more samples"
             )
-        self._consumed = consumed
+        self._consumed, self._taken = consumed, 0
 
     def state_dict(self) -> dict:
         """The loader's state: consumed samples plus what identifies the index (for checks)."""
@@ -174,41 +187,57 @@ class MixtureLoader:
         if self.work is None:
             first = self._consumed + self.dp_rank * self.micro_batch_size
             samples = range(first, first + self.micro_batch_size)
-        else:
-            g, within = divmod(self._consumed, self.global_batch_size)
-            order = self._global_plan(g)[1]
+        elif not self.balance:
+            g, within = self._position()
+            order = self._global_plan(g, 0)[1]
             samples = (g * self.global_batch_size + order[self.dp_rank, within // step]).tolist()
+        else:
+            g, within = self._position()
+            mine = self._global_plan(g, within)[1][self.dp_rank]
+            samples = (g * self.global_batch_size + within + mine[self._taken]).tolist()
         batch = collate([self.packer.get(s) for s in samples])
-        self._consumed += step
+        if self.work is not None:  # the CP split plans units with the work model's weights
+            batch["cp_linear"] = self.work.linear
+        if not self.balance:
+            self._consumed += step
+        else:
+            self._taken += 1
+            if self._taken == len(mine):  # this rank's share of the step is done
+                self._consumed, self._taken = (g + 1) * self.global_batch_size, 0
         return batch
 
-    def _global_plan(self, g: int) -> tuple[int, np.ndarray, dict]:
-        """(g, [D, M, b] assignment, balance figures) of global batch g, computed once."""
-        if self._plan is None or self._plan[0] != g:
+    def _global_plan(self, g: int, within: int) -> tuple:
+        """(key, assignment, balance figures) of samples [within, G) of global batch g (all of
+        it unless a resume changed G mid-batch), computed once per step and cached: a pure
+        function of the batch, the same on every rank."""
+        if self._plan is None or self._plan[0] != (g, within):
             G = self.global_batch_size
-            first = g * G
-            if first + G > self.index.num_samples:
+            first = g * G + within
+            if g * G + G > self.index.num_samples:
                 raise MixtureError(
-                    f"global batch {g} needs samples up to {first + G}, the index has "
+                    f"global batch {g} needs samples up to {g * G + G}, the index has "
                     f"{self.index.num_samples}; rebuild it with more samples"
                 )
-            lengths = [sample_doc_lengths(self.index, first + i) for i in range(G)]
+            lengths = [sample_doc_lengths(self.index, s) for s in range(first, g * G + G)]
             per = [self.work.sample(x) for x in lengths]
             cp_work = np.stack([w for w, _ in per])
             pads = np.array([p for _, p in per])
             cost = cp_work.max(axis=1)
             b, D = self.micro_batch_size, self.dp_size
-            order = assign_global_batch(cost, D, b) if self.balance else megatron_order(G, D, b)
+            if self.balance:
+                order = assign_variable(cost, D, b, self.min_micro_batches)
+            else:
+                order = megatron_order(G, D, b)
             stats = step_balance(cp_work, pads, [x.sum() for x in lengths], order)
-            self._plan = (g, order, stats)
+            self._plan = ((g, within), order, stats)
         return self._plan
 
     def step_balance(self) -> dict[str, float]:
-        """Balance figures of the global batch the last micro-batch came from (every rank agrees:
-        the assignment is a pure function of the batch); empty without a work model."""
-        if self.work is None or self._consumed == 0:
+        """Balance figures of the step just taken (every rank agrees: the assignment is a pure
+        function of the batch); empty without a work model or before the first step."""
+        if self.work is None or self._plan is None:
             return {}
-        return dict(self._global_plan((self._consumed - 1) // self.global_batch_size)[2])
+        return dict(self._plan[2])
 
 
 def collate(samples: list[dict]) -> dict:

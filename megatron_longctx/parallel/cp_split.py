@@ -91,6 +91,7 @@ def pad_documents_for_cp(
     pad_to: int | None = None,
     pad_token_id: int = 0,
     sharding: str = "document",
+    linear: float | None = None,
 ) -> dict:
     """Groups documents into CP units (parallel/units.py) and pads every unit to a multiple of
     2 x ``cp_size`` (at its end; at its start for ``"adaptive"``, units.PAD_FIRST).
@@ -103,6 +104,9 @@ def pad_documents_for_cp(
         pad_token_id: token and label id written into padding.
         sharding: ``"document"`` (one unit per document, Transformer Engine's layout),
             ``"adaptive"`` or ``"sequence"`` (parallel/units.py SHARDINGS).
+        linear: linear work per token in attention pairs for the adaptive rule (the loader's
+            work model passes the stage's, so the layout is the one its telemetry planned);
+            None: units.LINEAR_PAIRS_PER_TOKEN.
 
     Returns:
         A new batch in the padded layout: ``cu_seqlens`` (int32, padded unit boundaries),
@@ -113,7 +117,7 @@ def pad_documents_for_cp(
         (longest padded unit). Padded tokens have loss_mask 0; their position ids continue the
         unit's documents (megatron's THD RoPE ignores them: positions restart per unit).
     """
-    from megatron_longctx.parallel.units import PAD_FIRST, plan_units
+    from megatron_longctx.parallel.units import LINEAR_PAIRS_PER_TOKEN, PAD_FIRST, plan_units
 
     cu = _as_list(batch["cu_seqlens"])
     _check_cu(cu, "cu_seqlens")
@@ -126,7 +130,8 @@ def pad_documents_for_cp(
         )
     multiple = num_chunks(cp_size)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    order, unit = plan_units(lengths, cp_size, sharding)
+    linear = LINEAR_PAIRS_PER_TOKEN if linear is None else linear
+    order, unit = plan_units(lengths, cp_size, sharding, linear=linear)
     pad_first = PAD_FIRST[sharding]
     unit_docs: list[list[int]] = []  # original document indices of each unit, in layout order
     for d, u in zip(order.tolist(), unit.tolist()):

@@ -8,12 +8,16 @@ and a DP-size change at fixed global batch still trains on the same samples per 
 
 Cost of a sample on a CP group = its slowest CP rank's work (``WorkModel``: attention pairs +
 linear work per token under the stage's CP sharding, parallel/units.py); a DP rank's step cost is
-the sum over its micro-batches. Two capacity-constrained LPT passes (longest processing time
-first, then swaps of one item of the heaviest bin with one of a lighter bin while that lowers the
-maximum): samples -> micro-batches of
-``b`` samples, micro-batches -> DP ranks (each gets the same number, as megatron's schedules
-need). With one sample per DP rank nothing can be balanced: the step is as slow as its heaviest
-sample (benchmarks/bench_balance.py prints that bound).
+the sum over its micro-batches. Samples are first dealt to micro-batches of ``b`` samples
+(capacity-constrained LPT: longest processing time first, then swaps of one item of the heaviest
+bin with one of a lighter bin while that lowers the maximum). ``assign_global_batch`` then gives
+every DP rank the same number of micro-batches (megatron's sampler layout); ``assign_variable``
+lets ranks take different numbers (one heavy micro-batch alone vs several light ones: LPT, then
+moves and swaps), which is what balances a step when a rank gets only a few samples whose work
+varies ~10x. The loss stays exact either way: gradients are summed over a rank's micro-batches
+and divided by the global token count (``calculate_per_token_loss``), whatever the counts. With
+fewer micro-batches than DP ranks nothing can be balanced; the bound is the heaviest micro-batch
+over the mean (benchmarks/bench_balance.py prints it).
 """
 
 from __future__ import annotations
@@ -92,6 +96,74 @@ def _lpt(cost: np.ndarray, num_bins: int, capacity: int, swaps: int = 64) -> np.
     return bins
 
 
+def _spread(cost: np.ndarray, num_bins: int, min_count: int, rounds: int = 256) -> np.ndarray:
+    """Bin of every item, bins of any size >= ``min_count``: LPT, then the best single move or
+    swap out of the heaviest bin while it lowers the maximum (deterministic)."""
+    n = cost.size
+    order = np.lexsort((np.arange(n), -cost))
+    load = np.zeros(num_bins)
+    count = np.zeros(num_bins, dtype=np.int64)
+    bins = np.empty(n, dtype=np.int64)
+    for left, i in zip(range(n, 0, -1), order):
+        short = np.flatnonzero(count < min_count)
+        cand = short if short.size >= left else np.arange(num_bins)  # fill every bin first
+        b = cand[np.argmin(load[cand])]
+        bins[i], load[b], count[b] = b, load[b] + cost[i], count[b] + 1
+    for _ in range(rounds):
+        hi = int(np.argmax(load))
+        a = np.flatnonzero(bins == hi)
+        best = (load[hi] * (1 - 1e-12), None)
+        for lo in range(num_bins):
+            if lo == hi:
+                continue
+            b = np.flatnonzero(bins == lo)
+            if a.size > min_count:  # move one item hi -> lo
+                new = np.maximum(load[hi] - cost[a], load[lo] + cost[a])
+                k = int(np.argmin(new))
+                if new[k] < best[0]:
+                    best = (new[k], (lo, a[k], None))
+            delta = cost[a][:, None] - cost[b][None, :]
+            new = np.maximum(load[hi] - delta, load[lo] + delta)
+            k = np.unravel_index(np.argmin(new), new.shape)
+            if new[k] < best[0]:
+                best = (new[k], (lo, a[k[0]], b[k[1]]))
+        if best[1] is None:
+            if not _repartition_pair(cost, bins, load, hi, min_count):
+                break
+            continue
+        lo, i, j = best[1]
+        moved = cost[i] - (cost[j] if j is not None else 0.0)
+        bins[i] = lo
+        if j is not None:
+            bins[j] = hi
+        load[hi] -= moved
+        load[lo] += moved
+    return bins
+
+
+def _repartition_pair(cost, bins, load, hi: int, min_count: int, max_items: int = 14) -> bool:
+    """Best split of the heaviest bin's and one lighter bin's items together (exhaustive over
+    subsets, lightest partner first); True when it lowered the heavier of the two."""
+    for lo in np.argsort(load, kind="stable"):
+        if lo == hi:
+            continue
+        items = np.flatnonzero((bins == hi) | (bins == lo))
+        if items.size > max_items:
+            continue
+        masks = np.arange(1 << items.size)
+        member = (masks[:, None] >> np.arange(items.size)) & 1  # [2^n, n]: item in bin hi
+        size = member.sum(1)
+        ok = (size >= min_count) & (items.size - size >= min_count)
+        a = member @ cost[items]
+        worst = np.where(ok, np.maximum(a, load[hi] + load[lo] - a), np.inf)
+        k = int(np.argmin(worst))  # ties: the smallest mask, deterministic
+        if worst[k] < load[hi] * (1 - 1e-12):
+            bins[items] = np.where(member[k] == 1, hi, lo)
+            load[hi], load[lo] = a[k], load[hi] + load[lo] - a[k]
+            return True
+    return False
+
+
 def assign_global_batch(cost, dp_size: int, micro_batch_size: int) -> np.ndarray:
     """Positions (within the global batch) run by each DP rank and micro-batch.
 
@@ -119,6 +191,64 @@ def assign_global_batch(cost, dp_size: int, micro_batch_size: int) -> np.ndarray
     return out
 
 
+def assign_variable(
+    cost, dp_size: int, micro_batch_size: int, min_micro_batches: int = 1
+) -> list[np.ndarray]:
+    """Like ``assign_global_batch``, but DP ranks may run different numbers of micro-batches.
+
+    Args:
+        cost: ``[G]`` cost of each sample of the global batch, in index order.
+        dp_size: data-parallel size D. micro_batch_size: samples per micro-batch b.
+        min_micro_batches: fewest micro-batches a rank may run (1; PP with interleaving needs
+            >= PP, megatron's ``microbatch_group_size_per_vp_stage``).
+
+    Returns:
+        D int64 arrays ``[M_r, b]`` (sum of M_r = G / b, each M_r >= ``min_micro_batches``): a
+        permutation of ``range(G)``; micro-batches in decreasing cost, samples in index order.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    g = cost.size
+    num_mb = g // micro_batch_size if g % micro_batch_size == 0 else -1
+    if num_mb < dp_size * min_micro_batches:
+        raise ValueError(
+            f"global batch {g} does not give DP {dp_size} x {min_micro_batches} micro-batches "
+            f"of {micro_batch_size} samples"
+        )
+    mb_of = _lpt(cost, num_mb, micro_batch_size)
+    mb_cost = np.bincount(mb_of, weights=cost, minlength=num_mb)
+    rank_of = _spread(mb_cost, dp_size, min_micro_batches)
+    out = []
+    for r in range(dp_size):
+        mbs = np.flatnonzero(rank_of == r)
+        mbs = mbs[np.lexsort((mbs, -mb_cost[mbs]))]
+        out.append(np.stack([np.flatnonzero(mb_of == mb) for mb in mbs]).astype(np.int64))
+    return out
+
+
+def dp_lower_bound(cost, dp_size: int, resolution: float = 1e-5) -> float:
+    """A lower bound on (heaviest DP rank) / (mean DP rank) over every assignment of whole samples.
+
+    Some rank carries at least the mean, and its load is a sum of a subset of the costs, so the
+    maximum is >= the smallest subset sum that reaches the mean (and >= the heaviest sample).
+    Subset sums are enumerated exactly on a grid of ``resolution`` x mean (costs floored, which
+    only lowers the bound, by at most ``G x resolution``).
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    mean = cost.sum() / dp_size
+    if mean <= 0:
+        return 1.0
+    unit = mean * resolution
+    k = np.floor(cost / unit).astype(np.int64)
+    need = int(np.ceil(mean / unit)) - cost.size  # a subset reaching the mean has >= this
+    top = need + int(k.max()) + 1
+    reach = np.zeros(top + 1, dtype=bool)
+    reach[0] = True
+    for x in k[k > 0]:  # bitset subset-sum, capped just above the first sum >= need
+        reach[x:] |= reach[: top + 1 - x].copy()
+    first = need + int(np.argmax(reach[max(need, 0) :])) if reach[max(need, 0) :].any() else top
+    return max(1.0, float(cost.max()) / mean, first * unit / mean)
+
+
 def megatron_order(global_batch: int, dp_size: int, micro_batch_size: int) -> np.ndarray:
     """megatron's MegatronPretrainingSampler layout as ``[D, M, b]`` positions (no balancing)."""
     m = num_micro_batches(global_batch, micro_batch_size, dp_size)
@@ -131,7 +261,8 @@ def step_balance(cp_work: np.ndarray, padding, tokens, order: np.ndarray) -> dic
     Args:
         cp_work: ``[G, CP]`` work of every CP rank on every sample of the global batch.
         padding: ``[G]`` padding tokens of each sample; tokens: ``[G]`` real tokens.
-        order: ``[D, M, b]`` assignment (``assign_global_batch`` or ``megatron_order``).
+        order: ``[D, M, b]`` assignment (``assign_global_batch`` or ``megatron_order``), or
+            D arrays ``[M_r, b]`` (``assign_variable``).
 
     Returns:
         ``cp_work_max_over_mean``: worst DP rank's sum over micro-batches of max CP work over the
@@ -140,10 +271,10 @@ def step_balance(cp_work: np.ndarray, padding, tokens, order: np.ndarray) -> dic
         over the mean; ``padding_share``: padding / (real + padding) tokens.
     """
     cp_work = np.asarray(cp_work, dtype=np.float64)
-    per_rank = cp_work[order.reshape(order.shape[0], -1)]  # [D, M*b, CP]
-    slow = per_rank.max(axis=2).sum(axis=1)  # step cost of each DP rank
-    mean = per_rank.mean(axis=2).sum(axis=1)
-    totals = per_rank.sum(axis=1)  # [D, CP]
+    per_rank = [cp_work[np.asarray(o).reshape(-1)] for o in order]  # D x [M_r*b, CP]
+    slow = np.array([w.max(axis=1).sum() for w in per_rank])  # step cost of each DP rank
+    mean = np.array([w.mean(axis=1).sum() for w in per_rank])
+    totals = np.stack([w.sum(axis=0) for w in per_rank])  # [D, CP]
     pad, real = float(np.sum(padding)), float(np.sum(tokens))
     return {
         "cp_work_max_over_mean": float((slow / np.maximum(mean, 1e-30)).max()),

@@ -78,10 +78,11 @@ def to_model_batch(
     flat = {k: micro[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     flat["cu_seqlens"] = micro["cu_seqlens"].to(torch.int32)
     multiple = token_multiple(cp_size, sp_size, sequence_parallel=True)
-    padded = pad_documents_for_cp(flat, cp_size, sharding=sharding)
+    plan = dict(sharding=sharding, linear=micro.get("cp_linear"))  # the loader's work model
+    padded = pad_documents_for_cp(flat, cp_size, **plan)
     if padded["tokens"].shape[1] % multiple:
         pad_to = -(-padded["tokens"].shape[1] // multiple) * multiple
-        padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, sharding=sharding)
+        padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, **plan)
     local = cp_split(padded, cp_size, cp_rank)
     return {
         "tokens": local["tokens"],

@@ -62,4 +62,10 @@ def build_stage_loader(
             linear_pairs_per_token(cfg.model_config(stage)),
         ),
         balance=stage.dp_balance,
+        # megatron's interleaved schedule runs micro-batches in groups of PP
+        min_micro_batches=(
+            stage.parallel.pipeline_model_parallel_size
+            if stage.parallel.virtual_pipeline_model_parallel_size
+            else 1
+        ),
     )

@@ -56,8 +56,11 @@ def test_units_cover_every_token_once_and_merge_inverts(cp, sharding):
     spans = padded["doc_spans"].tolist()
     order = padded["doc_order"].tolist()
     assert sorted(order) == list(range(len(LENGTHS)))
-    if sharding == "adaptive":  # shortest first
-        assert [LENGTHS[d] for d in order] == sorted(LENGTHS)
+    if sharding == "adaptive":  # shortest first inside every unit (a long one last)
+        unit_of = np.searchsorted(padded["cu_seqlens"].numpy(), [a for a, _ in spans], "right")
+        for u in set(unit_of.tolist()):
+            docs = [LENGTHS[d] for d, w in zip(order, unit_of) if w == u]
+            assert docs == sorted(docs)
     starts = np.cumsum([0] + LENGTHS)
     for (a, b), d in zip(spans, order):  # every document whole and unchanged, with its labels
         s0, n = starts[d], LENGTHS[d]
@@ -154,3 +157,42 @@ def test_adaptive_beats_per_document_on_short_documents():
     assert results["adaptive"] < min(results["document"], results["sequence"])
     assert results["adaptive"] < 1.02, results
     assert padding_tokens(lengths[order], unit, cp) <= 0.005 * lengths.sum()
+
+
+def test_residue_subset_finds_a_fitting_subset_whenever_one_exists():
+    import itertools
+
+    from megatron_longctx.parallel.units import _residue_subset
+
+    rng = np.random.default_rng(11)
+    for _ in range(100):
+        lengths = rng.integers(1, 120, size=7)
+        m, need = 16, int(rng.integers(1, 16))
+        got = _residue_subset(lengths, list(range(7)), need, m)
+        exists = any(
+            lengths[list(c)].sum() % m == need
+            for k in range(1, 8)
+            for c in itertools.combinations(range(7), k)
+        )
+        assert (got != []) == exists
+        if got:
+            assert len(set(got)) == len(got) and lengths[got].sum() % m == need
+
+
+@pytest.mark.parametrize("cp", [4, 8])
+def test_long_units_filled_by_short_documents_need_no_padding(cp):
+    """A long document led by the short ones that make its unit a multiple of 2 x CP: no padding
+    anywhere, every token covered once, and the brute-force work count agrees."""
+    m = 2 * cp
+    lengths = [7 * m + 3, 2 * m - 3, 5, 3 * m - 5, 9 * m + 1, 2 * m - 1]  # short ones fill
+    order, unit = plan_units(lengths, cp, "adaptive", linear=0.0)
+    ordered = np.asarray(lengths)[order]
+    assert padding_tokens(ordered, unit, cp) == 0
+    assert unit.max() >= 1 and sorted(order.tolist()) == list(range(len(lengths)))
+    padded = pad_documents_for_cp(_batch(lengths), cp, sharding="adaptive")
+    assert padded["tokens"].shape[1] == sum(lengths)
+    shards = [cp_split(padded, cp, r) for r in range(cp)]
+    seen = torch.cat([sh["tokens"].flatten() for sh in shards]).tolist()
+    assert sorted(seen) == list(range(1, sum(lengths) + 1))
+    merged = cp_merge(shards)
+    assert torch.equal(merged["tokens"], padded["tokens"])
