@@ -34,6 +34,8 @@ import functools
 
 import numpy as np
 
+from megatron_longctx.parallel.zigzag import chunk_owner, num_chunks, padding_to_zigzag
+
 SHARDINGS = ("adaptive", "document", "sequence")
 
 #: where each scheme pads a unit: "adaptive" pads at the unit's start. Rank 0 holds both ends of
@@ -109,7 +111,7 @@ def _cached_plan(key: bytes, cp_size: int, linear: float, max_padding: float):
         seen.add(num_long)
         candidates = [(sort, _threshold_units(lengths[sort], threshold))]
         if 0 < num_long <= MAX_FILLED:
-            candidates.append(_filled_units(lengths, sort, threshold, 2 * cp_size))
+            candidates.append(_filled_units(lengths, sort, threshold, num_chunks(cp_size)))
         for order, unit in candidates:
             ordered = lengths[order]
             work = work_per_rank(ordered, unit, cp_size, linear, pad_first=True)
@@ -122,7 +124,7 @@ def _cached_plan(key: bytes, cp_size: int, linear: float, max_padding: float):
 
 
 def _thresholds(lengths: np.ndarray, cp_size: int) -> list[float]:
-    m = 2 * cp_size
+    m = num_chunks(cp_size)
     top = int(lengths.max())
     out, t = [0.0], float(m)
     while t <= top:
@@ -203,7 +205,7 @@ def _upper(n: int) -> np.ndarray:
 def padding_tokens(doc_lengths, unit: np.ndarray, cp_size: int) -> int:
     """Tokens added by padding every unit to a multiple of 2 x CP."""
     real = np.bincount(unit, weights=doc_lengths).astype(np.int64)
-    return int(((-real) % (2 * cp_size)).sum())
+    return int(padding_to_zigzag(real, cp_size).sum())
 
 
 def work_per_rank(
@@ -221,7 +223,7 @@ def work_per_rank(
     chunk) pieces.
     """
     lengths = np.asarray(doc_lengths, dtype=np.int64)
-    m = 2 * cp_size
+    m = num_chunks(cp_size)
     if lengths.size == 0:
         return np.zeros(cp_size)
     real = np.bincount(unit, weights=lengths).astype(np.int64)
@@ -243,7 +245,7 @@ def work_per_rank(
     hi = np.minimum(b[doc], (j + 1) * c[doc])
     num = hi - lo
     work = num * (lo - a[doc] + 1) + num * (num - 1) / 2 + num * linear
-    rank = np.where(j < cp_size, j, m - 1 - j)
+    rank = chunk_owner(j, cp_size)
     return np.bincount(rank, weights=work, minlength=cp_size)
 
 
