@@ -63,14 +63,14 @@ TOOL = r"""
 import json, resource, sys, time
 from megatron_longctx.data.preprocess.pipeline import PreprocessConfig, preprocess
 corpus, kind, model, prefix, workers, max_piece_chars = sys.argv[1:7]
-start = time.perf_counter()
+start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 report = preprocess(PreprocessConfig(input=corpus, output_prefix=prefix, quiet=True,
     tokenizer_type=kind, tokenizer_model=model, append_eod=True, workers=int(workers),
     max_piece_chars=int(max_piece_chars)))
 own = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"tokens": report.num_tokens, "seconds": time.perf_counter() - start,
     "split": report.split.documents, "pieces": report.split.pieces,
-    "parent_cpu": own.ru_utime + own.ru_stime}))
+    "parent_cpu": own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime}))
 """
 
 
@@ -204,11 +204,19 @@ def main() -> int:
         if len(cpu) == 2 and sum(cpu):
             # Independent of other load on the machine: the busiest worker bounds the wall time.
             print(
-                f"{name}: worker cpu s {cpu[0]:.1f} + {cpu[1]:.1f} (parent "
-                f"{runs[name]['parent_cpu']:.1f}, imports included); busiest worker's share "
+                f"{name}: worker cpu s {cpu[0]:.2f} + {cpu[1]:.2f}, parent "
+                f"{runs[name]['parent_cpu']:.2f}; busiest worker's share "
                 f"{cpu[0] / sum(cpu):.0%} -> at most {sum(cpu) / cpu[0]:.2f}x over one worker"
             )
     one, two = runs["tool, pieces, --workers 1"], runs["tool, pieces, --workers 2"]
+    total = sum(two["worker_cpu"][:2]) + two["parent_cpu"]
+    if one["parent_cpu"] and total:
+        # Where 2 workers lose against 2x: all the CPU seconds they spend, over 2 cores.
+        print(
+            f"cpu seconds (processing, imports excluded): 1 worker (in-process) "
+            f"{one['parent_cpu']:.2f}; 2 workers {total:.2f} ({total / one['parent_cpu']:.3f}x) "
+            f"-> 2 cores give at most {2 * one['parent_cpu'] / total:.2f}x"
+        )
     speedup = one["seconds"] / two["seconds"]
     peak = max(one["peak_rss_mb"], two["peak_rss_mb"])
     print(f"documents split: {two['split']} into {two['pieces']} pieces")
