@@ -18,7 +18,7 @@ from megatron_longctx.data.preprocess import worker as worker_lib
 from megatron_longctx.data.preprocess.pipeline import PreprocessConfig, preprocess
 from megatron_longctx.data.preprocess.train_bpe import train_byte_level_bpe
 
-WORDS = ["def", "return", "x", "\n", "\r\n", "\t", "  ", "123", "🤖", "Grüße", "(a, b)", ": ", "日本"]
+WORDS = "def return x 123 🤖 Grüße (a,b) : 日本".split() + ["\n", "\r\n", "\t", "  ", " "]
 
 
 @pytest.fixture(scope="module")
