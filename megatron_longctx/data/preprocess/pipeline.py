@@ -143,15 +143,22 @@ def output_paths(output_prefix: str, key: str) -> dict[str, str]:
     }
 
 
-def _ordered_results(tasks, settings: WorkerSettings, workers: int):
-    """Yields ``(meta, run_task(task))`` in input order, a bounded number of tasks in flight."""
+def _ordered_results(tasks, settings: WorkerSettings, workers: int, tokenizer):
+    """Yields ``(meta, run_task(task))`` in input order, a bounded number of tasks in flight.
+
+    One worker runs the tasks in this process (no pool, no pickling: the cheapest one-core path).
+    More workers fork from this process after ``tokenizer`` is loaded and inherit it.
+    """
     if workers == 1:
-        init_worker(settings, in_child=False)
+        init_worker(settings, in_child=False, tokenizer=tokenizer)
         for meta, task in tasks:
             yield meta, run_task(task)
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,))
+    fork = "fork" in mp.get_all_start_methods()
+    initargs = (settings, True, tokenizer if fork else None)  # fork: inherited, never pickled
+    pool = mp.get_context("fork" if fork else "spawn").Pool(
+        workers, initializer=init_worker, initargs=initargs
+    )
     try:
         pending: collections.deque = collections.deque()
         for meta, task in tasks:
@@ -219,7 +226,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         for key in config.json_keys:
             writers[key] = IndexedDatasetWriter(paths[key]["prefix"], dtype)
         first = writers[config.json_keys[0]]
-        for meta, result in _ordered_results(tasks, settings, config.workers):
+        for meta, result in _ordered_results(tasks, settings, config.workers, tokenizer):
             if meta is not None:  # one piece of a long document
                 key_index, last = meta
                 writer = writers[config.json_keys[key_index]]
