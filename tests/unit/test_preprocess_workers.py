@@ -8,15 +8,14 @@ import json
 import multiprocessing as mp
 import random
 
-import numpy as np
 import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_longctx.data.preprocess import load_tokenizer
 from megatron_longctx.data.preprocess import worker as worker_lib
 from megatron_longctx.data.preprocess.pipeline import PreprocessConfig, preprocess
 from megatron_longctx.data.preprocess.train_bpe import train_byte_level_bpe
+from tests.unit.test_preprocess_split import _reference  # megatron-core's whole-document bytes
 
 WORDS = "def return x 123 🤖 Grüße (a,b) : 日本".split() + ["\n", "\r\n", "\t", "  ", " "]
 
@@ -33,16 +32,6 @@ def setup(tmp_path_factory):
     corpus = root / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return model, str(corpus), docs
-
-
-def _reference(model: str, docs: list[str], prefix: str) -> list[bytes]:
-    tok = load_tokenizer("HuggingFaceTokenizer", model)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for doc in docs:
-        builder.add_item(torch.tensor(tok.encode(doc) + [tok.eod_id]))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return [open(prefix + ext, "rb").read() for ext in (".bin", ".idx")]
 
 
 def _run(model: str, corpus: str, prefix: str, workers: int) -> list[bytes]:
@@ -81,14 +70,18 @@ def test_workers_reuse_the_parents_tokenizer(setup, tmp_path, monkeypatch, worke
     monkeypatch.setattr(worker_lib, "load_tokenizer", recording_load)
     got = _run(model, corpus, str(tmp_path / "o"), workers)
     assert not marker.exists()
-    assert got == _reference(model, docs, str(tmp_path / "ref"))
+    assert got == _reference(
+        load_tokenizer("HuggingFaceTokenizer", model), docs, str(tmp_path / "ref")
+    )
 
 
 def test_spawned_workers_load_their_own_tokenizer(setup, tmp_path, monkeypatch):
     model, corpus, docs = setup
     monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn"])
     got = _run(model, corpus, str(tmp_path / "o"), 2)
-    assert got == _reference(model, docs, str(tmp_path / "ref"))
+    assert got == _reference(
+        load_tokenizer("HuggingFaceTokenizer", model), docs, str(tmp_path / "ref")
+    )
 
 
 def test_init_worker_loads_when_given_no_tokenizer(setup):
