@@ -41,17 +41,6 @@ class CountSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Group:
-    def __init__(self, size, rank):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def rank(self):
-        return self._rank
-
-
 def short_mix(tokens: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     docs, left = [], tokens
@@ -79,6 +68,7 @@ def main() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
     from megatron_longctx.model import rope_thd
+    from megatron_longctx.testing.distributed import FakeGroup
     from megatron_longctx.training.batch import to_model_batch
 
     p = argparse.ArgumentParser()
@@ -96,7 +86,7 @@ def main() -> None:
         cu = torch.tensor(np.concatenate([[0], np.cumsum(padded)]), dtype=torch.int32)
         freqs = torch.randn(max(padded), 1, 1, args.dim)
         t = torch.randn(int(cu[-1]) // cp, args.heads, args.dim)
-        group = _Group(cp, cp // 2)
+        group = FakeGroup(cp, cp // 2)
         ref = partial(megatron_thd, t, cu, freqs, cp_group=group)
         new = partial(rope_thd.apply_rotary_pos_emb_thd, t, cu, freqs, cp_group=group)
         ref_s, ref_syncs = timed(ref, args.repeats)

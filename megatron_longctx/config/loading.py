@@ -111,7 +111,9 @@ def from_dict(cls, raw: dict, path: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     refused = getattr(cls, "NOT_IN_RECIPE", {})  # fields set by the code, not by a recipe
-    for key in sorted(set(raw) & set(refused)):
+    set_by_code = sorted(set(raw) & set(refused))
+    if set_by_code:
+        key = set_by_code[0]
         raise ConfigError(f"{path + '.' if path else ''}{key} is not a config key: {refused[key]}")
     check_keys(raw, fields, path)
     kwargs = {

@@ -1,5 +1,6 @@
 """The stage-end evaluation as a training callback, registered by the entry point
-(``megatron_longctx/train.py``), so training/ never imports eval/.
+(``megatron_longctx/train.py``), so training/ never imports eval/ (eval/ uses training's
+Callback interface).
 
 At the last step of a stage with ``eval: true`` (after its final checkpoint is saved) rank 0
 exports that checkpoint to HF and evaluates it; the other ranks wait at a barrier.
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_longctx.checkpoint.dist import iteration_dir
 from megatron_longctx.runtime.distributed import log0
+from megatron_longctx.training.callbacks import Callback
 
 
 def evaluate_in_trainer() -> bool:
@@ -29,18 +31,9 @@ def evaluate_in_trainer() -> bool:
     return dist.get_backend() != "nccl"
 
 
-class StageEndEvaluation:
-    """Callback (training/callbacks.py's interface): evaluates each ``eval: true`` stage's final
-    checkpoint (``stages.N.eval_settings`` override megatron_longctx.eval.EvalSettings)."""
-
-    def stage_start(self, run) -> None:
-        pass
-
-    def before_step(self, run) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+class StageEndEvaluation(Callback):
+    """Evaluates each ``eval: true`` stage's final checkpoint (``stages.N.eval_settings``
+    override megatron_longctx.eval.EvalSettings)."""
 
     def after_step(self, run, result) -> None:
         if run.step != run.total or not run.stage.eval:

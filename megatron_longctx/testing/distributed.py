@@ -28,6 +28,20 @@ class DistributedTestError(AssertionError):
     pass
 
 
+class FakeGroup:
+    """A stand-in process group for code that only asks its place in it (``size()``,
+    ``rank()``), e.g. THD RoPE's CP slicing, run in one process."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
 def _worker(rank, world_size, port, fn, args, workdir, timeout):
     log = open(Path(workdir) / f"rank{rank}.log", "w", buffering=1)
     # stdout too: children this rank starts (megatron's checkpoint writers, a multiprocessing

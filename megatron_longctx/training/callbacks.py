@@ -11,31 +11,8 @@ from __future__ import annotations
 
 from megatron_longctx.checkpoint.dist import save_checkpoint
 from megatron_longctx.runtime.distributed import log0
-from megatron_longctx.training.metrics import MetricsLogger, memory_gib, step_record
-from megatron_longctx.training.signals import (
-    EXIT_CONFIG,
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    FaultInjector,
-    SignalWatcher,
-    WallClockDeadline,
-)
-
-__all__ = [
-    "EXIT_CONFIG",
-    "EXIT_NONFINITE",
-    "EXIT_PREEMPTED",
-    "Callback",
-    "Checkpointing",
-    "FaultInjector",
-    "Faults",
-    "Metrics",
-    "MetricsLogger",
-    "Preemption",
-    "SignalWatcher",
-    "WallClockDeadline",
-    "memory_gib",
-]
+from megatron_longctx.training.metrics import MetricsLogger, step_record
+from megatron_longctx.training.signals import EXIT_PREEMPTED, FaultInjector, SignalWatcher
 
 
 class Callback:
@@ -66,7 +43,8 @@ class Metrics(Callback):
 
     def after_step(self, run, result) -> None:
         # max/mean work across CP and DP ranks and the padding share, then loss, LR, MFU, ...
-        self.logger.log(run.loader.step_balance() | step_record(run, result))
+        record = step_record(run, result, self.logger.seconds_since_last)
+        self.logger.log(run.loader.step_balance() | record)
 
     def close(self) -> None:
         self.logger.plot()

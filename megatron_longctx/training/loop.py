@@ -16,14 +16,16 @@ from megatron_longctx.checkpoint.start import find_start, restore
 from megatron_longctx.config.schema import ExperimentConfig
 from megatron_longctx.runtime.distributed import log0
 from megatron_longctx.training.callbacks import (
-    EXIT_NONFINITE,
     Callback,
     Checkpointing,
-    FaultInjector,
     Faults,
     Metrics,
-    MetricsLogger,
     Preemption,
+)
+from megatron_longctx.training.metrics import MetricsLogger
+from megatron_longctx.training.signals import (
+    EXIT_NONFINITE,
+    FaultInjector,
     SignalWatcher,
     WallClockDeadline,
 )

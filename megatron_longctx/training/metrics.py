@@ -152,15 +152,15 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def step_record(run, result) -> dict:
-    """The metrics record of the step ``run`` (training/state.py's StageRun) just finished."""
+def step_record(run, result, elapsed: float) -> dict:
+    """The metrics record of the step ``run`` (training/state.py's StageRun) just finished in
+    ``elapsed`` seconds."""
     from megatron_longctx.perf.flops import flops_per_token, mfu
 
     stage = run.stage
     peak = run.cfg.training.peak_flops_per_device or (
         GPU_PEAK_FLOPS if torch.cuda.is_available() else CPU_NOMINAL_PEAK_FLOPS
     )
-    elapsed = run.metrics.seconds_since_last
     tokens = stage.samples_per_step * stage.seq_length
     docs = list(result.doc_lengths)
     fpt = flops_per_token(run.model_cfg, int(sum(docs)), docs)

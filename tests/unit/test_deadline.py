@@ -10,7 +10,7 @@ import pytest
 
 from megatron_longctx.config.loading import ConfigError
 from megatron_longctx.config.schema import TrainingSection
-from megatron_longctx.training.callbacks import SignalWatcher, WallClockDeadline
+from megatron_longctx.training.signals import SignalWatcher, WallClockDeadline
 
 
 class Clock:

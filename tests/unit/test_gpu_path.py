@@ -122,7 +122,7 @@ def test_signal_agreement_on_device(monkeypatch):
     """Defect 2: the per-step signal/deadline agreement all-reduces a tensor on the device."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_longctx.training.callbacks import SignalWatcher
+    from megatron_longctx.training.signals import SignalWatcher
 
     monkeypatch.setattr(filesystem_async, "_get_write_results_queue", lambda: None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

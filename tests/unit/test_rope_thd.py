@@ -12,20 +12,10 @@ from megatron.core.models.common.embeddings import rope_utils
 
 from megatron_longctx.model import rope_thd
 from megatron_longctx.parallel.cp_split import rank_token_index
+from megatron_longctx.testing.distributed import FakeGroup
 
 MEGATRON_THD = rope_thd.ORIGINAL or rope_utils._apply_rotary_pos_emb_thd
 assert MEGATRON_THD.__module__ == "megatron.core.models.common.embeddings.rope_utils"
-
-
-class _Group:
-    def __init__(self, size, rank):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def rank(self):
-        return self._rank
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
@@ -39,8 +29,8 @@ def test_matches_megatron(cp, whole_batch_freqs):
     freqs = torch.randn(n_freqs, 1, 1, d, generator=g)
     for rank in range(cp):
         t = torch.randn(total // cp, 3, d, generator=g)
-        want = MEGATRON_THD(t, cu, freqs, cp_group=_Group(cp, rank))
-        got = rope_thd.apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=_Group(cp, rank))
+        want = MEGATRON_THD(t, cu, freqs, cp_group=FakeGroup(cp, rank))
+        got = rope_thd.apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=FakeGroup(cp, rank))
         assert torch.equal(got, want)
 
 

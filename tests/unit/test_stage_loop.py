@@ -12,6 +12,7 @@ import pytest
 
 from megatron_longctx.training import callbacks as cb
 from megatron_longctx.training import loop
+from megatron_longctx.training import signals as sig
 
 TRAINING = Path(loop.__file__).parent
 
@@ -78,7 +79,7 @@ def saves(monkeypatch):
 
 def _checkpointing(interval=2):
     section = SimpleNamespace(save_dir="d", interval=interval, keep_last=2)
-    return cb.Checkpointing(SimpleNamespace(checkpoint=section), {}, cb.FaultInjector(""))
+    return cb.Checkpointing(SimpleNamespace(checkpoint=section), {}, sig.FaultInjector(""))
 
 
 def _step(run, hooks):
@@ -114,7 +115,7 @@ def test_preemption_saves_once_and_exits_75(saves, at, expect):
     hooks = [saver, cb.Preemption(_Signals(at), saver)]
     codes = [_step(run, hooks)[-1] for _ in range(at)]
     # step 2 was already saved by the cadence: the preemption does not save it twice
-    assert saves == expect and codes[-1] == cb.EXIT_PREEMPTED and codes[:-1] == [None] * (at - 1)
+    assert saves == expect and codes[-1] == sig.EXIT_PREEMPTED and codes[:-1] == [None] * (at - 1)
 
 
 class _Loader:
@@ -167,7 +168,7 @@ class _Hook(cb.Callback):
 
     def after_step(self, run, result):
         self.events.append(("after", self.name, run.iteration, result.grad_norm))
-        return cb.EXIT_PREEMPTED if run.iteration == self.stop_at else None
+        return sig.EXIT_PREEMPTED if run.iteration == self.stop_at else None
 
 
 def test_run_stage_calls_hooks_in_order_and_stops_on_an_exit_code(monkeypatch):
@@ -175,7 +176,7 @@ def test_run_stage_calls_hooks_in_order_and_stops_on_an_exit_code(monkeypatch):
     monkeypatch.setattr(loop, "forward_backward", lambda *a, **k: result)
     events = []
     rc = loop.run_stage(run, [_Hook("a", events), _Hook("b", events, stop_at=2)])
-    assert rc == cb.EXIT_PREEMPTED and run.step == 2 and result.doc_lengths == [3, 1]
+    assert rc == sig.EXIT_PREEMPTED and run.step == 2 and result.doc_lengths == [3, 1]
     assert events == [
         ("start", "a"),
         ("start", "b"),
@@ -194,7 +195,7 @@ def test_nan_policy(monkeypatch):
     run, result = _loop_run(float("nan"), "halt")
     monkeypatch.setattr(loop, "forward_backward", lambda *a, **k: result)
     events = []
-    assert loop.run_stage(run, [_Hook("a", events)]) == cb.EXIT_NONFINITE
+    assert loop.run_stage(run, [_Hook("a", events)]) == sig.EXIT_NONFINITE
     assert run.step == 0 and run.optimizer.steps == 0 and events[-1] == ("before", "a", 0)
     run, result = _loop_run(float("nan"), "skip")
     monkeypatch.setattr(loop, "forward_backward", lambda *a, **k: result)
