@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context-parallel-size", type=int, default=1)
     parser.add_argument("--dp-size", type=int, default=1)
     parser.add_argument("--global-batch-size", type=int, default=None, help="samples per step")
-    parser.add_argument("--cp-sharding", default="adaptive", help="adaptive, document, sequence")
+    parser.add_argument("--cp-sharding", default="balanced", help="balanced, document, sequence")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--png", default="mixture.png")
     args = parser.parse_args(argv)

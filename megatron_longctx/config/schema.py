@@ -50,11 +50,12 @@ class StageConfig:
             initialise the weights from, for the first stage; later stages continue from the previous.
         type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
         core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
-        cp_sharding: which documents are zigzagged together across CP ranks
-            (parallel/units.py): "adaptive" (default: long documents alone, runs of short ones
-            grouped, chosen per sample for the most even work), "document" (per-document zigzag;
-            forced with Transformer Engine's attention, the only THD layout it accepts) or
-            "sequence" (megatron's whole-sequence zigzag).
+        cp_sharding: how documents are cut into zigzag chunks across CP ranks
+            (parallel/units.py): "balanced" (default: per-document zigzag with chunk sizes
+            differing by at most a token, no padding, leftovers dealt round-robin so every rank
+            holds the same work), "document" (per-document zigzag padded to 2 x CP; forced with
+            Transformer Engine's attention, the only THD layout it accepts) or "sequence"
+            (megatron's whole-sequence zigzag).
         dp_balance: deal each global batch's samples to DP ranks and micro-batches by their
             work (parallel/dp_assign.py; ranks may run different numbers of micro-batches);
             the set of samples per step, hence the loss, is unchanged.
@@ -86,7 +87,7 @@ class StageConfig:
     init_from: str | None = None
     type: str = "pretrain"
     core_attention: str = "auto"
-    cp_sharding: str = "adaptive"
+    cp_sharding: str = "balanced"
     dp_balance: bool = True
     eval: bool = False
     eval_settings: dict | None = None
@@ -125,8 +126,9 @@ class StageConfig:
         from megatron_longctx.parallel.units import SHARDINGS
 
         if self.cp_sharding not in SHARDINGS:
+            hint = " ('adaptive' became 'balanced')" if self.cp_sharding == "adaptive" else ""
             raise ConfigError(
-                f"{where}: cp_sharding must be one of {SHARDINGS}, got {self.cp_sharding!r}"
+                f"{where}: cp_sharding must be one of {SHARDINGS}, got {self.cp_sharding!r}{hint}"
             )
         if self.core_attention == "te" and self.cp_sharding != "document":
             raise ConfigError(

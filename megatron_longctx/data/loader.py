@@ -196,8 +196,6 @@ class MixtureLoader:
             mine = self._global_plan(g, within)[1][self.dp_rank]
             samples = (g * self.global_batch_size + within + mine[self._taken]).tolist()
         batch = collate([self.packer.get(s) for s in samples])
-        if self.work is not None:  # the CP split plans units with the work model's weights
-            batch["cp_linear"] = self.work.linear
         if not self.balance:
             self._consumed += step
         else:

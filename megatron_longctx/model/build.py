@@ -89,16 +89,21 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     seq_length: int | None = None,
+    rope_fusion: bool = True,
 ):
-    """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised)."""
+    """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised).
+
+    ``rope_fusion=False`` keeps megatron's unfused THD RoPE (model/rope_thd.py) under the TE
+    backend too: TE's fused RoPE reads positions off the unit boundaries (equal chunks only), so
+    the "balanced" CP sharding needs the unfused one."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    te = resolve_backend(backend) == "te"
-    if not te:
+    fused = rope_fusion and resolve_backend(backend) == "te"
+    if not fused:
         rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
     config = transformer_config(
-        model, layout, params_dtype=params_dtype, recompute=recompute, apply_rope_fusion=te
+        model, layout, params_dtype=params_dtype, recompute=recompute, apply_rope_fusion=fused
     )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()

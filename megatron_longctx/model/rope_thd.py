@@ -35,7 +35,13 @@ def local_positions(cu_seqlens: torch.Tensor, num_local: int, cp_size: int, cp_r
         cu_seqlens: ``[n + 1]`` padded document boundaries of the whole (pre-CP) sequence, on
             the device; every padded length is a multiple of 2 x CP.
         num_local: this rank's token count (``cu_seqlens[-1] / cp_size``, known on the host).
+
+    Equal chunks are read off the boundaries; a batch with ``cp_chunks`` (parallel/cp_split.py)
+    brings this rank's (unit, position) pairs on the tensor (attribute ``longctx_positions``).
     """
+    bound = getattr(cu_seqlens, "longctx_positions", None)
+    if bound is not None:  # unequal chunks: the batch path computed them (cp_split.bind_rope_positions)
+        return bound
     cu = cu_seqlens.long()
     local_len = (cu[1:] - cu[:-1]) // cp_size
     doc = torch.repeat_interleave(

@@ -27,13 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_longctx.parallel.layout import num_micro_batches
-from megatron_longctx.parallel.units import (
-    LINEAR_PAIRS_PER_TOKEN,
-    PAD_FIRST,
-    padding_tokens,
-    plan_units,
-    work_per_rank,
-)
+from megatron_longctx.parallel.units import LINEAR_PAIRS_PER_TOKEN, work_per_rank
 
 
 @dataclass(frozen=True)
@@ -47,17 +41,12 @@ class WorkModel:
     """
 
     cp_size: int
-    sharding: str = "adaptive"
+    sharding: str = "balanced"
     linear: float = LINEAR_PAIRS_PER_TOKEN
 
     def sample(self, doc_lengths) -> tuple[np.ndarray, int]:
         """(work of each CP rank ``[cp]``, padding tokens) of one packed sample."""
-        order, unit = plan_units(doc_lengths, self.cp_size, self.sharding, linear=self.linear)
-        ordered = np.asarray(doc_lengths, dtype=np.int64)[order]
-        return (
-            work_per_rank(ordered, unit, self.cp_size, self.linear, PAD_FIRST[self.sharding]),
-            padding_tokens(ordered, unit, self.cp_size),
-        )
+        return work_per_rank(doc_lengths, self.cp_size, self.sharding, self.linear)
 
 
 def _lpt(cost: np.ndarray, num_bins: int, capacity: int, swaps: int = 64) -> np.ndarray:

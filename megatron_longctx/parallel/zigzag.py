@@ -30,3 +30,40 @@ def chunk_owner(chunk, cp_size: int):
 def padding_to_zigzag(lengths, cp_size: int):
     """Tokens that pad each unit of ``lengths`` tokens to a multiple of 2 x CP."""
     return (-np.asarray(lengths)) % num_chunks(cp_size)
+
+
+def equal_chunk_bounds(cu_padded, cp_size: int) -> np.ndarray:
+    """``[units, 2 CP + 1]`` global chunk boundaries of units whose padded lengths (a multiple
+    of 2 x CP) are cut into 2 CP equal chunks."""
+    cu = np.asarray(cu_padded, dtype=np.int64)
+    m = num_chunks(cp_size)
+    return cu[:-1, None] + np.arange(m + 1) * (np.diff(cu) // m)[:, None]
+
+
+def balanced_chunk_sizes(unit_lengths, cp_size: int) -> np.ndarray:
+    """``[units, 2 CP]`` chunk sizes of units cut *without padding* (the "balanced" sharding).
+
+    Every chunk of a unit of L tokens gets floor(L / 2 CP) tokens; the L mod 2 CP leftover tokens
+    of all units are dealt one at a time, round-robin over the CP ranks across units (leftover g
+    of the sample goes to rank g mod CP, into its early chunk on even laps g // CP and its late
+    chunk on odd ones; two leftovers of one unit on one rank are a lap apart, so they land in
+    different chunks). Every rank then holds within one token of (total / CP), and every rank
+    holds its zigzag pair of every unit up to one token per chunk, so the attention work of every
+    document is even too.
+    """
+    lengths = np.asarray(unit_lengths, dtype=np.int64)
+    m = num_chunks(cp_size)
+    sizes = np.repeat((lengths // m)[:, None], m, axis=1)
+    rem = lengths % m
+    g = np.arange(int(rem.sum()))
+    unit = np.repeat(np.arange(lengths.size), rem)
+    rank = g % cp_size
+    chunk = np.where((g // cp_size) % 2 == 0, rank, m - 1 - rank)
+    np.add.at(sizes, (unit, chunk), 1)
+    return sizes
+
+
+def rank_totals(sizes: np.ndarray, cp_size: int) -> np.ndarray:
+    """Tokens each CP rank holds of units with chunk sizes ``sizes`` ``[units, 2 CP]``."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, num_chunks(cp_size))
+    return sizes[:, :cp_size].sum(0) + sizes[:, cp_size:][:, ::-1].sum(0)

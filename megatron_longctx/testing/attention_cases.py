@@ -21,7 +21,7 @@ def ring_pairs(layout, cu_padded, cp: int) -> list[tuple[int, int]]:
     """Global (query, key) pairs that ``layout``'s ring blocks compute, over every rank and step."""
     from megatron_longctx.parallel.cp_split import rank_token_index
 
-    index = [rank_token_index(cu_padded, cp, r).tolist() for r in range(cp)]
+    index = [rank_token_index(cu_padded, cp, r, layout.bounds).tolist() for r in range(cp)]
     pairs = []
     for rank in range(cp):
         for src in range(cp):

@@ -2,17 +2,20 @@
 
     loader micro-batch [b, S] + cu_seqlens over the b*S flattened tokens
       -> flatten to one THD sequence [1, b*S]
-      -> group documents into zigzag units (parallel.units), pad each unit to a multiple of
-         2 x CP                                                (parallel.cp_split.pad_documents_for_cp)
-         and the sequence to a multiple of 2 x CP x TP under sequence parallelism
+      -> lay documents out in zigzag units and cut each into 2 x CP chunks (parallel.units:
+         "balanced" unequal chunks without padding, or units padded to a multiple of 2 x CP)
+                                                              (parallel.cp_split.pad_documents_for_cp)
+         and every CP rank's share to a multiple of TP under sequence parallelism
          (parallel.layout.token_multiple: megatron scatters each CP rank's tokens over TP)
       -> keep chunks r and 2CP-1-r of every unit              (parallel.cp_split.cp_split)
       -> onto the training device (non-blocking copies)
       -> megatron PackedSeqParams (qkv_format="thd")         (parallel.cp_split.packed_seq_params_for_rank)
 
 Padding tokens carry loss_mask 0 and are masked out of attention, so they change nothing but the
-amount of work. Inside the model megatron restarts RoPE positions at each unit (THD RoPE); the
-documents inside a unit travel as ``packed_seq_params.doc_spans`` to the core attention. With
+amount of work. Inside the model megatron restarts RoPE positions at each unit (THD RoPE; with
+unequal chunks the positions come with the batch, cp_split.bind_rope_positions); the documents
+and chunks of the units travel as ``packed_seq_params.doc_spans`` / ``cp_chunks`` to the core
+attention. With
 document masking this equals ProLong's un-reset positions because RoPE is relative.
 """
 
@@ -24,6 +27,8 @@ from typing import Any
 import torch
 
 from megatron_longctx.parallel.cp_split import (
+    HOST_ATTRIBUTES,
+    bind_rope_positions,
     cp_split,
     packed_seq_params_for_rank,
     pad_documents_for_cp,
@@ -78,11 +83,12 @@ def to_model_batch(
     flat = {k: micro[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
     flat["cu_seqlens"] = micro["cu_seqlens"].to(torch.int32)
     multiple = token_multiple(cp_size, sp_size, sequence_parallel=True)
-    plan = dict(sharding=sharding, linear=micro.get("cp_linear"))  # the loader's work model
-    padded = pad_documents_for_cp(flat, cp_size, **plan)
+    if sharding == "balanced":  # unequal chunks: only every rank's count must be a multiple of SP
+        multiple //= 2
+    padded = pad_documents_for_cp(flat, cp_size, sharding=sharding)
     if padded["tokens"].shape[1] % multiple:
         pad_to = -(-padded["tokens"].shape[1] // multiple) * multiple
-        padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, **plan)
+        padded = pad_documents_for_cp(flat, cp_size, pad_to=pad_to, sharding=sharding)
     local = cp_split(padded, cp_size, cp_rank)
     return {
         "tokens": local["tokens"],
@@ -103,7 +109,8 @@ def _thd(psp):
     from megatron_longctx.model.attention.gpu import THDPackedSeqParams
 
     out = THDPackedSeqParams(**{f.name: getattr(psp, f.name) for f in fields(psp)})
-    out.doc_spans = getattr(psp, "doc_spans", None)  # documents inside units (host-side)
+    for name in HOST_ATTRIBUTES:  # documents and chunks inside units, RoPE positions
+        setattr(out, name, getattr(psp, name, None))
     return out
 
 
@@ -123,5 +130,7 @@ def batch_to_device(batch: dict, device: torch.device | str) -> dict:
         if getattr(psp, name) is not None
     }
     out["packed_seq_params"] = replace(psp, **moved)
-    out["packed_seq_params"].doc_spans = getattr(psp, "doc_spans", None)  # read on the host
+    for name in HOST_ATTRIBUTES:  # read on the host (the RoPE positions are bound on the device)
+        setattr(out["packed_seq_params"], name, getattr(psp, name, None))
+    bind_rope_positions(out["packed_seq_params"])
     return out

@@ -119,6 +119,8 @@ def build_stage(
         )
     cp = layout.context_parallel_size
     attention = (stage.core_attention, training.backend, cp)
+    # Transformer Engine's attention only knows per-document zigzag units with equal chunks
+    sharding = "document" if core_attention_name(*attention) == "te" else stage.cp_sharding
     model = build_gpt_model(
         model_cfg,
         layout,
@@ -127,12 +129,12 @@ def build_stage(
         recompute=stage.recompute,
         seq_length=stage.seq_length,
         params_dtype=torch.bfloat16 if training.bf16 else torch.float32,
+        rope_fusion=sharding != "balanced",  # TE's fused RoPE assumes equal chunks
     )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
     chunks = wrap_ddp([model], use_distributed_optimizer=settings.use_distributed_optimizer)
     optimizer = build_optimizer(chunks, settings, bf16=training.bf16)
-    # 3. data (Transformer Engine's attention only knows per-document zigzag units)
-    sharding = "document" if core_attention_name(*attention) == "te" else stage.cp_sharding
+    # 3. data
     loader = build_stage_loader(
         cfg,
         stage,

@@ -9,11 +9,13 @@ documents of the whole padded sequence: it shares no code with the kernels or th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from megatron_longctx.model.attention.reference import document_causal_attention
 from megatron_longctx.parallel.cp_split import rank_token_index
+from megatron_longctx.parallel.units import plan_units
 from megatron_longctx.testing.attention_cases import padded_cu
 from megatron_longctx.testing.distributed import run_distributed
 
@@ -62,11 +64,21 @@ def _cases(cp: int) -> dict[str, tuple]:
         "fully_padded_rank": ([0, 8 * cp, 16 * cp, 20 * cp], [0, 4, 7, 7]),
     }
     cases = {name: (cu_p, cu_r, None, cu_p, cu_r) for name, (cu_p, cu_r) in per_doc.items()}
+    cases = {name: case + (None,) for name, case in cases.items()}
     # grouped units: short documents zigzagged together, documents straddling chunk boundaries
     # and both of a rank's chunks, a long document alone, one-token documents
     cases["units_mixed"] = _units_case([random_lengths, [16 * cp - 3], [1, 2 * cp + 1, 3]], cp)
     cases["units_one_sequence"] = _units_case([[5, 3 * cp, 1, 7, 2 * cp - 1]], cp)
     cases["units_pad_first"] = _units_case([[2, 9], [16 * cp - 3], [1, 3 * cp + 1]], cp, True)
+    for name in ("units_mixed", "units_one_sequence", "units_pad_first"):
+        cases[name] += (None,)
+    # "balanced": unequal chunks, no padding but the tail unit that evens the ranks' counts
+    for name, lengths in (("balanced", random_lengths + [16 * cp - 3, 1, 2 * cp + 1]),
+                          ("balanced_short", [1, 2, 3, 1, cp + 1])):
+        plan = plan_units(lengths, cp, "balanced")
+        cu_p = [0] + plan.bounds[:, -1].tolist()
+        cu_r = [0] + np.cumsum(plan.real).tolist()
+        cases[name] = (cu_p, cu_r, None, cu_p, cu_r, plan.bounds)
     return cases
 
 
@@ -89,10 +101,10 @@ def _worker(rank, world, cases, modes, kv_heads):
     group = dist.group.WORLD
     results = {}
     for hk in kv_heads:
-        for name, (cu_p, cu_r, docs, _, _) in cases.items():
+        for name, (cu_p, cu_r, docs, _, _, chunks) in cases.items():
             q, k, v, w = (x.float() for x in _global_inputs(cu_p[-1], hk, seed=len(name)))
-            idx = rank_token_index(cu_p, world, rank)
-            layout = CPLayout(cu_p, cu_r, world, docs)
+            idx = rank_token_index(cu_p, world, rank, chunks)
+            layout = CPLayout(cu_p, cu_r, world, docs, chunks)
             for mode in modes:
                 ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
                 fn = ring_attention if mode == "ring" else a2a_attention
@@ -110,7 +122,7 @@ def _check(world: int, modes: tuple[str, ...], kv_heads: tuple[int, ...]):
     cases = _cases(world)
     per_rank = run_distributed(_worker, world, args=(cases, modes, kv_heads), timeout=90)
     for hk in kv_heads:
-        for name, (cu_p, _, _, ref_p, ref_r) in cases.items():
+        for name, (cu_p, _, _, ref_p, ref_r, chunks) in cases.items():
             q, k, v, w = (x.requires_grad_() for x in _global_inputs(cu_p[-1], hk, len(name)))
             ref = document_causal_attention(q, k, v, ref_p, ref_r, SCALE)
             (ref * w).sum().backward()
@@ -118,7 +130,7 @@ def _check(world: int, modes: tuple[str, ...], kv_heads: tuple[int, ...]):
             for mode in modes:
                 got = [torch.zeros_like(r) for r in refs]
                 for rank in range(world):
-                    idx = rank_token_index(cu_p, world, rank)
+                    idx = rank_token_index(cu_p, world, rank, chunks)
                     for full, part in zip(got, per_rank[rank][(hk, name, mode)]):
                         full[idx] = part.double()
                 for label, g_, r_ in zip(("out", "dq", "dk", "dv"), got, refs):

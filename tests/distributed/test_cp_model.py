@@ -8,7 +8,9 @@ the same packed batch with the same weights (copied through model.full_state):
 * TP 1 x CP 1 'local' on a multi-document packed batch vs CP 2 (ring, a2a), CP 4 (ring),
   TP 2 x CP 2 (ring) and the SBHD path (no packed_seq_params) at CP 2: loss and every parameter
   gradient must match; the same documents grouped into one zigzag unit (``sharding="sequence"``,
-  documents inside the unit from ``doc_spans``) at CP 1 (local), CP 4 (ring), CP 2 (a2a) too.
+  documents inside the unit from ``doc_spans``) at CP 1 (local), CP 4 (ring), CP 2 (a2a) too,
+  and the "balanced" layout (unequal chunks, ``cp_chunks``; RoPE positions bound to the batch)
+  at CP 4 (ring), CP 2 (a2a) and TP 2 x CP 2 (ring).
 DP fills the rest of the 4 processes with identical batches, which leaves the token mean unchanged.
 """
 
@@ -116,10 +118,17 @@ def _worker(rank, world):
         ("units_cp2_a2a", L(1, 1, 2), "a2a"),
     ):
         out[name] = _run(layout, core, params, units)[:2]
-    # adaptive: documents reordered shortest first and grouped (exact: the loss is a token sum)
-    adaptive = _packed_batch(REAL_LENGTHS, 4, PAD_TO, seed=2, sharding="adaptive")
-    assert adaptive["doc_order"].tolist() != list(range(len(REAL_LENGTHS)))
-    out["adaptive_cp4_ring"] = _run(L(1, 1, 4), "ring", params, adaptive)[:2]
+    # balanced: unequal chunks laid out for one CP size (RoPE positions ride with the batch)
+    for name, layout, core, pad_to in (
+        ("balanced_cp4_ring", L(1, 1, 4), "ring", None),  # tail padding of < CP tokens
+        ("balanced_cp2_a2a", L(1, 1, 2), "a2a", None),
+        ("balanced_tp2_cp2_ring", L(2, 1, 2), "ring", PAD_TO),  # a long padding-only tail
+    ):
+        cp = layout.context_parallel_size
+        balanced = _packed_batch(REAL_LENGTHS, cp, pad_to, seed=2, sharding="balanced")
+        sizes = balanced["cp_chunks"].diff(dim=1)[: len(REAL_LENGTHS)]
+        assert (sizes.max(1).values > sizes.min(1).values).any()  # really unequal chunks
+        out[name] = _run(layout, core, params, balanced)[:2]
     return out if rank == 0 else None
 
 
@@ -152,6 +161,8 @@ def test_gpt_model_cp_layouts_match_cp1():
         "units_cp1_local",
         "units_cp4_ring",
         "units_cp2_a2a",
-        "adaptive_cp4_ring",
+        "balanced_cp4_ring",
+        "balanced_cp2_a2a",
+        "balanced_tp2_cp2_ring",
     ):
         _assert_same(f"{name} vs TP 1 x CP 1", out[name], out["ref"])

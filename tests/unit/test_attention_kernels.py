@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import pytest
+import numpy as np
 import torch
 
 from megatron_longctx.model.attention.blocks import CPLayout
@@ -125,6 +126,14 @@ def test_gathered_order_puts_documents_in_position_order():
     gathered = torch.cat([rank_token_index(cu_p, 3, r) for r in range(3)])
     order = torch.from_numpy(CPLayout(cu_p, cu_r, 3).gathered_order())
     assert torch.equal(gathered[order], torch.arange(cu_p[-1]))
+    # unequal chunks ("balanced" sharding): the same, with the batch's chunk boundaries
+    from megatron_longctx.parallel.units import plan_units
+
+    plan = plan_units([5, 17, 2, 1], 3, "balanced")
+    cu_b = [0] + plan.bounds[:, -1].tolist()
+    gathered = torch.cat([rank_token_index(cu_b, 3, r, plan.bounds) for r in range(3)])
+    layout = CPLayout(cu_b, [0] + np.cumsum(plan.real).tolist(), 3, chunks=plan.bounds)
+    assert torch.equal(gathered[torch.from_numpy(layout.gathered_order())], torch.arange(cu_b[-1]))
 
 
 _MEMORY_PROBE = textwrap.dedent(

@@ -70,10 +70,16 @@ def test_pad_documents_for_cp(cp):
 def test_split_rejects_unpadded_documents_with_numbers():
     with pytest.raises(
         CPSplitError,
-        match=r"document 0: padded length 5 is not divisible by "
+        match=r"unit 0: padded length 5 is not divisible by "
         r"2 x CP = 4",
     ):
         cp_split(_batch(), 2, 0)
+    balanced = pad_documents_for_cp(_batch(), 2, sharding="balanced")
+    wrong = dict(balanced, cp_chunks=balanced["cp_chunks"].flip(1))  # chunks out of order
+    with pytest.raises(CPSplitError, match="cp_chunks must cut every unit"):
+        cp_split(wrong, 2, 0)
+    with pytest.raises(CPSplitError, match="chunks made for another CP size"):
+        cp_split(balanced, 4, 0)
     with pytest.raises(CPSplitError, match=r"cp_rank 2 is not in \[0, CP = 2\)"):
         cp_split(pad_documents_for_cp(_batch(), 2), 2, 2)
 

@@ -95,7 +95,7 @@ def test_variable_assignment_permutation_optimum_and_bound(dp, b, min_count):
 
 
 def _loader(index, dp_rank, dp, consumed=0, linear=28_600.0, mbs=MBS):
-    work = WorkModel(2, "adaptive", linear)
+    work = WorkModel(2, "balanced", linear)
     return MixtureLoader(index, GB, mbs, dp_rank, dp, consumed, work=work)
 
 
@@ -194,12 +194,17 @@ def test_step_balance_equals_hand_computation():
 def test_work_model_is_the_layout_the_batch_is_split_with(cp):
     """The telemetry's per-rank work (``WorkModel.sample``) counted by brute force over the
     tokens each rank really holds after ``to_model_batch``'s padding (same linear weight)."""
+    rng = np.random.default_rng(cp)
+    linear = 7.0
+    for sharding in ("balanced", "document", "sequence"):
+        _brute_force_work(rng, cp, linear, sharding)
+
+
+def _brute_force_work(rng, cp, linear, sharding):
     import torch
 
     from megatron_longctx.parallel.cp_split import pad_documents_for_cp, rank_token_index
 
-    rng = np.random.default_rng(cp)
-    linear = 7.0
     for _ in range(5):
         lengths = rng.integers(1, 60, size=int(rng.integers(2, 9))).tolist()
         lengths[-1] += (-sum(lengths)) % (2 * cp)  # the packer's sequence: a multiple of 2 CP
@@ -209,15 +214,15 @@ def test_work_model_is_the_layout_the_batch_is_split_with(cp):
         batch = dict(
             tokens=ones, labels=ones, loss_mask=ones.float(), position_ids=ones, cu_seqlens=cu
         )
-        padded = pad_documents_for_cp(batch, cp, sharding="adaptive", linear=linear)
+        padded = pad_documents_for_cp(batch, cp, sharding=sharding)
         pos = torch.full((padded["tokens"].shape[1],), -1)  # position in document, -1 = padding
         for a, b in padded["doc_spans"].tolist():
             pos[a:b] = torch.arange(b - a)
         want = []
         for r in range(cp):
-            p = pos[rank_token_index(padded["cu_seqlens"], cp, r)]
+            p = pos[rank_token_index(padded["cu_seqlens"], cp, r, padded.get("cp_chunks"))]
             p = p[p >= 0].double()
             want.append(float((p + 1).sum() + linear * p.numel()))
-        got, pads = WorkModel(cp, "adaptive", linear).sample(lengths)
+        got, pads = WorkModel(cp, sharding, linear).sample(lengths)
         assert got.tolist() == pytest.approx(want)
         assert pads == padded["tokens"].shape[1] - s

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from megatron_longctx.parallel.cp_split import rank_token_index, rank_token_layout
-from megatron_longctx.parallel.zigzag import chunk_owner, padding_to_zigzag, rank_chunks
+from megatron_longctx.parallel.zigzag import (
+    balanced_chunk_sizes,
+    chunk_owner,
+    padding_to_zigzag,
+    rank_chunks,
+    rank_totals,
+)
 
 
 def test_rank_chunks_by_hand():
@@ -34,3 +40,22 @@ def test_split_and_layout_follow_the_rule(cp):
                 expect += list(range(start + j * c, start + (j + 1) * c))
         assert index.tolist() == expect
         assert torch.equal(torch.tensor(cu)[layout.doc] + layout.pos, index)
+
+
+def test_balanced_chunk_sizes_by_hand():
+    # CP 2, 2 CP = 4 chunks. Unit 0 (9 tokens): 2 each + 1 leftover (g 0: rank 0, lap 0 -> its
+    # early chunk 0). Unit 1 (7): 1 each + 3 leftovers g 1, 2, 3: rank 1 early (chunk 1), rank 0
+    # late (lap 1: chunk 3), rank 1 late (chunk 2). Unit 2 (2): g 4, 5: lap 2 -> early chunks.
+    sizes = balanced_chunk_sizes([9, 7, 2], 2)
+    assert sizes.tolist() == [[3, 2, 2, 2], [1, 2, 2, 2], [1, 1, 0, 0]]
+    assert rank_totals(sizes, 2).tolist() == [9, 9]  # rank 0: chunks 0 and 3, rank 1: 1 and 2
+
+
+@pytest.mark.parametrize("cp", [2, 3, 8, 32])
+def test_balanced_chunks_keep_every_rank_within_one_token(cp):
+    lengths = np.random.default_rng(cp).integers(1, 300, size=50)
+    sizes = balanced_chunk_sizes(lengths, cp)
+    assert (sizes.sum(1) == lengths).all()
+    assert (sizes.max(1) - sizes.min(1) <= 1).all()  # floor / ceil inside every unit
+    totals = rank_totals(sizes, cp)
+    assert totals.sum() == lengths.sum() and totals.max() - totals.min() <= 1

@@ -1,9 +1,10 @@
 """Block descriptions for document-masked attention: varlen segments, never per-token masks.
 
 ``CPLayout`` describes one packed sequence in the zigzag-within-units layout (parallel/cp_split.py,
-parallel/units.py): unit i (one document, or a run of short documents) has padded length P_i (a
-multiple of 2 x CP) and chunk c_i = P_i / (2 CP); every CP rank's local tensor holds, for every
-unit, ``[chunk r | chunk 2 CP - 1 - r]`` at local offset L_i = sum_{j<i} 2 c_j. Documents are
+parallel/units.py): unit i (one document, or a run of documents) is cut into 2 CP ordered chunks
+(equal, or differing by a token under the "balanced" sharding); every CP rank's local tensor
+holds, for every unit, ``[chunk r | chunk 2 CP - 1 - r]`` at local offset L_i(r) = the rank's
+tokens of the units before it. Documents are
 intervals inside units (``docs``); the tokens of one document on one rank are contiguous in the
 local order (see ``CPLayout``), so every problem below is a set of contiguous segments, one per
 (document, rank) pair.
@@ -27,7 +28,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from megatron_longctx.parallel.cp_split import _as_list  # boundaries as a list of ints
+from megatron_longctx.parallel.cp_split import CPSplitError, _as_list, _ranges, layout_bounds
 from megatron_longctx.parallel.zigzag import chunk_owner, num_chunks, rank_chunks
 
 
@@ -109,59 +110,53 @@ class VarlenBlock:
         return self._device_cache[key]
 
 
-def _ranges(start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(start_j, start_j + length_j)`` (vectorised)."""
-    total = int(length.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.cumsum(length) - length
-    return np.repeat(start - offsets, length) + np.arange(total)
-
-
 class CPLayout:
     """The zigzag layout of one packed sequence over ``cp_size`` ranks, by units and documents.
 
-    A *unit* (one entry of ``cu_padded``, parallel/units.py) has padded length P (a multiple of
-    2 x CP) cut into 2 CP chunks of c = P / (2 CP); rank r holds chunks r and 2 CP - 1 - r of every
-    unit, in unit order. Documents are intervals inside units; tokens in no document are padding.
-    One document per unit with its real tokens first (``docs=None``) is the zigzag-within-documents
-    layout; several per unit are grouped short documents (``cu_docs`` from parallel/cp_split.py).
+    A *unit* (one entry of ``cu_padded``, parallel/units.py) is cut into 2 CP ordered chunks
+    (``chunks``: the batch's ``cp_chunks`` boundaries, chunk sizes may differ; default: equal
+    chunks of c = P / (2 CP) of a padded length P, a multiple of 2 x CP); rank r holds chunks r and
+    2 CP - 1 - r of every unit, in unit order. Documents are intervals inside units; tokens in no
+    document are padding. One document per unit with its real tokens first (``docs=None``) is
+    the zigzag-within-documents layout; several per unit are grouped documents (``doc_spans``
+    from parallel/cp_split.py).
 
     For one document, the tokens a rank holds are contiguous in the rank's local order: if the
     document touches both of the rank's chunks of its unit, it covers everything between them, so
     its early part is a suffix of the early chunk and its late part a prefix of the late chunk.
 
     Args:
-        cu_padded: cumulative padded unit lengths (each a multiple of 2 x cp_size).
+        cu_padded: cumulative unit lengths, padding included.
         cu_real: cumulative real lengths of the units (same number of units).
         cp_size: context-parallel size.
-        docs: optional ``(starts, ends)`` of every document in the padded global layout (sorted,
+        docs: optional ``(starts, ends)`` of every document in the global layout (sorted,
             disjoint, each inside one unit, together covering ``cu_real``'s token counts); default:
             each unit's first ``real`` tokens are one document.
+        chunks: optional ``[units, 2 CP + 1]`` chunk boundaries (cp_split.layout_bounds checks
+            them: every rank must hold the same number of tokens).
     """
 
-    def __init__(self, cu_padded, cu_real, cp_size: int, docs=None):
-        cu_p = np.asarray(_as_list(cu_padded), dtype=np.int64)
-        cu_r = np.asarray(_as_list(cu_real), dtype=np.int64)
-        padded, real = np.diff(cu_p), np.diff(cu_r)
-        if padded.size != real.size or (padded % (2 * cp_size)).any() or (real > padded).any():
-            raise ValueError(
-                f"boundaries are not a padded CP {cp_size} layout: padded lengths "
-                f"{padded[:8].tolist()}..., real lengths {real[:8].tolist()}... (every padded "
-                f"length must be a multiple of 2 x CP = {2 * cp_size} and >= the real length)"
-            )
+    def __init__(self, cu_padded, cu_real, cp_size: int, docs=None, chunks=None):
+        try:
+            bounds = layout_bounds(cu_padded, cu_real, cp_size, chunks)
+        except CPSplitError as err:
+            raise ValueError(f"boundaries are not a CP {cp_size} layout: {err}") from None
+        cu_p = bounds[:, 0].tolist() + [int(bounds[-1, -1])] if bounds.size else [0]
         self.cp_size = cp_size
-        self.cu_padded, self.real = cu_p, real
-        self.chunk = padded // (2 * cp_size)
-        self.local_start = np.concatenate([[0], np.cumsum(2 * self.chunk)[:-1]]).astype(np.int64)
-        self.local_tokens = int(cu_p[-1]) // cp_size
+        self.cu_padded = np.asarray(cu_p, dtype=np.int64)
+        self.real = np.diff(np.asarray(_as_list(cu_real), dtype=np.int64))
+        self.bounds, self.sizes = bounds, np.diff(bounds, axis=1)
+        held = self.sizes[:, :cp_size] + self.sizes[:, cp_size:][:, ::-1]  # [units, rank]
+        #: [units, CP] local offset of every unit on every rank
+        self.local_start = np.cumsum(held, axis=0) - held
+        self.local_tokens = int(held.sum(0)[0]) if held.size else 0
         if docs is None:
-            starts, ends = cu_p[:-1], cu_p[:-1] + real
+            starts, ends = self.cu_padded[:-1], self.cu_padded[:-1] + self.real
         else:
             starts, ends = (np.asarray(_as_list(x), dtype=np.int64) for x in docs)
         keep = ends > starts
         self.doc_start, self.doc_end = starts[keep], ends[keep]
-        self.doc_unit = np.searchsorted(cu_p, self.doc_start, side="right") - 1
+        self.doc_unit = np.searchsorted(self.cu_padded, self.doc_start, side="right") - 1
         self._check_docs(docs is not None)
         self._blocks: dict = {}
         self._parts: dict[int, tuple] = {}
@@ -191,15 +186,15 @@ class CPLayout:
     def rank_parts(self, rank: int) -> tuple[np.ndarray, ...]:
         """Per document: local (start, length) of its early and of its late part on ``rank``."""
         if rank not in self._parts:
-            unit = self.doc_unit
-            c, base = self.chunk[unit], self.cu_padded[unit]
-            a, b = self.doc_start - base, self.doc_end - base
-            local = self.local_start[unit]
+            unit, bounds = self.doc_unit, self.bounds
             early, late = rank_chunks(self.cp_size, rank)
-            e_lo = np.clip(a, early * c, (early + 1) * c)
-            e_hi = np.clip(b, early * c, (early + 1) * c)
-            t_lo, t_hi = np.clip(a, late * c, (late + 1) * c), np.clip(b, late * c, (late + 1) * c)
-            e_start, t_start = local + e_lo - early * c, local + c + t_lo - late * c
+            e0, e1 = bounds[unit, early], bounds[unit, early + 1]
+            t0, t1 = bounds[unit, late], bounds[unit, late + 1]
+            e_lo, e_hi = np.clip(self.doc_start, e0, e1), np.clip(self.doc_end, e0, e1)
+            t_lo, t_hi = np.clip(self.doc_start, t0, t1), np.clip(self.doc_end, t0, t1)
+            local = self.local_start[unit, rank]
+            e_start = local + e_lo - e0
+            t_start = local + self.sizes[unit, early] + t_lo - t0
             self._parts[rank] = (e_start, e_hi - e_lo, t_start, t_hi - t_lo)
         return self._parts[rank]
 
@@ -240,16 +235,15 @@ class CPLayout:
         """Permutation p with gathered[p] in position order.
 
         ``gathered`` is every rank's local tensor concatenated in rank order (the all-to-all
-        result); gathered[p] is the CP 1 padded layout, where unit i occupies
+        result); gathered[p] is the CP 1 layout, where unit i occupies
         ``[cu_padded[i], cu_padded[i + 1])``.
         """
         cp, t = self.cp_size, self.local_tokens
-        chunks = []  # chunk j of every unit, j = 0 .. 2 CP - 1, as gathered rows
-        for j in range(num_chunks(cp)):
-            offset = self.local_start + (0 if j < cp else self.chunk)  # early or late part
-            chunks.append(int(chunk_owner(j, cp)) * t + offset)
-        starts = np.stack(chunks, axis=1).reshape(-1)  # unit-major, chunk-minor
-        return _ranges(starts, np.repeat(self.chunk, num_chunks(cp)))
+        j = np.arange(num_chunks(cp))
+        owner = chunk_owner(j, cp)  # chunk j of every unit, as gathered rows: unit-major
+        after_early = np.where(j < cp, 0, self.sizes[:, owner])  # a late chunk follows the early
+        starts = owner * t + self.local_start[:, owner] + after_early
+        return _ranges(starts.reshape(-1), self.sizes.reshape(-1))
 
     def document_block(self) -> VarlenBlock:
         """The causal per-document block of the whole sequence in position order (CP 1 layout)."""
