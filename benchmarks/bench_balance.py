@@ -7,7 +7,8 @@ batch) at CP 8/16/32 and DP 4/16/64, over ``--steps`` global batches: max/min wo
 (the worst micro-batch of the step: ranks synchronise every layer) and max/mean step cost across
 DP ranks (sum over a rank's micro-batches of its slowest CP rank), median and worst over steps,
 for megatron's whole-sequence zigzag, per-document zigzag (both in megatron's sample order) and
-the new scheme (adaptive units, parallel/units.py + balanced assignment, parallel/dp_assign.py);
+the new scheme ("balanced" CP chunks, parallel/units.py + work-balanced assignment,
+parallel/dp_assign.py);
 plus padding and the realized component shares. Work = allowed attention pairs + 28,600 pairs per
 token of linear work (Llama-3-8B's ratio from the perf model: N_matmul / (2 L d_q)).
 
@@ -24,14 +25,11 @@ exceeds 1.03 are marked ``*`` (the DP target is out of reach there); "gap" is th
 achieved value over its own bound. The bound is valid but weak when costs come in clusters (it
 looks at one rank at a time), so an unmarked row above 1.03 is not proven feasible.
 
-Where the targets (CP <= 1.02, DP <= 1.03) are out of reach, and why: at CP 32 a 64K sample gives
-each rank 2K tokens (1K at 32K). Rank 0 holds both ends of every unit, so the padding of a unit
-(up to 2 CP - 1 tokens) always costs rank 0; the adaptive rule avoids it by leading long documents
-with short ones, but samples of a few long documents and no short ones (arxiv, two-piece long
-samples) keep up to ~2 CP tokens of padding per document on rank 0, and long filling prefixes move
-attention work to the low ranks. With one to four samples per DP rank (512K: 16 samples per step;
-64K: DP 16 and 64) whole samples cannot be split and a one-document 64K sample costs about twice a
-short-document one.
+Where the DP target is out of reach, and why: with one to four samples per DP rank (512K: 16
+samples per step; 64K: DP 16 and 64) whole samples cannot be split and a one-document 64K sample
+costs about twice a short-document one. CP: every rank holds its zigzag pair of every document up
+to one token per chunk and the same token count (no padding but a tail of < CP tokens), so the
+CP figures sit within 0.1% of even.
 
 The last line is ``balance: worst CP max/min X, worst DP max/mean Y, max padding Z%`` over the
 new scheme's rows.
@@ -85,7 +83,7 @@ DP_TARGET = 1.03
 SCHEMES = (
     ("sequence", "megatron whole-seq zigzag"),
     ("document", "per-document zigzag"),
-    ("adaptive", "new: adaptive units + DP"),
+    ("balanced", "new: balanced chunks + DP"),
 )
 
 
@@ -168,7 +166,7 @@ def run(mixture: str, steps: int, cps=(8, 16, 32), dps=(4, 16, 64)) -> list[dict
                     cost = work[sl].max(1)
                     order = (
                         assign_variable(cost, dp, 1)
-                        if scheme == "adaptive"
+                        if scheme == "balanced"
                         else megatron_order(gb, dp, 1)
                     )
                     st = step_balance(work[sl], pads[sl], tokens[sl], order)
@@ -219,7 +217,7 @@ def main(argv=None) -> None:
                 f"{r['share_err']:9.3f}{mark}",
                 flush=True,
             )
-            if r["scheme"] == "adaptive":
+            if r["scheme"] == "balanced":
                 new.append(r)
     reach = [r for r in new if r["bound"] <= DP_TARGET]
     print(

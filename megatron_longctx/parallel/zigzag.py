@@ -1,10 +1,11 @@
 """The zigzag rule of context parallelism, in one place (the CP split, the attention blocks, THD
 RoPE, the balance models and the CP units all call it).
 
-A unit (one document, or a run of consecutive documents) padded to a multiple of 2 x CP is cut
-into 2 CP equal chunks; rank r holds chunk r ("early") and chunk 2 CP - 1 - r ("late"), so every
-rank gets one chunk from each end of the unit's causal triangle and the same attention work for
-one long document. Chunk j is held by rank min(j, 2 CP - 1 - j).
+A unit (one document, or a run of consecutive documents) is cut into 2 CP ordered chunks: equal
+ones of a unit padded to a multiple of 2 x CP, or, without padding, chunks of floor/ceil(L / 2 CP)
+tokens (``balanced_chunk_sizes``); rank r holds chunk r ("early") and chunk 2 CP - 1 - r
+("late"), so every rank gets one chunk from each end of the unit's causal triangle and the same
+attention work for one long document. Chunk j is held by rank min(j, 2 CP - 1 - j).
 """
 
 from __future__ import annotations

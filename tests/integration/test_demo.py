@@ -26,7 +26,7 @@ def test_demo_pipeline(tmp_path):
     assert proc.returncode == 0, text[-4000:]
     recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == list(range(1, 51))
-    for r in recs:  # balance telemetry on every step (stage s1k runs CP 2 with adaptive units)
+    for r in recs:  # balance telemetry on every step (stage s1k runs CP 2 with balanced chunks)
         assert r["cp_work_max_over_mean"] >= 1 and r["dp_work_max_over_mean"] >= 1
         assert r["cp_work_max_over_min"] >= 1
         assert 0 <= r["padding_share"] < 0.05

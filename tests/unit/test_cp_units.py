@@ -155,3 +155,13 @@ def test_balanced_beats_per_document_and_sequence_on_short_documents():
     work, padding = work_per_rank(lengths, cp, "balanced")
     assert imbalance(work) < min(results.values()), results
     assert imbalance(work) < 1.01 and padding < cp
+
+
+def test_stage_config_defaults_to_balanced_and_names_the_old_scheme():
+    from megatron_longctx.config.schema import ConfigError, StageConfig
+
+    assert StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1).cp_sharding == "balanced"
+    with pytest.raises(ConfigError, match="'adaptive' became 'balanced'"):
+        StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1, cp_sharding="adaptive")
+    with pytest.raises(ConfigError, match="core_attention 'te' needs cp_sharding 'document'"):
+        StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1, core_attention="te", cp_sharding="balanced")

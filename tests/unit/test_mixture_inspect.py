@@ -40,7 +40,7 @@ def test_inspect_reports_shares_and_writes_png(tmp_path, monkeypatch, capsys):
     assert out["per_bin"][0, 0] == 35 * 64
     text = capsys.readouterr().out
     assert "documents per sample" in text
-    assert "load balance over 5 steps (CP 2, DP 2, adaptive)" in text
+    assert "load balance over 5 steps (CP 2, DP 2, balanced)" in text
     bal = out["balance"]
     assert len(bal["balanced"]) == len(bal["megatron order"]) == 5
     for got, plain in zip(bal["balanced"], bal["megatron order"]):

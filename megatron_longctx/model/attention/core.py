@@ -5,8 +5,9 @@
 * THD (``packed_seq_params.qkv_format == 'thd'``): q ``[t, hq, d]``, k / v ``[t, hk, d]`` with the
   rank's local tokens in the zigzag-within-units layout (parallel/cp_split.py); the boundaries
   ``cu_seqlens_*_padded`` (padded units) and ``cu_seqlens_*`` (real lengths) describe the whole
-  sequence, and ``packed_seq_params.doc_spans`` (int [num_docs, 2], set by
-  ``packed_seq_params_for_rank``; absent: one document per unit) the documents inside the units.
+  sequence, ``packed_seq_params.doc_spans`` (int [num_docs, 2], set by
+  ``packed_seq_params_for_rank``; absent: one document per unit) the documents inside the units
+  and ``packed_seq_params.cp_chunks`` (absent: equal chunks) the chunks of the units.
   Output ``[t, hq * d]``.
 * SBHD (no packed_seq_params): q ``[s, b, hq, d]`` - every row is one causal document, split by
   megatron's ``get_batch_on_this_cp_rank`` zigzag (the same rule with one document). Output
