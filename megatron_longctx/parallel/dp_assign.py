@@ -217,10 +217,11 @@ def assign_variable(
 def dp_lower_bound(cost, dp_size: int, resolution: float = 1e-5) -> float:
     """A lower bound on (heaviest DP rank) / (mean DP rank) over every assignment of whole samples.
 
-    Some rank carries at least the mean, and its load is a sum of a subset of the costs, so the
-    maximum is >= the smallest subset sum that reaches the mean (and >= the heaviest sample).
-    Subset sums are enumerated exactly on a grid of ``resolution`` x mean (costs floored, which
-    only lowers the bound, by at most ``G x resolution``).
+    The largest of three valid bounds: the heaviest sample; the smallest subset sum that reaches
+    the mean (some rank carries at least the mean; subset sums enumerated exactly on a grid of
+    ``resolution`` x mean, costs floored, which only lowers the bound, by at most
+    ``G x resolution``); and ``_two_class_bound`` (how many samples of each size class fit on a
+    rank, which catches "three long samples fill a rank, and nothing else fits beside them").
     """
     cost = np.asarray(cost, dtype=np.float64)
     mean = cost.sum() / dp_size
@@ -235,7 +236,53 @@ def dp_lower_bound(cost, dp_size: int, resolution: float = 1e-5) -> float:
     for x in k[k > 0]:  # bitset subset-sum, capped just above the first sum >= need
         reach[x:] |= reach[: top + 1 - x].copy()
     first = need + int(np.argmax(reach[max(need, 0) :])) if reach[max(need, 0) :].any() else top
-    return max(1.0, float(cost.max()) / mean, first * unit / mean)
+    bound = max(1.0, float(cost.max()) / mean, first * unit / mean)
+    return max(bound, _two_class_bound(cost, dp_size, bound * mean) / mean)
+
+
+def _two_class_bound(cost: np.ndarray, dp_size: int, low: float, rounds: int = 16) -> float:
+    """A makespan no assignment beats, from rounding the costs down into two classes.
+
+    Split the samples (sorted, heaviest first) after the k-th: the first k count as the k-th's
+    cost, the rest as the lightest's. Rounding down only makes packing easier, so if the rounded
+    samples cannot be packed into ``dp_size`` ranks of capacity T, neither can the real ones
+    and the makespan exceeds T. Packing two classes is exact and small: a rank with p heavy
+    samples holds at most floor((T - p s1) / s2) light ones (``_two_class_fits``). Bisection on
+    T above ``low`` (a known bound), for the split points between cost clusters.
+    """
+    c = np.sort(cost)[::-1]
+    n = c.size
+    splits = [k for k in range(1, n) if c[k - 1] > c[k] * (1 + 1e-3)] or [n]
+    best = low
+    for k in splits[:64]:
+        s1, n1, s2, n2 = c[k - 1], k, c[-1], n - k
+        if _two_class_fits(s1, n1, s2, n2, dp_size, best):
+            continue  # this split cannot raise the bound
+        lo, hi = best, max(1.5 * best, float(c[0]))
+        while not _two_class_fits(s1, n1, s2, n2, dp_size, hi):
+            lo, hi = hi, 2 * hi
+        for _ in range(rounds):  # largest T where the rounded samples do not fit
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if not _two_class_fits(s1, n1, s2, n2, dp_size, mid) else (lo, mid)
+        best = max(best, lo)
+    return best
+
+
+def _two_class_fits(s1: float, n1: int, s2: float, n2: int, ranks: int, cap: float) -> bool:
+    """Whether n1 items of size s1 and n2 of size s2 pack into ``ranks`` bins of size ``cap``:
+    a DP over ranks of the most light items coverable for each count of heavy ones covered."""
+    if s1 > cap or (n2 and s2 > cap):
+        return n1 == 0 and n2 == 0
+    per = np.arange(int(cap / s1 + 1e-9) + 1)  # heavy items a rank may hold (never too few)
+    light = np.floor((cap - per * s1) / s2 + 1e-9) if s2 > 0 else np.full(per.size, n2)
+    best = np.full(n1 + 1, -np.inf)
+    best[0] = 0.0
+    for _ in range(ranks):
+        new = np.full(n1 + 1, -np.inf)
+        for p, q in zip(per, light):
+            np.maximum.at(new, np.minimum(np.arange(n1 + 1) + p, n1), best + q)
+        best = new
+    return bool(best[n1] >= n2)
 
 
 def megatron_order(global_batch: int, dp_size: int, micro_batch_size: int) -> np.ndarray:

@@ -90,8 +90,30 @@ def test_variable_assignment_permutation_optimum_and_bound(dp, b, min_count):
     order = assign_variable(np.array([10.0, 1, 1, 1, 1, 1, 1, 1]), 2, 1)
     assert sorted(len(o) for o in order) == [1, 7]
     assert dp_lower_bound(np.array([10.0, 1, 1, 1, 1, 1, 1, 1]), 2) == pytest.approx(10 / 8.5)
+    # four 5s on three ranks: two share one (10 / mean 8), which no subset-sum argument sees
+    assert dp_lower_bound(np.array([5.0, 5, 5, 5, 4]), 3) == pytest.approx(10 / 8, rel=1e-4)
     with pytest.raises(ValueError, match="DP 3 x 3 micro-batches"):
         assign_variable(np.ones(8), 3, 1, 3)
+
+
+def test_two_class_bound_is_valid_and_sees_what_subset_sums_miss():
+    """Long samples in a cluster and short ones in another (the 64K DP 16 shape): the bound
+    never exceeds the brute-force optimum, and it is tight where the subset-sum bound is not."""
+    from megatron_longctx.parallel.dp_assign import _two_class_bound
+
+    rng = np.random.default_rng(5)
+    raised = 0
+    for _ in range(30):
+        dp = int(rng.integers(2, 4))
+        cost = np.concatenate(
+            [rng.uniform(0.30, 0.32, int(rng.integers(3, 6))), rng.uniform(0.14, 0.16, 4)]
+        )
+        best = _brute_force(cost, dp)
+        mean = cost.sum() / dp
+        got = dp_lower_bound(cost, dp) * mean
+        assert got <= best + 1e-9, (cost, got, best)
+        raised += _two_class_bound(cost, dp, mean) > max(cost.max(), mean) * (1 + 1e-6)
+    assert raised > 0
 
 
 def _loader(index, dp_rank, dp, consumed=0, linear=28_600.0, mbs=MBS):
