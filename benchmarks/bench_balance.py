@@ -20,14 +20,15 @@ sample comes from the project's blending (data/index.py ``blend_components``). T
 assignment lets ranks run different numbers of micro-batches (``assign_variable``). Rows where the
 global batch has fewer samples than DP ranks cannot run and are printed as such. "bound" is the
 best any assignment of whole samples can reach in the row's worst step (``dp_lower_bound``: the
-heaviest sample, and the smallest subset sum that reaches the mean DP-rank cost); rows where it
-exceeds 1.03 are marked ``*`` (the DP target is out of reach there); "gap" is the worst step's
-achieved value over its own bound. The bound is valid but weak when costs come in clusters (it
-looks at one rank at a time), so an unmarked row above 1.03 is not proven feasible.
+heaviest sample, the smallest subset sum that reaches the mean DP-rank cost, and an exact packing
+of the costs rounded down into two classes, which sees "three long samples fill a rank and no
+short one fits beside them"); rows where it exceeds 1.03 are marked ``*`` (the DP target is
+provably out of reach there); "gap" is the worst step's achieved value over its own bound (a
+bound, not the optimum: a gap > 1 may be the bound's slack).
 
 Where the DP target is out of reach, and why: with one to four samples per DP rank (512K: 16
-samples per step; 64K: DP 16 and 64) whole samples cannot be split and a one-document 64K sample
-costs about twice a short-document one. CP: every rank holds its zigzag pair of every document up
+samples per step; 64K: DP 16 and 64; 32K and SFT: DP 64) whole samples cannot be split and a
+one-document 64K sample costs about twice a short-document one. CP: every rank holds its zigzag pair of every document up
 to one token per chunk and the same token count (no padding but a tail of < CP tokens), so the
 CP figures sit within 0.1% of even.
 
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
     )
     print(
         f"DP: {len(new) - len(reach)} of {len(new)} new-scheme rows are marked * (bound > "
-        f"{DP_TARGET}: one sample alone outweighs 1.03 x a rank's mean); worst DP max/mean over "
+        f"{DP_TARGET}: no assignment of whole samples reaches it); worst DP max/mean over "
         f"the other rows {max([r['dp_max'] for r in reach] or [float('nan')]):.3f}; worst gap to "
         f"the step's bound over all rows {max(r['gap'] for r in new):.3f}"
     )
