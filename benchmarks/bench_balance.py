@@ -28,9 +28,9 @@ bound, not the optimum: a gap > 1 may be the bound's slack).
 
 Where the DP target is out of reach, and why: with one to four samples per DP rank (512K: 16
 samples per step; 64K: DP 16 and 64; 32K and SFT: DP 64) whole samples cannot be split and a
-one-document 64K sample costs about twice a short-document one. CP: every rank holds its zigzag pair of every document up
-to one token per chunk and the same token count (no padding but a tail of < CP tokens), so the
-CP figures sit within 0.1% of even.
+one-document 64K sample costs about twice a short-document one. CP: every rank holds its zigzag
+pair of every document up to one token per chunk and the same token count (no padding but a tail
+of < CP tokens), so the CP figures sit within 0.1% of even.
 
 The last line is ``balance: worst CP max/min X, worst DP max/mean Y, max padding Z%`` over the
 new scheme's rows.

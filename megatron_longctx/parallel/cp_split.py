@@ -35,7 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_longctx.parallel.zigzag import equal_chunk_bounds, num_chunks, rank_chunks, rank_totals
+from megatron_longctx.parallel.zigzag import (
+    equal_chunk_bounds,
+    num_chunks,
+    rank_chunks,
+    rank_totals,
+)
 
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -322,8 +327,9 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
     params.doc_spans = local_batch.get("doc_spans")
     params.cp_chunks = local_batch.get("cp_chunks")  # the chunks inside the units
     if params.cp_chunks is not None and "cp_rank" in local_batch:  # THD RoPE's positions
-        lay = rank_token_layout(padded, real, local_batch["cp_size"], local_batch["cp_rank"],
-                                chunks=params.cp_chunks)
+        lay = rank_token_layout(
+            padded, real, local_batch["cp_size"], local_batch["cp_rank"], chunks=params.cp_chunks
+        )
         params.rope_positions = (lay.doc, lay.pos)
     bind_rope_positions(params)
     return params

@@ -15,8 +15,8 @@ Padding tokens carry loss_mask 0 and are masked out of attention, so they change
 amount of work. Inside the model megatron restarts RoPE positions at each unit (THD RoPE; with
 unequal chunks the positions come with the batch, cp_split.bind_rope_positions); the documents
 and chunks of the units travel as ``packed_seq_params.doc_spans`` / ``cp_chunks`` to the core
-attention. With
-document masking this equals ProLong's un-reset positions because RoPE is relative.
+attention. With document masking this equals ProLong's un-reset positions because RoPE is
+relative.
 """
 
 from __future__ import annotations

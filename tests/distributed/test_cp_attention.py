@@ -73,8 +73,10 @@ def _cases(cp: int) -> dict[str, tuple]:
     for name in ("units_mixed", "units_one_sequence", "units_pad_first"):
         cases[name] += (None,)
     # "balanced": unequal chunks, no padding but the tail unit that evens the ranks' counts
-    for name, lengths in (("balanced", random_lengths + [16 * cp - 3, 1, 2 * cp + 1]),
-                          ("balanced_short", [1, 2, 3, 1, cp + 1])):
+    for name, lengths in (
+        ("balanced", random_lengths + [16 * cp - 3, 1, 2 * cp + 1]),
+        ("balanced_short", [1, 2, 3, 1, cp + 1]),
+    ):
         plan = plan_units(lengths, cp, "balanced")
         cu_p = [0] + plan.bounds[:, -1].tolist()
         cu_r = [0] + np.cumsum(plan.real).tolist()

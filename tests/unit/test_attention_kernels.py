@@ -16,8 +16,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from megatron_longctx.model.attention.blocks import CPLayout

@@ -20,8 +20,8 @@ from megatron_longctx.model.attention.blocks import CPLayout
 from megatron_longctx.parallel.cp_split import (
     cp_merge,
     cp_split,
-    pad_documents_for_cp,
     packed_seq_params_for_rank,
+    pad_documents_for_cp,
 )
 from megatron_longctx.parallel.units import imbalance, plan_units, work_per_rank
 from megatron_longctx.testing.attention_cases import ring_pairs
@@ -48,7 +48,9 @@ def test_units_cover_every_token_once_and_merge_inverts(cp, sharding):
     padded = pad_documents_for_cp(batch, cp, sharding=sharding)
     cu = padded["cu_seqlens"].tolist()
     if sharding == "balanced":
-        sizes = padded["cp_chunks"].diff(dim=1)  # no padding but a tail unit of < CP tokens; chunks +- 1 token
+        sizes = padded["cp_chunks"].diff(
+            dim=1
+        )  # no padding but a tail unit of < CP tokens; chunks +- 1 token
         assert cu[: len(LENGTHS) + 1] == [0] + np.cumsum(LENGTHS).tolist()  # units = documents
         assert cu[-1] - sum(LENGTHS) < cp
         real_units = sizes[: len(LENGTHS)]
@@ -160,8 +162,17 @@ def test_balanced_beats_per_document_and_sequence_on_short_documents():
 def test_stage_config_defaults_to_balanced_and_names_the_old_scheme():
     from megatron_longctx.config.schema import ConfigError, StageConfig
 
-    assert StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1).cp_sharding == "balanced"
+    assert (
+        StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1).cp_sharding == "balanced"
+    )
     with pytest.raises(ConfigError, match="'adaptive' became 'balanced'"):
         StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1, cp_sharding="adaptive")
     with pytest.raises(ConfigError, match="core_attention 'te' needs cp_sharding 'document'"):
-        StageConfig(name="s", seq_length=64, steps=1, global_batch_size=1, core_attention="te", cp_sharding="balanced")
+        StageConfig(
+            name="s",
+            seq_length=64,
+            steps=1,
+            global_batch_size=1,
+            core_attention="te",
+            cp_sharding="balanced",
+        )

@@ -103,7 +103,9 @@ class _CPCoreAttention(MegatronModule):
             raise ValueError("self-attention needs cu_seqlens_kv_padded == cu_seqlens_q_padded")
         spans = getattr(packed_seq_params, "doc_spans", None)
         docs = None if spans is None else (spans[:, 0].tolist(), spans[:, 1].tolist())
-        layout = CPLayout(padded, real, self.cp_size, docs, getattr(packed_seq_params, "cp_chunks", None))
+        layout = CPLayout(
+            padded, real, self.cp_size, docs, getattr(packed_seq_params, "cp_chunks", None)
+        )
         packed_seq_params._longctx_layout = layout
         return layout
 
