@@ -40,9 +40,7 @@ def local_positions(cu_seqlens: torch.Tensor, num_local: int, cp_size: int, cp_r
     brings this rank's (unit, position) pairs on the tensor (attribute ``longctx_positions``).
     """
     bound = getattr(cu_seqlens, "longctx_positions", None)
-    if (
-        bound is not None
-    ):  # unequal chunks: the batch path computed them (cp_split.bind_rope_positions)
+    if bound is not None:  # unequal chunks: from the batch path (cp_split.bind_rope_positions)
         return bound
     cu = cu_seqlens.long()
     local_len = (cu[1:] - cu[:-1]) // cp_size

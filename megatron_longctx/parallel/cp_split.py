@@ -37,6 +37,7 @@ import torch
 
 from megatron_longctx.parallel.zigzag import (
     equal_chunk_bounds,
+    held_per_unit,
     num_chunks,
     rank_chunks,
     rank_totals,
@@ -195,15 +196,11 @@ def pad_documents_for_cp(
         else:
             pad = torch.full((1, plan.total), 0 if key == "loss_mask" else pad_token_id)
         pieces[key] = torch.where(real_mask, x[:, source], pad.to(x.dtype))
-    doc_real = np.asarray(cu[:-1], dtype=np.int64)
-    starts = unit_cu[plan.unit] + doc_real - real_cu[plan.unit]
-    spans = np.stack([starts, starts + np.asarray(lengths, dtype=np.int64)], axis=1)
+    spans = np.stack([plan.doc_start, plan.doc_start + np.asarray(lengths, dtype=np.int64)], 1)
     result = {k: v for k, v in batch.items() if k not in pieces}
     result.update(pieces)
     result["cu_seqlens"] = torch.from_numpy(unit_cu.astype(np.int32))
-    result["cu_seqlens_unpadded"] = torch.tensor(
-        [0] + np.cumsum(plan.real).tolist(), dtype=torch.int32
-    )
+    result["cu_seqlens_unpadded"] = torch.from_numpy(real_cu.astype(np.int32))
     if sharding == "balanced":  # unequal chunks (equal ones follow from cu_seqlens at any CP)
         result["cp_chunks"] = torch.from_numpy(plan.bounds.astype(np.int64))
     result["doc_spans"] = torch.tensor(spans.reshape(-1, 2), dtype=torch.int32)
@@ -265,8 +262,7 @@ def cp_split(batch: dict, cp_size: int, cp_rank: int) -> dict:
             out[key] = batch[key][:, index]
     if batch.get("cu_seqlens") is not None:
         out["cu_seqlens_unpadded"] = torch.tensor(cu_real, dtype=torch.int32)
-        early, late = rank_chunks(cp_size, cp_rank)
-        held = np.diff(bounds, axis=1)[:, [early, late]].sum(1)  # this rank's tokens per unit
+        held = held_per_unit(np.diff(bounds, axis=1), cp_size)[:, cp_rank]  # tokens per unit
         out["cu_seqlens_local"] = torch.tensor([0] + np.cumsum(held).tolist(), dtype=torch.int32)
         out["max_seqlen"] = max(b - a for a, b in zip(cu_padded, cu_padded[1:]))
     out.update(cp_size=cp_size, cp_rank=cp_rank)
@@ -326,7 +322,7 @@ def packed_seq_params_for_rank(local_batch: dict, cp_group=None):
     # core.py); megatron ignores the attribute, RoPE restarts per unit (relative: exact)
     params.doc_spans = local_batch.get("doc_spans")
     params.cp_chunks = local_batch.get("cp_chunks")  # the chunks inside the units
-    if params.cp_chunks is not None and "cp_rank" in local_batch:  # THD RoPE's positions
+    if params.cp_chunks is not None:  # THD RoPE's positions (cp_split gives the rank)
         lay = rank_token_layout(
             padded, real, local_batch["cp_size"], local_batch["cp_rank"], chunks=params.cp_chunks
         )

@@ -57,11 +57,13 @@ class UnitPlan:
         real: ``[units]`` real tokens of every unit (a trailing padding-only unit has 0).
         bounds: ``[units, 2 CP + 1]`` global chunk boundaries in the laid-out sequence (each
             unit's real tokens first, then its padding).
+        doc_start: ``[docs]`` where every document starts in the laid-out sequence.
     """
 
     unit: np.ndarray
     real: np.ndarray
     bounds: np.ndarray
+    doc_start: np.ndarray
 
     @property
     def total(self) -> int:
@@ -88,6 +90,7 @@ def plan_units(doc_lengths, cp_size: int, scheme: str = "balanced", pad_to: int 
         raise ValueError(f"CP sharding must be one of {SHARDINGS}, got {scheme!r}")
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     m = num_chunks(cp_size)
+    first = np.cumsum(lengths) - lengths  # every document's start in the sample
     unit = np.zeros(lengths.size, dtype=np.int64)
     if scheme != "sequence":
         unit = np.arange(lengths.size, dtype=np.int64)
@@ -102,12 +105,14 @@ def plan_units(doc_lengths, cp_size: int, scheme: str = "balanced", pad_to: int 
             sizes, real = np.concatenate([sizes, tail]), np.append(real, 0)
         flat = np.concatenate([[0], np.cumsum(sizes)])  # row-major: unit by unit, chunk by chunk
         bounds = flat[np.arange(real.size)[:, None] * m + np.arange(m + 1)]
-        return UnitPlan(unit, real, bounds)
-    padded = real + padding_to_zigzag(real, cp_size)
-    if pad_to > int(padded.sum()):
-        padded, real = np.append(padded, pad_to - int(padded.sum())), np.append(real, 0)
-    cu = np.concatenate([[0], np.cumsum(padded)])
-    return UnitPlan(unit, real, equal_chunk_bounds(cu, cp_size))
+    else:
+        padded = real + padding_to_zigzag(real, cp_size)
+        if pad_to > int(padded.sum()):
+            padded, real = np.append(padded, pad_to - int(padded.sum())), np.append(real, 0)
+        bounds = equal_chunk_bounds(np.concatenate([[0], np.cumsum(padded)]), cp_size)
+    # a document starts where its unit does, after the unit's earlier documents (real tokens first)
+    unit_first = (np.cumsum(real) - real)[unit]
+    return UnitPlan(unit, real, bounds, bounds[unit, 0] + first - unit_first)
 
 
 def work_per_rank(
@@ -126,10 +131,7 @@ def work_per_rank(
     plan = plan_units(lengths, cp_size, scheme)
     if lengths.size == 0:
         return np.zeros(cp_size), plan.padding
-    # every document's start in the laid-out sequence: its unit's start + earlier documents of it
-    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    unit_first = np.concatenate([[0], np.cumsum(plan.real)[:-1]])[plan.unit]
-    start = plan.bounds[plan.unit, 0] + first - unit_first
+    start = plan.doc_start
     lo = np.maximum(start[:, None], plan.bounds[plan.unit, :-1])  # [docs, 2 CP] pieces
     hi = np.minimum((start + lengths)[:, None], plan.bounds[plan.unit, 1:])
     num = np.maximum(hi - lo, 0).astype(np.float64)

@@ -64,7 +64,13 @@ def balanced_chunk_sizes(unit_lengths, cp_size: int) -> np.ndarray:
     return sizes
 
 
+def held_per_unit(sizes: np.ndarray, cp_size: int) -> np.ndarray:
+    """``[units, CP]`` tokens each rank holds of each unit with chunk sizes ``sizes``
+    ``[units, 2 CP]`` (its early plus its late chunk)."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, num_chunks(cp_size))
+    return sizes[:, :cp_size] + sizes[:, cp_size:][:, ::-1]
+
+
 def rank_totals(sizes: np.ndarray, cp_size: int) -> np.ndarray:
     """Tokens each CP rank holds of units with chunk sizes ``sizes`` ``[units, 2 CP]``."""
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, num_chunks(cp_size))
-    return sizes[:, :cp_size].sum(0) + sizes[:, cp_size:][:, ::-1].sum(0)
+    return held_per_unit(sizes, cp_size).sum(0)

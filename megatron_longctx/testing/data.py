@@ -36,3 +36,26 @@ def tiny_corpus(root: str | Path, vocab: int = 512, seed: int = 0) -> dict[str, 
             root / "short", rng.integers(20, 200, 400).tolist(), vocab, seed + 1
         ),
     }
+
+
+def two_component_index(data: dict[str, str], seq: int, global_batch: int, long_weight: float):
+    """A mixture index over ``tiny_corpus``'s domains: "long" (documents >= ``seq`` tokens only)
+    with weight ``long_weight`` and "short" with the rest (mixture seed 3, vocab 512)."""
+    from megatron_longctx.data.index_cache import build_mixture_index
+    from megatron_longctx.data.mixture import mixture_from_dict
+
+    spec = mixture_from_dict(
+        {
+            "seed": 3,
+            "components": [
+                {
+                    "name": "long",
+                    "prefixes": [data["long"]],
+                    "weight": long_weight,
+                    "min_tokens": seq,
+                },
+                {"name": "short", "prefixes": [data["short"]], "weight": 1 - long_weight},
+            ],
+        }
+    )
+    return build_mixture_index(spec, seq, global_batch, vocab_size=512)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_longctx.testing.data import tiny_corpus
+from megatron_longctx.testing.data import tiny_corpus, two_component_index
 from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import max_rel_err
 
@@ -23,28 +23,15 @@ class _OneHeavy:
     """Work model: a sample's cost grows as the cube of its attention pairs, so the heaviest
     sample of the batch outweighs the rest together (a pure function of the lengths)."""
 
-    linear = 0.0  # the weight WorkModel hands the CP split (CP 1 here: unused)
-
     def sample(self, doc_lengths):
         pairs = float(np.sum(np.asarray(doc_lengths, dtype=np.float64) ** 2))
         return np.array([pairs**3]), 0
 
 
 def _loader(data, dp_rank, dp_size, balanced):
-    from megatron_longctx.data.index_cache import build_mixture_index
     from megatron_longctx.data.loader import MixtureLoader
-    from megatron_longctx.data.mixture import mixture_from_dict
 
-    spec = mixture_from_dict(
-        {
-            "seed": 3,
-            "components": [
-                {"name": "long", "prefixes": [data["long"]], "weight": 0.25, "min_tokens": SEQ},
-                {"name": "short", "prefixes": [data["short"]], "weight": 0.75},
-            ],
-        }
-    )
-    index = build_mixture_index(spec, SEQ, GLOBAL_BATCH, vocab_size=512)
+    index = two_component_index(data, SEQ, GLOBAL_BATCH, long_weight=0.25)
     work = _OneHeavy() if balanced else None
     return MixtureLoader(index, GLOBAL_BATCH, 1, dp_rank, dp_size, work=work)
 

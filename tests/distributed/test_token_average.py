@@ -9,7 +9,7 @@ separately, positions from 0 (document masking = independent documents), summing
 import pytest
 import torch
 
-from megatron_longctx.testing.data import tiny_corpus
+from megatron_longctx.testing.data import tiny_corpus, two_component_index
 from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import max_rel_err
 
@@ -17,20 +17,9 @@ SEQ, GLOBAL_BATCH = 128, 4
 
 
 def _loader(data, dp_rank, dp_size, micro):
-    from megatron_longctx.data.index_cache import build_mixture_index
     from megatron_longctx.data.loader import MixtureLoader
-    from megatron_longctx.data.mixture import mixture_from_dict
 
-    spec = mixture_from_dict(
-        {
-            "seed": 3,
-            "components": [
-                {"name": "long", "prefixes": [data["long"]], "weight": 0.5, "min_tokens": SEQ},
-                {"name": "short", "prefixes": [data["short"]], "weight": 0.5},
-            ],
-        }
-    )
-    index = build_mixture_index(spec, SEQ, GLOBAL_BATCH, vocab_size=512)
+    index = two_component_index(data, SEQ, GLOBAL_BATCH, long_weight=0.5)
     return MixtureLoader(index, GLOBAL_BATCH, micro, dp_rank, dp_size)
 
 

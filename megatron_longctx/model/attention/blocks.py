@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from megatron_longctx.parallel.cp_split import CPSplitError, _as_list, _ranges, layout_bounds
-from megatron_longctx.parallel.zigzag import chunk_owner, num_chunks, rank_chunks
+from megatron_longctx.parallel.zigzag import chunk_owner, held_per_unit, num_chunks, rank_chunks
 
 
 @dataclass(eq=False)
@@ -141,12 +141,11 @@ class CPLayout:
             bounds = layout_bounds(cu_padded, cu_real, cp_size, chunks)
         except CPSplitError as err:
             raise ValueError(f"boundaries are not a CP {cp_size} layout: {err}") from None
-        cu_p = bounds[:, 0].tolist() + [int(bounds[-1, -1])] if bounds.size else [0]
         self.cp_size = cp_size
-        self.cu_padded = np.asarray(cu_p, dtype=np.int64)
+        self.cu_padded = np.asarray(_as_list(cu_padded), dtype=np.int64)
         self.real = np.diff(np.asarray(_as_list(cu_real), dtype=np.int64))
         self.bounds, self.sizes = bounds, np.diff(bounds, axis=1)
-        held = self.sizes[:, :cp_size] + self.sizes[:, cp_size:][:, ::-1]  # [units, rank]
+        held = held_per_unit(self.sizes, cp_size)  # [units, rank]
         #: [units, CP] local offset of every unit on every rank
         self.local_start = np.cumsum(held, axis=0) - held
         self.local_tokens = int(held.sum(0)[0]) if held.size else 0
