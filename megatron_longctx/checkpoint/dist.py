@@ -103,6 +103,25 @@ def _merged_model_sd(sd: dict) -> dict:
     return {k: v for key, part in sd.items() if key.startswith("model") for k, v in part.items()}
 
 
+#: How megatron shards optimizer state in a checkpoint (Megatron-LM's
+#: ``_build_sharded_state_dict_metadata`` with ``--dist-ckpt-optim-fully-reshardable``). The
+#: distributed optimizer's default format ("fully_sharded_model_space") stores flattened ranges,
+#: which the torch AdamW fallback (no TE / apex: every CPU run, a GPU install without them) cannot
+#: save; "fully_reshardable" gathers each parameter's fp32 main copy and Adam moments into the
+#: parameter's own shape, so a checkpoint reshards over DP, TP and PP on load. Ignored by the
+#: other optimizers; no "chained_N." prefix, so the keys do not depend on the optimizer chain.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def _optimizer_sharded(optimizer, model_sd: dict, is_loading: bool) -> dict:
+    return optimizer.sharded_state_dict(
+        _merged_model_sd(model_sd), is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
+    )
+
+
 def _save_strategy():
     """megatron's torch_dist format, written by one forked writer per rank (the default two
     double the forks per save for no gain on small shards)."""
@@ -141,7 +160,7 @@ def save_checkpoint(
     _barrier()
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd))
+        sd["optimizer"] = _optimizer_sharded(optimizer, sd, is_loading=False)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration)
@@ -251,7 +270,7 @@ def load_checkpoint(
     available = checkpoint_keys(ckpt_dir)  # local <-> TE spec: see checkpoint/spec_keys.py
     dropped = {key: drop_absent_extra_state(part, available) for key, part in sd.items()}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True)
+        sd["optimizer"] = _optimizer_sharded(optimizer, sd, is_loading=True)
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
