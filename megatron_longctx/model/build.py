@@ -86,6 +86,15 @@ def transformer_config(
     return config
 
 
+def fused_rope(model: ModelConfig, backend: str, allowed: bool = True) -> bool:
+    """Whether TE's fused RoPE runs: only with the TE backend, when the CP sharding allows it
+    (``allowed``), and never with a YaRN attention factor: megatron's THD path calls TE's fused
+    kernel without ``mscale``, so the factor would be dropped on GPU while the CPU path and the
+    HF export apply it."""
+    _, attention_factor = rope_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling)
+    return allowed and backend == "te" and abs(attention_factor - 1.0) < 1e-12
+
+
 def build_gpt_model(
     model: ModelConfig,
     layout: ParallelLayout,
@@ -118,9 +127,8 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     device = device or torch.device("cpu")
-    _, yarn_factor = rope_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling)
     backend = resolve_backend(backend, device)  # once; the specs get the concrete name
-    fused = rope_fusion and backend == "te" and yarn_factor == 1.0
+    fused = fused_rope(model, backend, rope_fusion)
     if not fused:
         rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
     config = transformer_config(
@@ -155,9 +163,10 @@ def build_gpt_model(
 
 
 def place_parameters(module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
-    """Every floating-point parameter of ``module`` in ``dtype`` on ``device``, in place (buffers
-    and attributes such as RoPE's frequencies keep theirs). Returns ``module``."""
+    """``module`` on ``device`` (``Module.to``: parameters and buffers) with every floating-point
+    parameter in ``dtype`` (buffers keep their dtype: RoPE's fp32 frequencies). Returns it."""
+    module.to(device=device)
     for param in module.parameters():
-        if param.is_floating_point() and (param.dtype != dtype or param.device != device):
-            param.data = param.data.to(device=device, dtype=dtype)
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype=dtype)
     return module
