@@ -21,8 +21,9 @@ def launch(
     fault: str = "",
     nproc: int = 2,
     timeout: int = 240,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    env = dict(
+    extra, env = env or {}, dict(
         os.environ,
         OMP_NUM_THREADS="1",
         LONGCTX_DEVICE="cpu",
@@ -31,6 +32,7 @@ def launch(
         LONGCTX_DATA=str(Path(data["long"]).parent),
         LONGCTX_FAULT=fault,
         TORCHELASTIC_ERROR_FILE="",
+        **extra,
     )
     cmd = [
         sys.executable,

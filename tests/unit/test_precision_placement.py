@@ -61,3 +61,23 @@ def test_place_parameters(dtype):
     place_parameters(module, dtype, torch.device("meta"))
     assert {(p.dtype, p.device.type) for p in module.parameters()} == {(dtype, "meta")}
     assert module.inv_freq.dtype == torch.float32 and module.inv_freq.device.type == "meta"
+
+
+def test_cpu_shim_on_a_gpu_node():
+    """The shim applied on a machine that has CUDA (faked) makes the process a CPU process for
+    megatron too: no GPU reported, buffers placed on the CPU (a fresh interpreter: the shim is
+    process-wide)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "from megatron_longctx.runtime import cpu_shim\n"
+        "assert cpu_shim.apply()\n"
+        "assert not torch.cuda.is_available() and torch.cuda.device_count() == 0\n"
+        "assert torch.cuda.current_device() == torch.device('cpu')\n"
+        "assert torch.zeros(1, device='cuda').device.type == 'cpu'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
