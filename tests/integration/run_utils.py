@@ -23,7 +23,8 @@ def launch(
     timeout: int = 240,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    extra, env = env or {}, dict(
+    extra = env or {}
+    env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
         LONGCTX_DEVICE="cpu",

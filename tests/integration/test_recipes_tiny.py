@@ -16,8 +16,9 @@ schedule, RoPE theta per stage, recompute, stage structure, init_from, SFT.
 
 Each recipe: SIGTERM after step 1 (checkpoint, exit 75), resume to the end, then
 ``mcore-to-hf`` with its parity gate (``--verify full``: RoPE and logits vs transformers). The
-two-stage ProLong recipe (transition TP 2 -> CP 2 under the distributed optimizer) is also run
-uninterrupted: its export is bitwise equal to the interrupted run's.
+two-stage ProLong recipe (transition TP 2 x DP 1 -> CP 2 under the distributed optimizer) is also
+SIGKILLed inside its stage-1-final save and again in stage 2 before its first checkpoint (the
+transition is redone), and run uninterrupted: the two exports are bitwise equal.
 """
 
 from __future__ import annotations
@@ -142,17 +143,21 @@ def _overrides(name: str, data: dict, out: Path) -> list[str]:
     return model + extra
 
 
-def _run(name, root, data, run, *, interrupt: bool):
+def _run(name, root, data, run, faults: tuple[str, ...]):
+    """Launches until the recipe completes: one launch per fault, then a clean one."""
     config = ROOT / "examples" / f"{name}.yaml"
     overrides = _overrides(name, data, root)
     env = {"LONGCTX_INIT": str(root / "mcore" / "iter_0000000")}
-    if interrupt:
-        p = launch(config, run, data, *overrides, fault="term_after_step:1", env=env)
-        assert "exiting with 75" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    for fault in faults:
+        p = launch(config, run, data, *overrides, fault=fault, env=env)
+        if fault.startswith("term"):
+            assert "exiting with 75" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+        else:
+            assert p.returncode != 0
     p = launch(config, run, data, *overrides, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    if interrupt:
-        assert "resumed stage" in p.stdout
+    if faults:
+        assert "resumed stage" in p.stdout or "Adam moments from" in p.stdout
     recs = metrics(run)
     assert len(recs) == 2 * len(LAYOUTS[name]), recs
     assert all(np.isfinite(r["loss"]) for r in recs)
@@ -164,7 +169,10 @@ def _run(name, root, data, run, *, interrupt: bool):
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_recipe_runs_at_tiny_shapes(artifacts, tmp_path, name):
     root, data = artifacts
-    hf = _run(name, root, data, tmp_path / "interrupted", interrupt=True)
+    faults = ("term_after_step:1",)
+    if name == "prolong_512k":  # + SIGKILL inside the stage-1-final save, then in stage 2
+        faults += ("kill_in_save:2", "kill_after_step:3")
+    hf = _run(name, root, data, tmp_path / "interrupted", faults)
     cfg = yaml.safe_load((hf / "config.json").read_text())
     theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
     recipe = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
@@ -172,7 +180,7 @@ def test_recipe_runs_at_tiny_shapes(artifacts, tmp_path, name):
     assert theta == pytest.approx(last.get("rope_theta") or recipe["model"]["rope_theta"])
     if name != "prolong_512k":
         return
-    straight = _run(name, root, data, tmp_path / "straight", interrupt=False)
+    straight = _run(name, root, data, tmp_path / "straight", ())
     from safetensors.torch import load_file
 
     a, b = load_file(hf / "model.safetensors"), load_file(straight / "model.safetensors")
