@@ -235,10 +235,11 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
         recompute="full",
         seq_length=seq,
         params_dtype=dtype,
+        device=dev,
     )
     chunks = wrap_ddp([model], use_distributed_optimizer=on_gpu)
     optimizer = build_optimizer(
-        chunks, OptimizerSettings(lr=1e-5), bf16=on_gpu, use_distributed_optimizer=on_gpu
+        chunks, OptimizerSettings(lr=1e-5), params_dtype=dtype, use_distributed_optimizer=on_gpu
     )
     times, losses = [], []
     for step in range(steps + 1):

@@ -103,6 +103,86 @@ def _merged_model_sd(sd: dict) -> dict:
     return {k: v for key, part in sd.items() if key.startswith("model") for k, v in part.items()}
 
 
+#: How megatron shards optimizer state in a checkpoint (Megatron-LM's
+#: ``_build_sharded_state_dict_metadata`` with ``--dist-ckpt-optim-fully-reshardable``). The
+#: distributed optimizer's default format ("fully_sharded_model_space") stores flattened ranges,
+#: which the torch AdamW fallback (no TE / apex: every CPU run, a GPU install without them) cannot
+#: save; "fully_reshardable" gathers each parameter's fp32 main copy and Adam moments into the
+#: parameter's own shape, so a checkpoint reshards over DP, TP and PP on load. Ignored by the
+#: other optimizers; no "chained_N." prefix, so the keys do not depend on the optimizer chain.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def _optimizer_sharded(optimizer, model_sd: dict, is_loading: bool) -> dict:
+    return optimizer.sharded_state_dict(
+        _merged_model_sd(model_sd), is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
+    )
+
+
+def _fallback_distributed_optimizers(optimizer) -> list:
+    """The DistributedOptimizers of ``optimizer`` that run on megatron's torch-AdamW fallback (no
+    TE / apex: every CPU run, a GPU install without them); empty otherwise."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in chain if isinstance(o, distrib_optimizer.DistributedOptimizer)]
+
+
+def _fresh_fallback_adam_state(optimizer) -> None:
+    """megatron's DistributedOptimizer on torch's AdamW reads the step counter off the Adam state
+    when it builds the sharded state dict to load into, and a freshly built optimizer has none
+    yet (megatron asserts ``len(steps) == 1``). Gives every parameter the zero state torch's first
+    step would create; the load then overwrites all of it (step included)."""
+    for opt in _fallback_distributed_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                state = opt.optimizer.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, except for a DistributedOptimizer on torch's AdamW:
+    megatron's fully_reshardable loader copies every key of the Adam state from the checkpoint,
+    torch's per-parameter ``step`` included, which the format does not store (it keeps the step
+    in the param groups): KeyError 'step'. So the common part loads first (it sets the step),
+    then the parameter state with ``step`` held aside. megatron also hands every parameter the
+    same ``step`` tensor, which torch's AdamW increments in place once per parameter (a resumed
+    run's bias correction would drift: step 16 instead of 3 after one step): each parameter gets
+    its own copy back."""
+    fallback = _fallback_distributed_optimizers(optimizer)
+    if not fallback:
+        optimizer.load_state_dict(state)
+        return
+    if len(getattr(optimizer, "chained_optimizers", [optimizer])) != 1:
+        raise CheckpointError(
+            "the distributed optimizer without Transformer Engine / apex supports one optimizer "
+            "chain; install Transformer Engine (pip install '.[gpu]') for this configuration"
+        )
+    opt, state = fallback[0], dict(state)
+    param_state = state.pop("param_state")
+    kind = state.pop("param_state_sharding_type")
+    if kind != "fully_reshardable":
+        raise CheckpointError(
+            f"the optimizer state in this checkpoint is {kind!r}; without Transformer Engine / "
+            "apex only 'fully_reshardable' loads (written by this project since bf16 support)"
+        )
+    opt.load_state_dict(state)
+    steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for param, step in steps.items():
+            opt.optimizer.state[param]["step"] = step.clone()
+
+
 def _save_strategy():
     """megatron's torch_dist format, written by one forked writer per rank (the default two
     double the forks per save for no gain on small shards)."""
@@ -141,7 +221,7 @@ def save_checkpoint(
     _barrier()
     sd = _model_sharded(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd))
+        sd["optimizer"] = _optimizer_sharded(optimizer, sd, is_loading=False)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     sd["state"] = dict(state or {}, iteration=iteration)
@@ -251,13 +331,14 @@ def load_checkpoint(
     available = checkpoint_keys(ckpt_dir)  # local <-> TE spec: see checkpoint/spec_keys.py
     dropped = {key: drop_absent_extra_state(part, available) for key, part in sd.items()}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(_merged_model_sd(sd), is_loading=True)
+        _fresh_fallback_adam_state(optimizer)
+        sd["optimizer"] = _optimizer_sharded(optimizer, sd, is_loading=True)
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         load_model_state(_unwrap(chunk), loaded[key], dropped[key], str(ckpt_dir))
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     rng_file = Path(ckpt_dir) / "rng" / f"rank{_rank():05d}.pt"

@@ -102,5 +102,9 @@ def restore(point: StartPoint, run: Restorable) -> tuple[Any, int]:
         return run.new_scheduler(), 0
     if stage.init_from:
         load_checkpoint(stage.init_from, run.chunks, None, None, expect)
+        # bf16 / fp16 and the distributed optimizer keep fp32 main copies taken when the
+        # optimizer was built and write them back after every step: refresh them from the loaded
+        # weights (Megatron-LM's load_checkpoint does the same when it skips the optimizer).
+        run.optimizer.reload_model_params()
         log0(f"stage {stage.name!r}: initialised from {stage.init_from}")
     return run.new_scheduler(), 0

@@ -246,7 +246,10 @@ class TrainingSection:
     device: auto, cpu or cuda. backend: model layers, auto | local | te.
     nan_policy: halt (default; nothing is checkpointed after a NaN/inf) or skip the step.
     peak_flops_per_device: for the MFU estimate (None: H100 bf16 dense on GPU, nominal on CPU).
-    bf16: bf16 parameters and activations with fp32 main weights in the optimizer (GPU recipes).
+    bf16: bf16 parameters and activations with fp32 main weights in the optimizer (GPU recipes;
+        Megatron-LM's --bf16: megatron's Float16OptimizerWithFloat16Params, or the
+        DistributedOptimizer, keeps the fp32 copy).
+    fp16: the same in fp16, with megatron's dynamic loss scaling (Megatron-LM's --fp16).
     attention_kernel: block kernel under the project's local / ring / a2a attention: auto (CPU:
         torch's CPU flash kernel; CUDA: flash-attn if installed, else torch's flash varlen; CUDA
         fp32: tiled), cpu_flash, torch_flash, flash_attn, tiled (model/attention/kernels.py).
@@ -261,12 +264,15 @@ class TrainingSection:
     nan_policy: str = "halt"
     peak_flops_per_device: float | None = None
     bf16: bool = False
+    fp16: bool = False
     attention_kernel: str = "auto"
     dist_timeout_minutes: float = 30.0
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
             raise ConfigError(f"training.nan_policy must be one of {NAN_POLICIES}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("training.bf16 and training.fp16 are both true: choose one")
         from megatron_longctx.model.attention.kernels import KERNELS  # the one kernel registry
 
         if self.attention_kernel not in KERNELS:
@@ -277,6 +283,13 @@ class TrainingSection:
             raise ConfigError(
                 f"training.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}"
             )
+
+    @property
+    def params_dtype(self):
+        """The dtype of every model parameter (the optimizer keeps fp32 main copies of bf16/fp16)."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
 @dataclass

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 
 from megatron_longctx.model import rope_thd
 from megatron_longctx.model.config import ModelConfig
-from megatron_longctx.model.rope import install_megatron_rope, megatron_attention_factor
+from megatron_longctx.model.rope import (
+    install_megatron_rope,
+    megatron_attention_factor,
+    rope_inv_freq,
+)
 from megatron_longctx.model.specs import block_spec, resolve_backend
 from megatron_longctx.parallel.layout import ParallelLayout
 
@@ -20,6 +24,7 @@ def transformer_config(
     recompute: str | None = None,
     calculate_per_token_loss: bool = True,
     apply_rope_fusion: bool = False,
+    device: torch.device | None = None,
 ):
     """Megatron's TransformerConfig for a Llama model under ``layout``.
 
@@ -28,10 +33,13 @@ def transformer_config(
     TE backend: megatron's unfused THD RoPE syncs with the host per document (model/rope_thd.py).
     ``calculate_per_token_loss`` makes the schedule sum token counts so the loss is averaged over
     all tokens of the global batch (finalize_model_grads divides by the global count).
+    ``device`` is the training device (runtime/device.py ``choose_device``): CPU initialisation
+    and unbatched p2p follow it, not the machine (``LONGCTX_DEVICE=cpu`` on a GPU node trains on
+    the CPU); None means the CPU.
     """
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = device is not None and device.type == "cuda"
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -78,6 +86,15 @@ def transformer_config(
     return config
 
 
+def fused_rope(model: ModelConfig, backend: str, allowed: bool = True) -> bool:
+    """Whether TE's fused RoPE runs: only with the TE backend, when the CP sharding allows it
+    (``allowed``), and never with a YaRN attention factor: megatron's THD path calls TE's fused
+    kernel without ``mscale``, so the factor would be dropped on GPU while the CPU path and the
+    HF export apply it."""
+    _, attention_factor = rope_inv_freq(model.head_dim, model.rope_theta, model.rope_scaling)
+    return allowed and backend == "te" and abs(attention_factor - 1.0) < 1e-12
+
+
 def build_gpt_model(
     model: ModelConfig,
     layout: ParallelLayout,
@@ -90,20 +107,37 @@ def build_gpt_model(
     post_process: bool | None = None,
     seq_length: int | None = None,
     rope_fusion: bool = True,
+    device: torch.device | None = None,
 ):
-    """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised).
+    """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised),
+    every parameter in ``params_dtype`` on ``device`` (None: the CPU).
 
     ``rope_fusion=False`` keeps megatron's unfused THD RoPE (model/rope_thd.py) under the TE
     backend too: TE's fused RoPE reads positions off the unit boundaries (equal chunks only), so
-    the "balanced" CP sharding needs the unfused one."""
+    the "balanced" CP sharding needs the unfused one. TE's fused RoPE has no YaRN attention
+    factor (megatron's THD path calls it without ``mscale``), so a YaRN model is never fused.
+
+    Megatron-LM's ``get_model`` does the same placement: ``model.cuda()`` and, for bf16 / fp16,
+    ``Float16Module`` (``module.bfloat16()``). Here only the parameters are cast (the norms
+    megatron's local spec builds with torch's default fp32): RoPE's fp32 frequencies stay
+    exact, and no wrapper changes the module tree the checkpoints are keyed by. The loss is fp32
+    either way (megatron's cross entropy upcasts the logits).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    fused = rope_fusion and resolve_backend(backend) == "te"
+    device = device or torch.device("cpu")
+    backend = resolve_backend(backend, device)  # once; the specs get the concrete name
+    fused = fused_rope(model, backend, rope_fusion)
     if not fused:
         rope_thd.install()  # megatron's unfused THD RoPE without host syncs (model/rope_thd.py)
     config = transformer_config(
-        model, layout, params_dtype=params_dtype, recompute=recompute, apply_rope_fusion=fused
+        model,
+        layout,
+        params_dtype=params_dtype,
+        recompute=recompute,
+        apply_rope_fusion=fused,
+        device=device,
     )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -125,4 +159,14 @@ def build_gpt_model(
     )
     # Every RoPE variant (default / linear / llama3 / yarn): the exact frequencies of model/rope.py.
     install_megatron_rope(gpt.rotary_pos_emb, model.head_dim, model.rope_theta, model.rope_scaling)
-    return gpt
+    return place_parameters(gpt, params_dtype, device)
+
+
+def place_parameters(module: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """``module`` on ``device`` (``Module.to``: parameters and buffers) with every floating-point
+    parameter in ``dtype`` (buffers keep their dtype: RoPE's fp32 frequencies). Returns it."""
+    module.to(device=device)
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype=dtype)
+    return module

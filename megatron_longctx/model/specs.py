@@ -4,7 +4,8 @@
   * "local": megatron-core's own modules (torch RMSNorm, ColumnParallel/RowParallel linears,
     DotProductAttention). The CPU path, and the numerical reference.
   * "te": Transformer Engine fused layers (GPU only; import-guarded; untested on GPU in this project).
-  * "auto": "te" when CUDA and Transformer Engine are both available, else "local".
+  * "auto": "te" when the training device is CUDA and Transformer Engine is installed, else
+    "local" (``resolve_backend``; the builders resolve it once and pass the concrete name on).
 The core attention (``core_attention_name``: local | ring | a2a | te, with a block kernel from
 ``model.attention.KERNELS``) replaces ``submodules.self_attention.submodules.core_attention`` of the
 chosen spec; a new attention or kernel is added to ``model/attention/``'s registries only.
@@ -24,11 +25,15 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def resolve_backend(backend: str = "auto", device: torch.device | None = None) -> str:
+    """The concrete backend ("local" | "te"). "auto" asks the training ``device`` (None: the
+    CPU), never the machine: ``LONGCTX_DEVICE=cpu`` on a GPU node builds local layers.
+    ``build_stage`` resolves it once and hands the concrete name on."""
     if backend not in BACKENDS:
         raise ValueError(f"model backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
+        on_gpu = device is not None and device.type == "cuda"
+        return "te" if on_gpu and transformer_engine_available() else "local"
     if backend == "te" and not transformer_engine_available():
         raise RuntimeError(
             "backend 'te' needs Transformer Engine: pip install '.[gpu]' on a GPU "

@@ -135,12 +135,16 @@ def _patch_megatron_rng() -> None:
 
 
 def apply() -> bool:
-    """Installs the redirections if CUDA is unavailable. Returns True when the shim is active."""
+    """Installs the redirections. Call it in a process that trains on the CPU (runtime/distributed.py
+    does for device cpu), also on a machine with a GPU (``LONGCTX_DEVICE=cpu`` on a GPU node):
+    there ``torch.cuda.is_available`` / ``device_count`` then report no GPU, so megatron's checks
+    and the project's agree with the training device instead of the machine. Returns True."""
     global _APPLIED, _MODE
     if _APPLIED:
         return True
     if torch.cuda.is_available():
-        return False
+        torch.cuda.is_available = lambda: False
+        torch.cuda.device_count = lambda: 0
 
     def _get_rng_state(device="cuda"):
         return torch.get_rng_state()

@@ -53,12 +53,16 @@ def build_optimizer(
     model_chunks: list,
     settings: OptimizerSettings,
     *,
-    bf16: bool = False,
+    params_dtype: torch.dtype = torch.float32,
     use_distributed_optimizer: bool | None = None,
 ):
-    """megatron-core's optimizer. The distributed optimizer (``settings.use_distributed_optimizer``
-    unless given here) is for GPU runs only (untested on GPU): its checkpoints fail with
-    megatron's CPU torch-AdamW fallback (MEGATRON_ON_CPU.md)."""
+    """megatron-core's optimizer for parameters in ``params_dtype``: FP32Optimizer for fp32,
+    Float16OptimizerWithFloat16Params (fp32 main copies; dynamic loss scaling for fp16) or, with
+    ``settings.use_distributed_optimizer`` (unless given here), the DistributedOptimizer.
+    ``model.config.grad_scale_func`` is pointed at the optimizer's loss scale, as Megatron-LM's
+    ``setup_model_and_optimizer`` does. Without TE / apex (every CPU run, and a GPU install
+    without them) megatron falls back to torch's AdamW; checkpoint/dist.py saves the distributed
+    optimizer in the format that works with it."""
     from megatron.core.optimizer import (
         OptimizerConfig,
         get_megatron_optimizer,
@@ -74,8 +78,9 @@ def build_optimizer(
         adam_beta2=settings.adam_beta2,
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
         use_distributed_optimizer=(
             settings.use_distributed_optimizer
             if use_distributed_optimizer is None
@@ -83,9 +88,11 @@ def build_optimizer(
         ),
     )
     # Standard Megatron/HF convention: no weight decay on biases and 1-D tensors (norm weights).
-    return get_megatron_optimizer(
+    optimizer = get_megatron_optimizer(
         config, model_chunks, config_overrides=get_standard_config_overrides(config)
     )
+    model_chunks[0].config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def build_scheduler(

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from megatron_longctx.config.loading import ConfigError
 from megatron_longctx.config.schema import ExperimentConfig, OptimizerSettings, StageConfig
 from megatron_longctx.data.loader import MixtureLoader
 from megatron_longctx.model.config import ModelConfig
@@ -97,7 +96,11 @@ def build_stage(
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_longctx.model.build import build_gpt_model
-    from megatron_longctx.model.specs import core_attention_name, core_attention_spec
+    from megatron_longctx.model.specs import (
+        core_attention_name,
+        core_attention_spec,
+        resolve_backend,
+    )
     from megatron_longctx.runtime.distributed import initialize_model_parallel
     from megatron_longctx.training.data import build_stage_loader
     from megatron_longctx.training.setup import build_optimizer, wrap_ddp
@@ -111,29 +114,25 @@ def build_stage(
     torch.manual_seed(cfg.seed + index)
     # 2. model and optimizer
     settings = cfg.optimizer.for_stage(stage)
-    if settings.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError(
-            "optimizer.use_distributed_optimizer=true needs GPUs: megatron's "
-            "DistributedOptimizer checkpoints fail with its CPU torch-AdamW fallback; "
-            "set optimizer.use_distributed_optimizer=false for CPU runs"
-        )
     cp = layout.context_parallel_size
-    attention = (stage.core_attention, training.backend, cp)
+    backend = resolve_backend(training.backend, device)  # resolved once, for the device
+    attention = (stage.core_attention, backend, cp)
     # Transformer Engine's attention only knows per-document zigzag units with equal chunks
     sharding = "document" if core_attention_name(*attention) == "te" else stage.cp_sharding
     model = build_gpt_model(
         model_cfg,
         layout,
-        backend=training.backend,
+        backend=backend,
         core_attention=core_attention_spec(*attention, training.attention_kernel),
         recompute=stage.recompute,
         seq_length=stage.seq_length,
-        params_dtype=torch.bfloat16 if training.bf16 else torch.float32,
+        params_dtype=training.params_dtype,
         rope_fusion=sharding != "balanced",  # TE's fused RoPE assumes equal chunks
+        device=device,
     )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
     chunks = wrap_ddp([model], use_distributed_optimizer=settings.use_distributed_optimizer)
-    optimizer = build_optimizer(chunks, settings, bf16=training.bf16)
+    optimizer = build_optimizer(chunks, settings, params_dtype=training.params_dtype)
     # 3. data
     loader = build_stage_loader(
         cfg,

@@ -21,7 +21,9 @@ def launch(
     fault: str = "",
     nproc: int = 2,
     timeout: int = 240,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
+    extra = env or {}
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -31,6 +33,7 @@ def launch(
         LONGCTX_DATA=str(Path(data["long"]).parent),
         LONGCTX_FAULT=fault,
         TORCHELASTIC_ERROR_FILE="",
+        **extra,
     )
     cmd = [
         sys.executable,
@@ -60,10 +63,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def read_model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor (keys not under ``optimizer.``) of a dist_checkpointing (torch_dist)
-    checkpoint, read with PyTorch's own DCP reader in this process (no process group) —
-    independent of the project's loader."""
+def read_model_tensors(ckpt_dir: Path, optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """Every model tensor (keys not under ``optimizer.``, unless ``optimizer``) of a
+    dist_checkpointing (torch_dist) checkpoint, read with PyTorch's own DCP reader in this process
+    (no process group) — independent of the project's loader."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -73,7 +76,7 @@ def read_model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.items()
         if isinstance(m, TensorStorageMetadata)
-        and not k.startswith("optimizer.")
+        and (optimizer or not k.startswith("optimizer."))
         and "_extra_state" not in k
     }
     dcp.load(out, storage_reader=reader, no_dist=True)

@@ -194,7 +194,7 @@ import sys
 from megatron_longctx.train import main
 cfg, run, fresh = sys.argv[1:4]
 for save_dir, override in ((run, "stages.1.name=renamed"),
-                           (fresh, "optimizer.use_distributed_optimizer=true")):
+                           (fresh, f"stages.0.init_from={fresh}/no_such_checkpoint")):
     rc = main(["--config", cfg, "stages.1.parallel.context_parallel_size=1",
                f"checkpoint.save_dir={save_dir}", override])
     print(f"rc={rc}", file=sys.stderr, flush=True)
@@ -203,9 +203,8 @@ for save_dir, override in ((run, "stages.1.name=renamed"),
 
 @pytest.mark.timeout(200)
 def test_errors_inside_training_exit_2_with_one_line(tmp_path, data, reference):
-    """A checkpoint from a stage the config lacks, and the distributed optimizer on CPU: the
-    documented one line on stderr and exit 2, not a traceback (one process, world size 1, both
-    runs fail before a model is built)."""
+    """A checkpoint from a stage the config lacks, and an ``init_from`` that does not exist: the
+    documented one line on stderr and exit 2, not a traceback (one process, world size 1)."""
     import os
     import subprocess
     import sys
@@ -233,4 +232,4 @@ def test_errors_inside_training_exit_2_with_one_line(tmp_path, data, reference):
     lines = [x for x in p.stderr.splitlines() if x.startswith(("error:", "rc="))]
     assert lines[1::2] == ["rc=2", "rc=2"], p.stderr[-3000:]
     assert "checkpoint" in lines[0] and "is from stage 'long', which this config" in lines[0]
-    assert "optimizer.use_distributed_optimizer=true needs GPUs" in lines[2]
+    assert str(tmp_path / "fresh" / "no_such_checkpoint") in lines[2]
