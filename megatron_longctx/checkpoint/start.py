@@ -22,6 +22,7 @@ from megatron_longctx.checkpoint.dist import (
     load_checkpoint,
     read_state,
 )
+from megatron_longctx.checkpoint.init_from import resolve_checkpoint
 from megatron_longctx.runtime.distributed import log0
 
 
@@ -100,7 +101,7 @@ def restore(point: StartPoint, run: Restorable) -> tuple[Any, int]:
             f"{run.model_cfg.rope_scaling}"
         )
         return run.new_scheduler(), 0
-    if stage.init_from:
-        load_checkpoint(stage.init_from, run.chunks, None, None, expect)
+    if stage.init_from:  # the converter's --save folder or an iter_* folder
+        load_checkpoint(resolve_checkpoint(stage.init_from), run.chunks, None, None, expect)
         log0(f"stage {stage.name!r}: initialised from {stage.init_from}")
     return run.new_scheduler(), 0
