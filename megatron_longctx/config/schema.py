@@ -46,8 +46,10 @@ class StageConfig:
             factor: 4}; None for plain RoPE (ABF only changes theta).
         parallel: TP / PP / CP (DP is what the world size leaves); may change between stages.
         recompute: activation recompute: None, "selective" or "full".
-        init_from: a converted checkpoint directory (tools/convert_checkpoint.py hf-to-mcore) to
-            initialise the weights from, for the first stage; later stages continue from the previous.
+        init_from: the weights of the first stage: the converter's --save folder
+            (tools/convert_checkpoint.py hf-to-mcore; its newest complete checkpoint) or one
+            iter_* folder (checkpoint/init_from.py); later stages continue from the previous. A
+            model section of another shape is refused at config load.
         type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
         core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
         cp_sharding: how documents are cut into zigzag chunks across CP ranks
@@ -281,7 +283,9 @@ class TrainingSection:
 
 @dataclass
 class ExperimentConfig:
-    """The whole recipe. ``model`` is a preset name plus any ModelConfig field overrides."""
+    """The whole recipe. ``model`` is a preset name (``preset``) or a converted checkpoint / HF
+    directory (``from_checkpoint``: its stored model section), plus any ModelConfig field
+    overrides."""
 
     name: str
     stages: list[StageConfig]

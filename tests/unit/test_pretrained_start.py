@@ -210,7 +210,8 @@ def test_preprocess_sft_creates_the_output_folder(tmp_path, hf_model):
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello 7."}]
     chat.write_text(json.dumps({"messages": conv}) + "\n")
     prefix = tmp_path / "dir" / "sub" / "chat"
-    report = preprocess_sft(SFTConfig(str(chat), str(prefix), "HuggingFaceTokenizer", str(hf_model)))
+    config = SFTConfig(str(chat), str(prefix), "HuggingFaceTokenizer", str(hf_model))
+    report = preprocess_sft(config)
     assert report.num_conversations == 1
     assert Path(report.text_prefix + ".bin").is_file()
     assert Path(f"{prefix}_sft_stats.json").is_file()

@@ -12,8 +12,9 @@ The exported ``config.json`` is written by transformers' ``LlamaConfig`` from th
 longest context trained or pretrained (``max_context``, checkpoint/lineage.py) and the source
 model's special-token ids (bos, eos, pad, unk). The tokenizer files kept beside the checkpoint
 (``<root>/hf_tokenizer``: the converter's copy of the source's, or the training run's) are copied,
-with the source's ``generation_config.json`` (else one made from the config's token ids). The export is then checked against the trained model (``verify.py``: RoPE
-and a logits probe); a mismatch raises ``ExportParityError`` naming what differs.
+with the source's ``generation_config.json`` (else one made from the config's token ids). The
+export is then checked against the trained model (``verify.py``: RoPE and a logits probe); a
+mismatch raises ``ExportParityError`` naming what differs.
 """
 
 from __future__ import annotations
