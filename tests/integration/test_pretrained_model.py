@@ -15,14 +15,12 @@ fields (tied embeddings included).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from megatron_longctx.testing.hf_model import TEXTS, make_tiny_instruct_model
-from tests.integration.run_utils import ROOT, launch
+from tests.integration.run_utils import launch
 
 CONV = [
     {"role": "user", "content": "What is 7 times 6?"},
@@ -30,12 +28,11 @@ CONV = [
 ]
 
 
-def _tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+def _tool(name: str, *args: str) -> None:
+    """A CLI run as users run it, in this process (its imports are already paid here)."""
+    import importlib
+
+    assert importlib.import_module(f"tools.{name}").main(list(args)) == 0, (name, args)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     hf = make_tiny_instruct_model(root / "SmolLM2-tiny")
     save = root / "smol_mcore"
-    _tool("tools/convert_checkpoint.py", "hf-to-mcore", "--hf-dir", str(hf), "--save", str(save))
+    _tool("convert_checkpoint", "hf-to-mcore", "--hf-dir", str(hf), "--save", str(save))
     return root, hf, save
 
 
@@ -122,7 +119,7 @@ def test_from_pretrained_two_stages_export_and_eval(converted):
 
     out = root / "export"
     load = str(root / "run" / "checkpoints")
-    _tool("tools/convert_checkpoint.py", "mcore-to-hf", "--load", load, "--save", str(out),
+    _tool("convert_checkpoint", "mcore-to-hf", "--load", load, "--save", str(out),
           "--verify", "rope")  # fmt: skip
     exported = LlamaConfig.from_pretrained(out)
     source = json.loads((hf / "config.json").read_text())
@@ -137,7 +134,7 @@ def test_from_pretrained_two_stages_export_and_eval(converted):
     assert ours.encode("In 2024: 366 days") == theirs.encode("In 2024: 366 days")
 
     ev = root / "eval"
-    _tool("tools/eval_longctx.py", "--hf-dir", str(out), "--output-dir", str(ev),
+    _tool("eval_longctx", "--hf-dir", str(out), "--output-dir", str(ev),
           "--context-lengths", "128", "--depths", "0.5", "--num-samples", "1",
           "--tasks", "needle", "--no-plots")  # fmt: skip
     results = json.loads((ev / "eval_results.json").read_text())
