@@ -117,17 +117,19 @@ def resolve_checkpoint(path: str | Path, what: str = "init_from") -> Path:
 
 
 @lru_cache(maxsize=16)
-def _common_state(ckpt: str) -> dict:
+def _common_state(path: str, mtime_ns: int) -> dict:  # keyed by the file's mtime: re-saves differ
     import torch
 
-    return torch.load(os.path.join(ckpt, "common.pt"), map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def checkpoint_state(path: str | Path, what: str = "init_from") -> tuple[Path, dict]:
     """(the resolved ``iter_*`` dir, its common ``state``), read without megatron."""
     ckpt = resolve_checkpoint(path, what)
     try:
-        return ckpt, dict(_common_state(str(ckpt.resolve())).get("state") or {})
+        common = ckpt.resolve() / "common.pt"  # megatron's common state (TorchCommonLoadStrategy)
+        state = _common_state(str(common), common.stat().st_mtime_ns).get("state")
+        return ckpt, dict(state or {})
     except (OSError, RuntimeError, ValueError) as err:
         raise InitFromError(f"{what} {ckpt}: cannot read its common state: {err}") from err
 
