@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1
         )
         text = dry_run(cfg, world, Path(args.config).resolve().parent)
+        if not args.dry_run:  # a placeholder path is fine for printing, not for training
+            from megatron_longctx.checkpoint.init_from import check_init_from
+
+            check_init_from(cfg.stages, cfg.checkpoint.save_dir)
     except (ConfigError, LayoutError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

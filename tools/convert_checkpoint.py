@@ -10,7 +10,10 @@
     python tools/convert_checkpoint.py mcore-to-hf --load ckpt/run1 --save hf_out --dtype bf16
 
 The megatron checkpoint is ``checkpoint.dist``'s format (``<save>/iter_0000000`` + COMPLETE.json);
-tokenizer files of the HF dir are kept in ``<save>/hf_tokenizer`` and copied back on export.
+tokenizer files of the HF dir are kept in ``<save>/hf_tokenizer`` and copied back on export. A
+recipe names ``<save>`` itself as ``stages.0.init_from`` and ``model: {from_checkpoint: <save>}``.
+TP / PP sizes that do not divide the model's heads, query groups or layers are refused before any
+process starts.
 The exported config.json carries the trained rope_theta / rope_scaling and max_position_embeddings.
 mcore-to-hf then checks the export against the trained model (``--verify full``, the default:
 transformers' RoPE from the exported config at sampled positions up to the trained length, and

@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--append-eod", action="store_true", help="append the EOD token to each document"
     )
+    p.add_argument(
+        "--eod-token",
+        default=None,
+        help="with --append-eod: the separator, a token (<|endoftext|>) or an id. Default: the "
+        "tokenizer's end-of-text token (<|end_of_text|>, <|endoftext|>, </s>, <eos>) when it has "
+        "one, else its EOS (instruct tokenizers name their end-of-turn token EOS: <|im_end|>, "
+        "<|eot_id|>). Recorded in the stats as eod_token / eod_id",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     p.add_argument(
         "--log-interval", type=int, default=1000, help="documents between progress updates"
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_model=args.tokenizer_model,
             json_keys=args.json_keys,
             append_eod=args.append_eod,
+            eod_token=args.eod_token,
             workers=args.workers,
             log_interval=args.log_interval,
             on_error=args.on_error,

@@ -309,6 +309,7 @@ def load_checkpoint(
             "num_attention_heads",
             "num_query_groups",
             "vocab_size",
+            "tie_word_embeddings",
         )
         diff = {
             k: (state["model"].get(k), expect_model.get(k))

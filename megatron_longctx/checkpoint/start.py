@@ -22,6 +22,7 @@ from megatron_longctx.checkpoint.dist import (
     load_checkpoint,
     read_state,
 )
+from megatron_longctx.checkpoint.init_from import resolve_checkpoint
 from megatron_longctx.runtime.distributed import log0
 
 
@@ -100,8 +101,8 @@ def restore(point: StartPoint, run: Restorable) -> tuple[Any, int]:
             f"{run.model_cfg.rope_scaling}"
         )
         return run.new_scheduler(), 0
-    if stage.init_from:
-        load_checkpoint(stage.init_from, run.chunks, None, None, expect)
+    if stage.init_from:  # the converter's --save folder or an iter_* folder
+        load_checkpoint(resolve_checkpoint(stage.init_from), run.chunks, None, None, expect)
         # bf16 / fp16 and the distributed optimizer keep fp32 main copies taken when the
         # optimizer was built and write them back after every step: refresh them from the loaded
         # weights (Megatron-LM's load_checkpoint does the same when it skips the optimizer).

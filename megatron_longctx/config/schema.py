@@ -46,8 +46,10 @@ class StageConfig:
             factor: 4}; None for plain RoPE (ABF only changes theta).
         parallel: TP / PP / CP (DP is what the world size leaves); may change between stages.
         recompute: activation recompute: None, "selective" or "full".
-        init_from: a converted checkpoint directory (tools/convert_checkpoint.py hf-to-mcore) to
-            initialise the weights from, for the first stage; later stages continue from the previous.
+        init_from: the weights of the first stage: the converter's --save folder
+            (tools/convert_checkpoint.py hf-to-mcore; its newest complete checkpoint) or one
+            iter_* folder (checkpoint/init_from.py); later stages continue from the previous. A
+            model section of another shape is refused at config load.
         type: "pretrain" or "sft" (instruction data; loss on assistant tokens only).
         core_attention: "auto" (project's document-masked attention), "ring", "a2a", "te".
         cp_sharding: how documents are cut into zigzag chunks across CP ranks
@@ -294,7 +296,9 @@ class TrainingSection:
 
 @dataclass
 class ExperimentConfig:
-    """The whole recipe. ``model`` is a preset name plus any ModelConfig field overrides."""
+    """The whole recipe. ``model`` is a preset name (``preset``) or a converted checkpoint / HF
+    directory (``from_checkpoint``: its stored model section), plus any ModelConfig field
+    overrides."""
 
     name: str
     stages: list[StageConfig]
@@ -312,22 +316,64 @@ class ExperimentConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
-        self.model_config()  # validates the model section early
+        base = self.model_config()  # validates the model section early
         for stage in self.stages:  # and each stage's model (RoPE, trained length)
             self.model_config(stage)
+        self._check_init_from(base)
+
+    def _check_init_from(self, model: ModelConfig) -> None:
+        """A stage's ``init_from`` of another model shape than the recipe's is refused here,
+        naming the fields. A path that does not exist yet (a placeholder in a recipe printed
+        with --dry-run) is left to the start of training, which names it."""
+        from megatron_longctx.checkpoint.init_from import (
+            InitFromError,
+            checkpoint_model,
+            model_mismatch,
+        )
+
+        for stage in self.stages:
+            if not stage.init_from or not Path(stage.init_from).exists():
+                continue
+            try:
+                diff = model_mismatch(model.to_dict(), checkpoint_model(stage.init_from))
+            except InitFromError as err:
+                raise ConfigError(f"stage {stage.name!r}: {err}") from None
+            if diff:
+                fields = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                raise ConfigError(
+                    f"stage {stage.name!r}: init_from {stage.init_from} holds another model "
+                    f"(checkpoint vs recipe: {fields}); set model.from_checkpoint to the same "
+                    "folder, or fix these model fields"
+                )
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
         """A recipe YAML + dotted overrides, ``${VAR}`` / ``${VAR:-default}`` expanded (once)."""
+        from megatron_longctx.checkpoint.init_from import env_init_from
+
+        env_init_from()  # the recipes' old LONGCTX_INIT still works (deprecated)
         return from_dict(cls, expand_env(apply_overrides(load_yaml(path), list(overrides))))
 
     def model_config(self, stage: StageConfig | None = None) -> ModelConfig:
-        """The base model, or the model as trained in ``stage`` (its RoPE and trained length)."""
+        """The base model, or the model as trained in ``stage`` (its RoPE and trained length).
+
+        ``model.preset`` names a preset, ``model.from_checkpoint`` a converted checkpoint (its
+        stored model section) or an HF directory (its config.json); other keys override fields.
+        """
         raw = dict(self.model)
         preset = raw.pop("preset", None)
-        check_keys(self.model, {"preset", *ModelConfig.__dataclass_fields__}, "model")
+        source = raw.pop("from_checkpoint", None)
+        check_keys(
+            self.model, {"preset", "from_checkpoint", *ModelConfig.__dataclass_fields__}, "model"
+        )
+        if preset and source:
+            raise ConfigError("model: give preset or from_checkpoint, not both")
         try:
             base = get_preset(preset).to_dict() if preset else {}
+            if source:
+                from megatron_longctx.checkpoint.init_from import checkpoint_model
+
+                base = checkpoint_model(source)
             cfg = from_dict(ModelConfig, {**base, **raw}, "model")  # typed: "1.28e8" -> float
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from err

@@ -11,7 +11,9 @@ turns are found in the rendered text. Each message's content is searched for, in
 the previous one ended (as given, else trimmed, as most templates render it); an assistant turn's
 span runs from its content to the end of the first special token after it (its end-of-turn:
 ``<|eot_id|>``, ``<|im_end|>``, ``</s>``). A token is trained on (mask 1) when its characters
-overlap such a span. A template that does not show an assistant content verbatim is refused.
+overlap such a span. An empty assistant turn is placed where the template's generation prompt
+ends (the conversation before it rendered with ``add_generation_prompt``), so its end-of-turn
+token is trained on too. A template that does not show an assistant content verbatim is refused.
 
 ``load_chat_template`` picks the tokenizer's template when it has one and the project's built-in
 Llama-3-style template (``data.sft.ChatTemplate``) otherwise, and says which one it chose.
@@ -72,11 +74,31 @@ class TokenizerChatTemplate:
             int(i) for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special
         }
 
+    def _empty_turn_start(self, text: str, messages: list[dict], i: int) -> int | None:
+        """Where empty assistant message ``i`` sits in ``text``: the end of the conversation
+        before it rendered with the generation prompt (``<|im_start|>assistant\n``), when the
+        template renders that prefix as a prefix of ``text``; else None."""
+        try:
+            head = self.hf.apply_chat_template(
+                messages[:i], tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # noqa: BLE001 - a template that needs the full conversation
+            return None
+        return len(head) if i and text.startswith(head) else None
+
     def _assistant_spans(self, text: str, messages: list[dict]) -> list[tuple[int, int]]:
-        """Character spans of the assistant contents in ``text`` (without their end-of-turn)."""
+        """Character spans of the assistant contents in ``text`` (without their end-of-turn).
+        An empty assistant content is an empty span where its content would be, so its
+        end-of-turn token is trained on like any other's."""
         spans, cursor = [], 0
         for i, m in enumerate(messages):
             content = m["content"]
+            if m["role"] == "assistant" and not content.strip():
+                at = self._empty_turn_start(text, messages, i)
+                if at is not None and at >= cursor:
+                    spans.append((at, at))
+                    cursor = at
+                    continue
             found = -1
             for candidate in (content, content.strip()):
                 if candidate:

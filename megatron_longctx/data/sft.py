@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,6 +221,7 @@ def preprocess_sft(config: SFTConfig) -> SFTReport:
             no valid conversation at all.
     """
     files = expand_inputs(config.input)
+    os.makedirs(os.path.dirname(os.path.abspath(config.output_prefix)), exist_ok=True)
     tok = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
     template, which = load_chat_template(
         config.tokenizer_type, config.tokenizer_model, tok, config.chat_template

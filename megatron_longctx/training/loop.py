@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from torch.distributed import get_rank
+
+from megatron_longctx.checkpoint.lineage import for_stage, keep_tokenizer, start_lineage
 from megatron_longctx.checkpoint.start import find_start, restore
 from megatron_longctx.config.schema import ExperimentConfig
 from megatron_longctx.runtime.distributed import log0
@@ -47,6 +50,10 @@ def train(
     timeout_s = 60 * cfg.training.dist_timeout_minutes
     device = init_process_group(device=cfg.training.device, timeout_s=timeout_s)
     point = find_start(cfg.stages, cfg.checkpoint.save_dir)
+    lineage = start_lineage(point, cfg.stages)  # source model facts, carried to every checkpoint
+    if get_rank() == 0:
+        first = cfg.stages[0].init_from if point.stage_index == 0 else None
+        keep_tokenizer(cfg.checkpoint.save_dir, cfg.data.tokenizer_model, first)
     metrics = MetricsLogger(cfg.logging, resolved, point.iteration)
     if point.stage_index == len(cfg.stages):
         log0(
@@ -61,6 +68,7 @@ def train(
         run = build_stage(cfg, index, device, config_dir)
         run.scheduler, run.step = restore(point, run)
         run.iteration, run.metrics = point.iteration, metrics
+        run.lineage = lineage = for_stage(lineage, run.stage.seq_length)
         rc = run_stage(run, hooks)
         if rc:
             break

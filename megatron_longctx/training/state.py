@@ -14,7 +14,7 @@ resumed stage, after loading a transition), so it is not built here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class StageRun:
     step: int = 0
     iteration: int = 0
     metrics: Any = None
+    lineage: dict = field(default_factory=dict)  # checkpoint/lineage.py: source model facts
 
     @property
     def stage(self) -> StageConfig:
@@ -85,6 +86,7 @@ class StageRun:
             "iteration": self.iteration,
             "model": self.model_cfg.to_dict(),
             "config": resolved,
+            **self.lineage,
         }
 
 

@@ -2,7 +2,7 @@
 
 What the test changes, through dotted overrides and the recipes' own variables only (the files are
 not edited): the model shrunk to a tiny HF Llama converted with ``tools/convert_checkpoint.py
-hf-to-mcore`` (``LONGCTX_INIT``), lengths and batch sizes scaled down (2 steps per stage), each
+hf-to-mcore`` (``LONGCTX_INIT_FROM``: its --save folder as written), lengths and batch sizes scaled down (2 steps per stage), each
 stage's parallel layout scaled to 2 processes (the recipe's TP 2 + sequence parallelism kept where
 the file has it; context parallelism 2 for the 512K stage), the recipe's mixture file with its
 prefixes pointed at tiny test datasets and its length floors scaled like the sequence, wandb and
@@ -147,7 +147,7 @@ def _run(name, root, data, run, faults: tuple[str, ...]):
     """Launches until the recipe completes: one launch per fault, then a clean one."""
     config = ROOT / "examples" / f"{name}.yaml"
     overrides = _overrides(name, data, root)
-    env = {"LONGCTX_INIT": str(root / "mcore" / "iter_0000000")}
+    env = {"LONGCTX_INIT_FROM": str(root / "mcore")}
     for fault in faults:
         p = launch(config, run, data, *overrides, fault=fault, env=env)
         if fault.startswith("term"):

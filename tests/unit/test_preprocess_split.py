@@ -1,5 +1,7 @@
 """Long documents encoded in pieces give the tokens of whole-document encoding, for a Llama-3-style
-byte-level BPE, a GPT-2-style one and sentencepiece BPE (all trained here), on adversarial text."""
+byte-level BPE, a GPT-2-style one, GPT-2-style ones behind a Digits pre-tokenizer (SmolLM2 /
+StarCoder: individual digits; and digit runs) and sentencepiece BPE (all trained here), on
+adversarial text."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ FRAGMENTS = [
     "<|end_of_text|>",
     "\u2581", "▁▁", "naïve", "Ωmega", "привет", "µ", "ª", "--", "//", "{", "}", "\u00a0", "\u3000",
     "Z9", "_x", "a\u0301", "\u200b", "ﬀ", "ǅ", "한국어", "\\n", "\"q\"", "#", "$x", "%",
+    "²", "½", "٣", "１", "x2", " 7", "v1.2.3", "0x1F", "99%",
 ]  # fmt: skip
 NO_NEWLINE = [f for f in FRAGMENTS if "\n" not in f and "\r" not in f]
 
@@ -58,6 +61,15 @@ def tokenizers(training_texts, tmp_path_factory):
             "HuggingFaceTokenizer",
             train_byte_level_bpe(training_texts, str(root / "g2"), style="gpt2"),
         ),
+        # SmolLM2 / StarCoder: Digits(individual_digits) then GPT-2's regex; and digit runs
+        "digits": (
+            "HuggingFaceTokenizer",
+            train_byte_level_bpe(training_texts, str(root / "dg"), style="digits"),
+        ),
+        "digit_runs": (
+            "HuggingFaceTokenizer",
+            train_byte_level_bpe(training_texts, str(root / "dr"), style="digit_runs"),
+        ),
         "spm": (
             "SentencePieceTokenizer",
             train_sentencepiece(str(corpus), str(root / "spm"), vocab_size=1000, num_threads=1),
@@ -76,7 +88,7 @@ def _cut_positions(splitter, text):
     return [m.start() for m in splitter.boundary.finditer(text) if splitter._ok(text, m.start())]
 
 
-@pytest.mark.parametrize("name", ["llama3", "gpt2", "spm"])
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "digits", "digit_runs", "spm"])
 def test_every_candidate_cut_is_safe_on_adversarial_text(tokenizers, name):
     tok, splitter = _load(tokenizers, name)
     for text in (adversarial(1, 700), adversarial(2, 700, NO_NEWLINE)):
@@ -102,6 +114,26 @@ def test_newline_rule_is_unsafe_for_gpt2_regex(tokenizers):
     text, p = "x \nAbc", 3
     assert gpt2.encode(text[:p]) + gpt2.encode(text[p:]) != gpt2.encode(text)
     assert llama3.encode(text[:p]) + llama3.encode(text[p:]) == llama3.encode(text)
+
+
+def test_digit_rules(tokenizers):
+    """Digits + GPT-2 regex: every digit is a cut (individual digits) or every ASCII digit-run
+    edge; a non-ASCII numeric character (``²``) joins a digit run, so no cut is taken beside
+    it, and there the cut would change the pieces. A digit-only stretch has cuts everywhere."""
+    from tokenizers import Tokenizer
+
+    single, why = make_splitter(load_tokenizer(*tokenizers["digits"]))
+    runs, _ = make_splitter(load_tokenizer(*tokenizers["digit_runs"]))
+    assert single.name == runs.name == "digits-gpt2-bytelevel" and "digit" in why
+    text = "x²5 year 2024, v1.2"
+    assert _cut_positions(single, text) == [2, 3, 8, 9, 10, 11, 12, 13, 16, 17, 18]
+    assert _cut_positions(runs, text) == [3, 8, 9, 13, 16, 17, 18]  # not inside "²5" nor "2024"
+    pre = Tokenizer.from_file(tokenizers["digit_runs"][1] + "/tokenizer.json").pre_tokenizer
+    assert [t for t, _ in pre.pre_tokenize_str("x²5")] == ["x", "Â²5"]  # one run: 2 unsafe
+    tok = load_tokenizer(*tokenizers["digits"])
+    digits = "31415926535" * 400
+    assert len(list(single.pieces(digits, 100))) == len(digits) // 100
+    assert [i for p in single.pieces(digits, 100) for i in tok.encode(p)] == tok.encode(digits)
 
 
 def test_letter_classes_agree_with_the_tokenizer_regex(tokenizers):

@@ -89,7 +89,7 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in data.items() if k in names})
 
 
-_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str, source_hf_config: dict | None = None):

@@ -68,6 +68,29 @@ def open_hf_checkpoint(
     return reader, cfg
 
 
+def check_layout(cfg: ModelConfig, tp: int, pp: int, world_size: int | None = None) -> None:
+    """Every size rule of writing ``cfg`` at TP x PP (``parallel/layout.py``), as a
+    ConversionError naming the flag to change.
+
+    Args:
+        world_size: the processes that will run it (None: TP x PP, what the converter spawns).
+    """
+    from megatron_longctx.parallel.layout import LayoutError, ParallelLayout
+
+    try:
+        ParallelLayout(tp, pp, 1).validate(
+            world_size=world_size or tp * pp,
+            num_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups,
+        )
+    except LayoutError as err:
+        raise ConversionError(
+            f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}: {err}; "
+            "choose sizes that divide the model's heads, query groups and layers"
+        ) from None
+
+
 class _LazyFullTensors(Mapping):
     """megatron full name -> full tensor, built from HF tensors only when looked up."""
 
@@ -110,11 +133,8 @@ def hf_to_mcore_collective(
 
     reader, cfg = open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)
     layout = ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size, 1)
-    layout.validate(
-        world_size=dist.get_world_size(),
-        num_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
+    check_layout(
+        cfg, tensor_model_parallel_size, pipeline_model_parallel_size, dist.get_world_size()
     )
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -179,7 +199,11 @@ def hf_to_mcore(
         params_dtype=params_dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by
     )
     args = (str(hf_dir), str(save_dir), tensor_model_parallel_size, pipeline_model_parallel_size)
-    open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)  # fail fast, before any process
+    # fail fast, before any process: the HF files, then every size rule of the layout
+    _, cfg = open_hf_checkpoint(hf_dir, make_vocab_size_divisible_by)
+    launched = torch.distributed.is_initialized()  # under torchrun: TP x PP x DP processes
+    world = torch.distributed.get_world_size() if launched else None
+    check_layout(cfg, tensor_model_parallel_size, pipeline_model_parallel_size, world)
     existing = list_checkpoints(save_dir, complete_only=False)
     if existing and not overwrite:
         raise ConversionError(

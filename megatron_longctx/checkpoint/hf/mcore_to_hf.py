@@ -8,9 +8,13 @@ files (``dcp_reader``), split / trimmed to HF names (``keymap``), and written sh
 (``hf_io.ShardWriter``), so peak memory stays near one output shard.
 
 The exported ``config.json`` is written by transformers' ``LlamaConfig`` from the checkpoint's
-``ModelConfig``: ``rope_theta`` and ``rope_scaling`` as trained and ``max_position_embeddings`` =
-the trained length. The export is then checked against the trained model (``verify.py``: RoPE
-and a logits probe); a mismatch raises ``ExportParityError`` naming what differs.
+``ModelConfig``: ``rope_theta`` and ``rope_scaling`` as trained, ``max_position_embeddings`` = the
+longest context trained or pretrained (``max_context``, checkpoint/lineage.py) and the source
+model's special-token ids (bos, eos, pad, unk). The tokenizer files kept beside the checkpoint
+(``<root>/hf_tokenizer``: the converter's copy of the source's, or the training run's) are copied,
+with the source's ``generation_config.json`` (else one made from the config's token ids). The
+export is then checked against the trained model (``verify.py``: RoPE and a logits probe); a
+mismatch raises ``ExportParityError`` naming what differs.
 """
 
 from __future__ import annotations
@@ -52,18 +56,13 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 
 def resolve_checkpoint(load: str | Path) -> Path:
     """``load`` itself when it is a complete checkpoint, else the latest complete one under it."""
-    from megatron_longctx.checkpoint.dist import find_latest, is_complete, iteration_dir
+    from megatron_longctx.checkpoint.init_from import InitFromError
+    from megatron_longctx.checkpoint.init_from import resolve_checkpoint as resolve
 
-    path = Path(load)
-    if is_complete(path):
-        return path
-    latest = find_latest(path)
-    if latest is None:
-        raise ConversionError(
-            f"{path} holds no complete checkpoint (no iter_*/COMPLETE.json); "
-            "point --load at a checkpoint root or an iter_* directory"
-        )
-    return iteration_dir(path, latest)
+    try:
+        return resolve(load, "--load")
+    except InitFromError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _expected_stacked_shape(name: str, cfg: ModelConfig, key_shape: tuple) -> tuple:
@@ -126,6 +125,9 @@ def mcore_to_hf(
             "only checkpoints written by checkpoint.dist.save_checkpoint export"
         )
     cfg = model_config_from_dict(state["model"])
+    # the longest context trained or pretrained (checkpoint/lineage.py), not the last stage's
+    longest = max(cfg.max_position_embeddings, int(state.get("max_context") or 0))
+    cfg = cfg.with_updates(max_position_embeddings=longest)
     reader = DcpTensorReader(ckpt)
     if dtype is None:
         dtype = state.get("hf_dtype") or _DTYPE_NAMES.get(reader.dtype(keymap.EMBEDDING), "float32")
@@ -157,6 +159,16 @@ def mcore_to_hf(
     tokenizer = copy_tokenizer_files(tok_src, out) if tok_src.is_dir() else []
     if tokenizer_dir and not tokenizer:
         raise ConversionError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files")
+    if not (out / "generation_config.json").is_file():  # the source's is copied with the tokenizer
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_config).save_pretrained(out)
+    if not tokenizer:
+        logger.warning(
+            "%s: no tokenizer files (none beside the checkpoint in %s); pass --tokenizer-dir",
+            out,
+            tok_src,
+        )
     logger.info("exported %s -> %s (%d files, %s)", ckpt, out, len(files), dtype)
     parity = verify_export(ckpt, cfg, out, torch_dtype, verify)
     return {

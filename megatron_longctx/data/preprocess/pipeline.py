@@ -32,7 +32,11 @@ from megatron_longctx.data.preprocess.progress import Progress
 from megatron_longctx.data.preprocess.readers import EMPTY_TEXT, REASONS, expand_inputs
 from megatron_longctx.data.preprocess.split import make_splitter
 from megatron_longctx.data.preprocess.tasks import SplitCounts, iter_tasks
-from megatron_longctx.data.preprocess.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from megatron_longctx.data.preprocess.tokenizer import (
+    TOKENIZER_TYPES,
+    load_tokenizer,
+    resolve_eod,
+)
 from megatron_longctx.data.preprocess.worker import WorkerSettings, init_worker, run_task
 from megatron_longctx.data.preprocess.writer import IndexedDatasetWriter, token_dtype
 
@@ -56,7 +60,10 @@ class PreprocessConfig:
         tokenizer_type: ``SentencePieceTokenizer`` or ``HuggingFaceTokenizer``.
         tokenizer_model: local tokenizer file or directory.
         json_keys: JSON keys to tokenize; one output dataset per key.
-        append_eod: append the tokenizer's EOD id after every document.
+        append_eod: append the document separator after every document.
+        eod_token: the separator (a token or an id); None: the tokenizer's end-of-text token
+            (``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>``) when it has one, else
+            its EOS (``tokenizer.resolve_eod``). Needs ``append_eod``.
         workers: tokenizing processes (1 = in-process).
         log_interval: documents between progress updates.
         on_error: ``fail`` (abort, leave nothing) or ``skip`` (count bad records and go on).
@@ -80,6 +87,7 @@ class PreprocessConfig:
     tokenizer_model: str
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
+    eod_token: str | None = None
     workers: int = 1
     log_interval: int = 1000
     on_error: str = "fail"
@@ -96,6 +104,8 @@ class PreprocessConfig:
             )
         if self.on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"--on-error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.eod_token is not None and not self.append_eod:
+            raise ValueError(f"--eod-token {self.eod_token} needs --append-eod")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.max_piece_chars < 1 or self.batch_bytes < 1:
@@ -186,11 +196,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
     start = time.perf_counter()
     files = expand_inputs(config.input)
     tokenizer = load_tokenizer(config.tokenizer_type, config.tokenizer_model)
-    if config.append_eod and tokenizer.eod_id is None:
-        raise ValueError(
-            f"--append-eod was given but tokenizer {config.tokenizer_model} defines no EOS/EOD "
-            "token: use a tokenizer with an eos piece or drop --append-eod"
-        )
+    eod_id, eod_token = (None, None)
+    if config.append_eod:  # the document separator: --eod-token, else the end-of-text token
+        eod_id, eod_token = resolve_eod(tokenizer, config.eod_token)
     dtype = token_dtype(tokenizer.vocab_size)
     settings = WorkerSettings(
         config.tokenizer_type,
@@ -198,6 +206,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         tuple(config.json_keys),
         config.append_eod,
         dtype.name,
+        eod_id,
     )
     out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -216,7 +225,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
         progress,
         counts,
     )
-    eod = np.array([tokenizer.eod_id] if config.append_eod else [], dtype=dtype)
+    eod = np.array([eod_id] if config.append_eod else [], dtype=dtype)
 
     writers: dict[str, IndexedDatasetWriter] = {}
     temp_files: list[str] = []
@@ -263,6 +272,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
             all_stats[key] = _stats_payload(
                 config, key, files, dtype, summary, skipped, num_blank, tokenizer.vocab_size
             )
+            all_stats[key].update(eod_token=eod_token, eod_id=eod_id)
             all_stats[key]["split_documents"] = counts.documents
             temp_files.append(stats_lib.write_json_atomic(paths[key]["stats"], all_stats[key]))
             if config.plot:

@@ -30,6 +30,26 @@ ASCII non-letters and common CJK punctuation, so Python's tables and the Rust re
 Added tokens (``<|end_of_text|>``, ...) are matched on the raw text before the regex: a cut is
 refused within one token length of any added token's spelling.
 
+Byte-level BPE with a digit-splitting pre-tokenizer in front of GPT-2's regex
+(``Sequence[Digits, ByteLevel(use_regex=True)]``: SmolLM2, StarCoder). ``Digits`` cuts the text
+into pieces by one test per character (Rust's ``char::is_numeric``): with
+``individual_digits`` every numeric character is a piece of its own and the maximal runs of the
+other characters are pieces; without it, maximal numeric runs and maximal other runs. The GPT-2
+regex then runs inside each piece, and BPE inside each of its matches. Rules:
+
+- D (individual digits). ``text[p-1]`` or ``text[p]`` is an ASCII digit. That digit is a piece
+  of its own whatever its neighbours, so ``p`` is a piece boundary of the whole text, of
+  ``text[:p]`` and of ``text[p:]``, and every other piece boundary is decided by its own character
+  alone: the pieces of the left and right texts are exactly the whole text's pieces, split at
+  ``p``; the regex and BPE see the same pieces.
+- D' (digit runs). ``text[p-1]`` is an ASCII digit and ``text[p]`` an ASCII non-digit, or the
+  other way round. ASCII non-digits are non-numeric in Unicode (``"²5"`` is one run: a cut
+  after a non-ASCII numeric character is not taken), so ``p`` ends one maximal run and starts the
+  next in all three texts; as in D, the pieces are the whole text's, split at ``p``.
+- B holds unchanged: when ``text[p]`` is a digit, D / D' applies; otherwise ``p`` lies inside
+  one non-numeric piece, its boundaries are the same in the left and right texts (they depend on
+  single characters), and within that piece B's argument for GPT-2's regex holds as stated.
+
 Sentencepiece BPE (identity normalization, whitespace kept, spaces escaped to U+2581): the cut is
 before a space that follows a non-space. BPE symbols evolve independently on the two sides when no
 vocabulary piece spans the cut, which the vocabulary check guarantees (every piece holds U+2581
@@ -81,6 +101,9 @@ _LETTER = f"[{_letter_class()}]"
 _NON_LETTER = f"[\\x00-\\x40\\x5b-\\x60\\x7b-\\x7f{_CJK_PUNCTUATION}]"
 _RULE_A = rf"(?<=\n)(?={_LETTER})"
 _RULE_B = rf"(?<={_LETTER})(?={_NON_LETTER})"
+_ASCII_NON_DIGIT = r"[\x00-\x2f\x3a-\x7f]"
+_RULE_D = r"(?<=[0-9])|(?=[0-9])"
+_RULE_D_RUNS = rf"(?<=[0-9])(?={_ASCII_NON_DIGIT})|(?<={_ASCII_NON_DIGIT})(?=[0-9])"
 _SEARCH_WINDOW = 4096  # characters searched back from the size limit before the wider search
 
 
@@ -89,7 +112,8 @@ class Splitter:
     """Finds safe cuts for one tokenizer.
 
     Attributes:
-        name: which proof applies (``llama3-regex``, ``gpt2-bytelevel``, ``sentencepiece-bpe``).
+        name: which proof applies (``llama3-regex``, ``gpt2-bytelevel``,
+            ``digits-gpt2-bytelevel``, ``sentencepiece-bpe``).
         boundary: zero-width regex matching candidate cut positions.
         forbidden: spellings (added tokens) a cut may not come within one length of.
         drop_leading_space: send continuation pieces without their first character (sentencepiece
@@ -177,6 +201,17 @@ def _hf_splitter(config: dict) -> tuple[Splitter | None, str]:
     ):
         return Splitter("llama3-regex", re.compile(f"{_RULE_A}|{_RULE_B}"), forbidden), (
             "Llama-3 byte-level regex: cut after a newline before a letter, or after a letter"
+        )
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and _plain_byte_level(steps[1], use_regex=True)
+    ):
+        single = bool(steps[0].get("individual_digits"))
+        rule = _RULE_D if single else _RULE_D_RUNS
+        return Splitter("digits-gpt2-bytelevel", re.compile(f"{_RULE_B}|{rule}"), forbidden), (
+            "Digits + GPT-2 byte-level regex: cut after a letter, or "
+            + ("before or after a digit" if single else "where a digit run starts or ends")
         )
     if len(steps) == 1 and _plain_byte_level(steps[0], use_regex=True):
         return Splitter("gpt2-bytelevel", re.compile(_RULE_B), forbidden), (

@@ -22,6 +22,8 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 # Special-token spellings tried, in order, when a Hugging Face tokenizer does not name its EOS/BOS.
 _EOD_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>")
+# End-of-text / end-of-document spellings: the default --append-eod separator (``resolve_eod``).
+END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 
 
 class Tokenizer(Protocol):
@@ -71,6 +73,14 @@ class SentencePieceTokenizer:
         """Text of ``ids``."""
         return self._sp.decode([int(i) for i in ids])
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of the piece ``token``, or None when the model has no such piece."""
+        i = int(self._sp.piece_to_id(token))
+        return i if self._sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(self._sp.id_to_piece(int(token_id)))
+
 
 class HuggingFaceTokenizer:
     """A Hugging Face fast tokenizer: a ``tokenizer.json`` file or a directory holding one.
@@ -119,6 +129,55 @@ class HuggingFaceTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens kept, so an appended EOD stays visible)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` (a special token or a vocabulary entry), or None."""
+        i = self._tok.token_to_id(token)
+        return None if i is None else int(i)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
+
+def resolve_eod(tokenizer, spec: str | int | None = None) -> tuple[int, str]:
+    """The document separator that ``--append-eod`` appends: ``(id, token)``.
+
+    Args:
+        tokenizer: from ``load_tokenizer``.
+        spec: ``--eod-token``: a token (``<|endoftext|>``) or an id (``0``). None: the
+            tokenizer's end-of-text token when its vocabulary has one (``END_OF_TEXT``, in that
+            order), else its EOS. Instruct tokenizers name their end-of-turn token as EOS
+            (``<|im_end|>``, Llama 3's ``<|eot_id|>``): a pretraining separator should be the
+            end-of-text one (``<|endoftext|>``, ``<|end_of_text|>``), as their base models saw.
+
+    Raises:
+        ValueError: ``spec`` is not in the vocabulary, or the tokenizer has no EOS/EOD at all.
+    """
+    if spec is not None and str(spec).strip().lstrip("-").isdigit():
+        token_id = int(spec)
+        if not 0 <= token_id < tokenizer.vocab_size:
+            raise ValueError(
+                f"--eod-token {spec}: id out of the vocabulary [0, {tokenizer.vocab_size})"
+            )
+        return token_id, str(tokenizer.id_to_token(token_id))
+    if spec is not None:
+        token_id = tokenizer.token_to_id(str(spec))
+        if token_id is None:
+            raise ValueError(
+                f"--eod-token {spec!r} is not a token of {tokenizer.model_path}; give a token of "
+                "its vocabulary (e.g. <|endoftext|>) or an id"
+            )
+        return token_id, str(spec)
+    for token in END_OF_TEXT:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id, token
+    if tokenizer.eod_id is None:
+        raise ValueError(
+            f"--append-eod was given but tokenizer {tokenizer.model_path} defines no EOS/EOD "
+            "token: pass --eod-token, use a tokenizer with an eos piece, or drop --append-eod"
+        )
+    return int(tokenizer.eod_id), str(tokenizer.id_to_token(tokenizer.eod_id))
 
 
 def _read_special_tokens(directory: str) -> dict[str, str]:

@@ -3,7 +3,9 @@
 Same structure as Llama 3's ``tokenizer.json``: no normalizer, ``Split`` on Llama 3's regex
 (``split.LLAMA3_PATTERN``, isolated) then ``ByteLevel(add_prefix_space=False, use_regex=False)``,
 BPE, byte-level decoder, ``<|begin_of_text|>`` / ``<|end_of_text|>`` specials (EOS named in
-``tokenizer_config.json``). ``style="gpt2"`` uses GPT-2's ``ByteLevel(use_regex=True)`` instead.
+``tokenizer_config.json``). ``style="gpt2"`` uses GPT-2's ``ByteLevel(use_regex=True)`` instead;
+``style="digits"`` puts ``Digits(individual_digits=True)`` before it (SmolLM2, StarCoder),
+``"digit_runs"`` ``Digits(individual_digits=False)``.
 Tests and benchmarks use it where the real Llama 3 tokenizer cannot be downloaded; its vocabulary is
 smaller, the pre-tokenization (what decides where pieces may be cut) is the same.
 """
@@ -28,7 +30,8 @@ def train_byte_level_bpe(
         texts: training texts.
         directory: output directory (created); pass it as ``--tokenizer-model``.
         vocab_size: vocabulary size including the 256 byte symbols and the specials.
-        style: ``"llama3"`` (Llama 3's split regex) or ``"gpt2"`` (GPT-2's byte-level regex).
+        style: ``"llama3"`` (Llama 3's split regex), ``"gpt2"`` (GPT-2's byte-level regex),
+            ``"digits"`` / ``"digit_runs"`` (a Digits pre-tokenizer, then GPT-2's).
 
     Returns:
         ``directory``.
@@ -50,8 +53,15 @@ def train_byte_level_bpe(
         )
     elif style == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif style in ("digits", "digit_runs"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=style == "digits"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
-        raise ValueError(f"style must be 'llama3' or 'gpt2', got {style!r}")
+        raise ValueError(f"style must be 'llama3', 'gpt2', 'digits' or 'digit_runs', got {style!r}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

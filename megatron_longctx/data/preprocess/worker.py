@@ -30,8 +30,9 @@ class WorkerSettings:
         tokenizer_type: Megatron tokenizer type name.
         tokenizer_model: local tokenizer path.
         json_keys: keys tokenized from every record.
-        append_eod: append the tokenizer's EOD id to every document.
+        append_eod: append ``eod_id`` to every document.
         dtype: token dtype of the output (numpy dtype name).
+        eod_id: the separator (``tokenizer.resolve_eod``); None: the tokenizer's EOD id.
     """
 
     tokenizer_type: str
@@ -39,6 +40,7 @@ class WorkerSettings:
     json_keys: tuple[str, ...]
     append_eod: bool
     dtype: str
+    eod_id: int | None = None
 
 
 @dataclass
@@ -88,7 +90,7 @@ def init_worker(settings: WorkerSettings, in_child: bool = True, tokenizer=None)
         tokenizer.num_threads = 1
     _STATE["tokenizer"] = tokenizer
     _STATE["dtype"] = np.dtype(settings.dtype)
-    if settings.append_eod and tokenizer.eod_id is None:
+    if settings.append_eod and settings.eod_id is None and tokenizer.eod_id is None:
         raise ValueError(
             f"--append-eod was given but tokenizer {settings.tokenizer_model} defines no EOS/EOD "
             "token: train it with an eos piece or drop --append-eod"
@@ -131,7 +133,8 @@ def tokenize_batch(batch: list[RawLine]) -> BatchResult:
             result.bad.append((*origins[i], *failed[i]))
         result.bad.sort(key=lambda b: (b[0], b[1]))
 
-    eod = [tokenizer.eod_id] if settings.append_eod else []
+    eod_id = settings.eod_id if settings.eod_id is not None else tokenizer.eod_id
+    eod = [eod_id] if settings.append_eod else []
     for key, column in zip(keys, encoded, strict=True):
         docs = [ids + eod if eod else ids for i, ids in enumerate(column) if i not in failed]
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
