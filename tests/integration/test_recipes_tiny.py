@@ -3,10 +3,10 @@
 What the test changes, through dotted overrides and the recipes' own variables only (the files are
 not edited): the model shrunk to a tiny HF Llama converted with ``tools/convert_checkpoint.py
 hf-to-mcore`` (``LONGCTX_INIT_FROM``: its --save folder as written), lengths and batch sizes
-scaled down (2 steps per stage), each stage's parallel layout scaled to 2 processes (the recipe's TP 2 + sequence parallelism kept where
-the file has it; context parallelism 2 for the 512K stage), the recipe's mixture file with its
-prefixes pointed at tiny test datasets and its length floors scaled like the sequence, wandb and
-the stage-end evaluation off.
+scaled down (2 steps per stage), each stage's parallel layout scaled to 2 processes (the recipe's
+TP 2 + sequence parallelism kept where the file has it; context parallelism 2 for the 512K
+stage), the recipe's mixture file with its prefixes pointed at tiny test datasets and its length
+floors scaled like the sequence, wandb and the stage-end evaluation off.
 
 Replaced to run on the CPU: the device (``LONGCTX_DEVICE=cpu``), NCCL (gloo), the CUDA attention
 kernels (``training.attention_kernel: auto`` picks torch's CPU flash kernel), Transformer Engine
