@@ -90,14 +90,17 @@ def build_gpt_model(
     post_process: bool | None = None,
     seq_length: int | None = None,
     rope_fusion: bool = True,
+    loss_chunk_tokens: int | None = None,
 ):
     """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised).
 
     ``rope_fusion=False`` keeps megatron's unfused THD RoPE (model/rope_thd.py) under the TE
     backend too: TE's fused RoPE reads positions off the unit boundaries (equal chunks only), so
-    the "balanced" CP sharding needs the unfused one."""
+    the "balanced" CP sharding needs the unfused one. ``loss_chunk_tokens``: the chunked loss
+    (model/gpt.py, model/loss.py) with chunks of this many tokens; None keeps megatron's."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+
+    from megatron_longctx.model.gpt import ChunkedLossGPTModel
 
     fused = rope_fusion and resolve_backend(backend) == "te"
     if not fused:
@@ -109,7 +112,8 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    gpt = GPTModel(
+    gpt = ChunkedLossGPTModel(
+        loss_chunk_tokens=loss_chunk_tokens,
         config=config,
         transformer_layer_spec=block_spec(
             config, backend, core_attention, layout.sequence_parallel
