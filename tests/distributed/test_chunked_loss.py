@@ -11,7 +11,8 @@ One 2-process gloo launch runs every case in turn (parallel_state is re-initiali
   PP 2, untied and tied embeddings, fp32;
 * function level (TP 2 + sequence parallelism): loss, hidden-state and output-weight gradients of
   ``chunked_language_model_loss`` vs megatron's ColumnParallelLinear + vocab_parallel_cross_entropy
-  in fp32 and bf16, and ``token_logprobs`` vs a dense fp64 log-softmax of the gathered logits.
+  in fp32 and bf16, and ``token_logprobs`` vs a dense fp64 log-softmax of the gathered logits;
+  ``ChunkedLossGPTModel.token_scores`` vs megatron's logits at every single-stage layout above.
 
 Replaced to run on CPU: NCCL by gloo (the CPU shim of runtime/); the matmuls are torch's CPU ones.
 """
@@ -74,7 +75,27 @@ def _model_run(layout, preset, chunk, params, batches, packed=False):
     )
     if model.post_process:
         assert bool(logits_written) == (chunk is None), (chunk, len(logits_written))
+    if chunk is None and model.post_process and model.pre_process:
+        _check_token_scores(model, batches[0])
     return result.loss, gather_full(chunks[0], "grad"), gather_full(chunks[0], "param")
+
+
+def _check_token_scores(model, batch):
+    """``token_scores`` (chunked, no logits) vs megatron's logits, gathered over TP, in fp64."""
+    from megatron.core import parallel_state
+
+    inputs = dict(input_ids=batch["tokens"], position_ids=batch["position_ids"])
+    inputs.update(attention_mask=None, packed_seq_params=batch.get("packed_seq_params"))
+    with torch.no_grad():
+        logp, hit = model.token_scores(batch["labels"], chunk_tokens=5, **inputs)
+        logits = model(**inputs)  # [b, s, V / TP]
+    tp = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(tp))]
+    torch.distributed.all_gather(shards, logits.contiguous(), group=tp)
+    dense = torch.cat(shards, dim=-1).double().log_softmax(-1)
+    want = dense.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    assert _rel(logp, want) <= 1e-6, _rel(logp, want)
+    assert torch.equal(hit, dense.argmax(-1) == batch["labels"])
 
 
 def _packed_batches(seed: int) -> list[dict]:
