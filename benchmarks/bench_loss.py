@@ -3,16 +3,19 @@
 and time in one run.
 
     python benchmarks/bench_loss.py [--tokens 8192 32768 65536] [--hidden 512 4096] \
-        [--vocab 128256] [--chunk 2048] [--dtype fp32|bf16] [--max-gib 12] [--device cpu|cuda]
+        [--vocab 128256] [--chunk 2048] [--dtype fp32|bf16] [--max-gib 12] [--max-tflop 5] \
+        [--device cpu|cuda]
 
 For every (hidden, tokens) pair both paths run in their own fresh process, one rank (TP 1):
 megatron's output layer (``linear_with_grad_accumulation_and_async_allreduce``, what
 ColumnParallelLinear calls) + ``vocab_parallel_cross_entropy``, and model/loss.py's
-``chunked_language_model_loss``. Peak memory is the rise over the process's footprint once the
+``chunked_language_model_loss`` given the loss mask, as the trainer calls it (gradients formed in
+forward; the loss is the masked token mean). Peak memory is the rise over the process's footprint once the
 inputs (hidden states, output weight, targets) exist: peak RSS on CPU (``ru_maxrss``), peak
 allocated on CUDA. A run whose estimated peak exceeds ``--max-gib`` is skipped and its estimate
-printed (megatron's: the fp32 logits / softmax [tokens, V] plus the weight gradient). Ratios are
-chunked / megatron in the same run. Estimates are marked ``~``.
+printed (megatron's: the fp32 logits / softmax [tokens, V] plus the weight gradient), and so is
+one above ``--max-tflop`` of matmul work (default 5 on CPU, where 64K x 4,096 takes hours; no limit
+on CUDA). Ratios are chunked / megatron in the same run. Estimates are marked ``~``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def one(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dtype: st
         losses = vocab_parallel_cross_entropy(logits, labels.t().contiguous()).t()
         del logits
     else:
-        losses = chunked_language_model_loss(hid, weight, labels, chunk)
+        losses = chunked_language_model_loss(hid, weight, labels, chunk, loss_mask=mask)
     loss = (losses * mask).sum() / mask.sum()
     loss.backward()
     if dev.type == "cuda":
@@ -99,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-gib", type=float, default=12.0, help="skip runs estimated above this")
+    p.add_argument("--max-tflop", type=float, default=None, help="skip slower runs (CPU: 5)")
     p.add_argument("--one", nargs=3, metavar=("METHOD", "TOKENS", "HIDDEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.max_tflop is None:
+        args.max_tflop = float("inf") if args.device.startswith("cuda") else 5.0
     if args.one:
         method, tokens, hidden = args.one[0], int(args.one[1]), int(args.one[2])
         one(method, tokens, hidden, args.vocab, args.chunk, args.dtype, args.device)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {}
             for method in ("megatron", "chunked"):
                 est = estimate(method, tokens, hidden, args.vocab, args.chunk, args.dtype)
-                if est > args.max_gib * GIB:
+                tflop = 3 * 2 * tokens * hidden * args.vocab / 1e12  # logits, dgrad, wgrad
+                if est > args.max_gib * GIB or tflop > args.max_tflop:
                     row[method] = dict(peak_bytes=est, seconds=None, estimated=True)
                     continue
                 cmd = [sys.executable, __file__, "--one", method, str(tokens), str(hidden),

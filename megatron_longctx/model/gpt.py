@@ -7,7 +7,9 @@ final-norm hidden states straight to ``chunked_language_model_loss`` instead of 
 (``output_layer``) and calling ``compute_language_model_loss``. Everything else (no labels: logits
 for evaluation and inference; multi-token prediction; ``loss_chunk_tokens=None``) is megatron's own
 ``_postprocess``. The returned per-token losses ``[b, s]`` are what megatron returns, so the loss
-mask, ``calculate_per_token_loss`` and the global token average downstream are untouched.
+mask, ``calculate_per_token_loss`` and the global token average downstream are untouched. Given
+GPTModel.forward's ``loss_mask`` (training/step.py passes it), the gradients are formed in forward
+(no logits recomputed; the loss function checks in backward that the loss was the masked sum).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class ChunkedLossGPTModel(GPTModel):
             self.loss_chunk_tokens,
             tp_group=tp_group,
             sequence_parallel=self.output_layer.sequence_parallel,
+            loss_mask=kwargs.get("loss_mask"),  # gradients formed in forward (model/loss.py)
         )
 
     @torch.no_grad()

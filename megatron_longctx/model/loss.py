@@ -21,6 +21,8 @@ autograd function tokens are flattened ``s``-major: ``[N = s * b, h]``.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 
@@ -62,9 +64,44 @@ def _chunk_stats(
     return top + torch.log(sums[0]), sums[1], top
 
 
+def _stats_from_logits(logits, target, vocab_start, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, target logit) ``[c]`` of fp32 ``logits`` (left unchanged) over the vocabulary;
+    the same two all-reduces as ``_chunk_stats``."""
+    top = logits.max(dim=-1).values
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    sums = torch.stack(
+        [
+            torch.exp(logits - top.unsqueeze(1)).sum(dim=-1),
+            _target_logits(logits, target, vocab_start),
+        ]
+    )
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sums, group=tp_group)
+    return top + torch.log(sums[0]), sums[1]
+
+
 def _vocab_start(weight: torch.Tensor, tp_group) -> int:
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     return rank * weight.shape[0]
+
+
+def _chunk_grad(probs, target, vocab_start, scale, dtype) -> torch.Tensor:
+    """The logit gradient of one chunk, ``(softmax - onehot) * scale`` in ``dtype``, from its
+    softmax ``probs`` (fp32, overwritten)."""
+    local = target - vocab_start
+    inside = (local >= 0) & (local < probs.shape[1])
+    rows = torch.arange(probs.shape[0], device=probs.device)[inside]
+    probs[rows, local[inside]] -= 1.0
+    return probs.mul_(scale.float().unsqueeze(1)).to(dtype)
+
+
+def _weight_grad_into(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += g.T @ h`` (acc fp32 when the activations are narrower)."""
+    if g.dtype == acc.dtype:
+        acc.addmm_(g.t(), h)
+    else:
+        acc.add_(torch.matmul(g.t(), h))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -76,54 +113,83 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     weight's autograd gradient, so megatron's DDP hook adds it into ``main_grad`` as it does for
     ColumnParallelLinear with ``gradient_accumulation_fusion=False``; a tied embedding receives it
     through the shared parameter like megatron's output layer.
+
+    Two backward modes. Given ``mask`` (the loss mask, when gradients are wanted) the gradients
+    are formed in forward while each chunk's logits exist (Liger's fused linear cross entropy):
+    the training loss is ``sum(mask * loss)``, so the upstream gradient is ``mask * c`` and
+    backward only scales by ``c`` (three matmuls, as megatron; kept until backward: the fp32
+    weight-gradient accumulator and the hidden-state gradient). Backward checks that the upstream
+    gradient has that form; otherwise (and without ``mask``) it recomputes each chunk's logits
+    from the saved log-sum-exp (four matmuls, nothing kept but the log-sum-exp).
+    ``backward_modes`` counts which mode each backward took (tests, benchmarks).
     """
 
+    backward_modes: Counter = Counter()
+
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_tokens: int, tp_group):
+    def forward(ctx, hidden, weight, target, chunk_tokens: int, tp_group, mask=None):
         vocab_start = _vocab_start(weight, tp_group)
         num = hidden.shape[0]
         losses = torch.empty(num, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(losses)
+        early = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        grad_hidden = grad_weight = None
+        if early:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
         for i in range(0, num, chunk_tokens):
             c = slice(i, i + chunk_tokens)
-            lse[c], predicted, _ = _chunk_stats(
-                hidden[c], weight, target[c], vocab_start, tp_group
-            )
+            if not early:
+                lse[c], predicted, _ = _chunk_stats(
+                    hidden[c], weight, target[c], vocab_start, tp_group
+                )
+                losses[c] = lse[c] - predicted
+                continue
+            logits = _chunk_logits(hidden[c], weight)
+            lse[c], predicted = _stats_from_logits(logits, target[c], vocab_start, tp_group)
             losses[c] = lse[c] - predicted
-        ctx.save_for_backward(hidden, weight, target, lse)
-        ctx.chunk_tokens, ctx.vocab_start = chunk_tokens, vocab_start
+            probs = logits.sub_(lse[c].unsqueeze(1)).exp_()
+            g = _chunk_grad(probs, target[c], vocab_start, mask[c], hidden.dtype)
+            del logits, probs
+            torch.matmul(g, weight, out=grad_hidden[c])
+            _weight_grad_into(grad_weight, g, hidden[c])
+        ctx.save_for_backward(hidden, weight, target, lse, mask, grad_hidden, grad_weight)
+        ctx.chunk_tokens, ctx.vocab_start, ctx.early = chunk_tokens, vocab_start, early
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, target, lse = ctx.saved_tensors
+        hidden, weight, target, lse, mask, grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.early:
+            k = torch.argmax(mask)  # a loss token (if any): c = grad / mask there
+            scale = torch.where(mask[k] != 0, grad_losses[k].float() / mask[k], 0.0)
+            if torch.equal(grad_losses.float(), mask * scale):  # one host sync
+                ChunkedLinearCrossEntropy.backward_modes["early"] += 1
+                grad_hidden.mul_(scale.to(grad_hidden.dtype))
+                gw = grad_weight.mul_(scale).to(weight.dtype)
+                return grad_hidden, gw, None, None, None, None
+        ChunkedLinearCrossEntropy.backward_modes["recompute"] += 1
         chunk, vocab_start = ctx.chunk_tokens, ctx.vocab_start
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         want_weight = ctx.needs_input_grad[1]
-        acc_dtype = torch.float32 if weight.dtype != torch.float64 else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-        rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
         for i in range(0, hidden.shape[0], chunk):
             c = slice(i, i + chunk)
             h = hidden[c]
             # softmax recomputed from the saved log-sum-exp, minus one at the target
             probs = _chunk_logits(h, weight).sub_(lse[c].unsqueeze(1)).exp_()
-            local = target[c] - vocab_start
-            inside = (local >= 0) & (local < weight.shape[0])
-            r = rows[: h.shape[0]][inside]
-            probs[r, local[inside]] -= 1.0
-            probs.mul_(grad_losses[c].float().unsqueeze(1))
-            g = probs.to(hidden.dtype)
+            g = _chunk_grad(probs, target[c], vocab_start, grad_losses[c], hidden.dtype)
             del probs
             if grad_hidden is not None:
                 torch.matmul(g, weight, out=grad_hidden[c])
             if want_weight:
-                if g.dtype == acc_dtype:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight.add_(torch.matmul(g.t(), h))
+                _weight_grad_into(grad_weight, g, h)
         grad_weight = grad_weight.to(weight.dtype) if want_weight else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def _enter_output_layer(hidden: torch.Tensor, sequence_parallel: bool, tp_group) -> torch.Tensor:
@@ -151,6 +217,7 @@ def chunked_language_model_loss(
     *,
     tp_group=None,
     sequence_parallel: bool = False,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token losses ``[b, s]`` (fp32), what megatron's ``compute_language_model_loss`` returns.
 
@@ -162,6 +229,9 @@ def chunked_language_model_loss(
         chunk_tokens: tokens per chunk (>= 1).
         tp_group: the tensor-parallel group (None: no TP).
         sequence_parallel: ``hidden`` is sharded over TP along ``s``.
+        loss_mask: ``[b, s]``, when the training loss is ``sum(loss_mask * losses)`` times a
+            scalar: the gradients are then formed in forward (no recompute; see
+            ChunkedLinearCrossEntropy). Any other use of the losses stays exact (recompute).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -170,8 +240,9 @@ def chunked_language_model_loss(
     if labels.shape != (b, s):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden [s={s}, b={b}, h]")
     target = labels.transpose(0, 1).reshape(s * b)
+    mask = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(s * b).float()
     losses = ChunkedLinearCrossEntropy.apply(
-        full.reshape(s * b, h), weight, target, chunk_tokens, tp_group
+        full.reshape(s * b, h), weight, target, chunk_tokens, tp_group, mask
     )
     return losses.view(s, b).transpose(0, 1).contiguous()
 

@@ -142,10 +142,10 @@ def loss_bytes(
 
     Unchunked (Megatron's vocab-parallel cross entropy): the fp32 softmax ``[tokens, V / TP]`` is
     kept for backward (4 B) and the output layer's logits (activation dtype) exist transiently
-    while the fp32 copy is made. Chunked (model/loss.py, logits recomputed per chunk in backward):
-    the fp32 log-sum-exp and int64 target per token are kept; one chunk's logits, fp32 copy and
-    gradient are transient, and so is the fp32 accumulator of the output-weight gradient
-    ``[V / TP, h]`` when activations are narrower than fp32.
+    while the fp32 copy is made. Chunked (model/loss.py as the trainer runs it: gradients formed
+    in forward, chunk by chunk): kept until backward are the fp32 log-sum-exp and int64 target per
+    token, the hidden-state gradient ``[tokens, h]`` and the fp32 output-weight gradient
+    ``[V / TP, h]``; one chunk's logits, two fp32 copies and its gradient are transient.
 
     Args:
         loss_chunk_tokens: tokens per loss chunk; None = unchunked.
@@ -156,8 +156,9 @@ def loss_bytes(
         kept = tokens * (vocab * FP32 + 9)  # softmax + bool mask + int64 target
         return kept, tokens * vocab * bytes_per_element
     chunk = min(loss_chunk_tokens, tokens)
-    accumulator = vocab * model.hidden_size * FP32 if bytes_per_element < FP32 else 0.0
-    return tokens * 12.0, chunk * vocab * (bytes_per_element + 2 * FP32) + accumulator
+    h = model.hidden_size
+    kept = tokens * (12.0 + h * bytes_per_element) + vocab * h * FP32
+    return kept, chunk * vocab * (bytes_per_element + 3 * FP32)
 
 
 def model_state_bytes(

@@ -11,7 +11,8 @@ One 2-process gloo launch runs every case in turn (parallel_state is re-initiali
   PP 2, untied and tied embeddings, fp32;
 * function level (TP 2 + sequence parallelism): loss, hidden-state and output-weight gradients of
   ``chunked_language_model_loss`` vs megatron's ColumnParallelLinear + vocab_parallel_cross_entropy
-  in fp32 and bf16, and ``token_logprobs`` vs a dense fp64 log-softmax of the gathered logits;
+  in fp32 and bf16, both backward modes (gradients formed in forward for the masked-sum loss;
+  recomputed logits otherwise), and ``token_logprobs`` vs a dense fp64 log-softmax of the gathered logits;
   ``ChunkedLossGPTModel.token_scores`` vs megatron's logits at every single-stage layout above.
 
 Replaced to run on CPU: NCCL by gloo (the CPU shim of runtime/); the matmuls are torch's CPU ones.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_longctx.model.loss import ChunkedLinearCrossEntropy
 from megatron_longctx.testing.distributed import run_distributed
 from tests.distributed.common import make_batches
 
@@ -70,11 +72,16 @@ def _model_run(layout, preset, chunk, params, batches, packed=False):
             local.append(part)
         batches = local
         seq = batches[0]["tokens"].shape[1]
+    modes = dict(ChunkedLinearCrossEntropy.backward_modes)
     result = forward_backward(
         chunks, batches, seq_length=seq, micro_batch_size=batches[0]["tokens"].shape[0]
     )
     if model.post_process:
         assert bool(logits_written) == (chunk is None), (chunk, len(logits_written))
+        # training takes the gradients-in-forward mode (the loss is the masked sum)
+        early = ChunkedLinearCrossEntropy.backward_modes["early"] - modes.get("early", 0)
+        assert early == (0 if chunk is None else len(batches)), (chunk, early)
+        assert ChunkedLinearCrossEntropy.backward_modes["recompute"] == modes.get("recompute", 0)
     if chunk is None and model.post_process and model.pre_process:
         _check_token_scores(model, batches[0])
     return result.loss, gather_full(chunks[0], "grad"), gather_full(chunks[0], "param")
@@ -174,18 +181,42 @@ def _function_cases(rank):
         ref = tensor_parallel.vocab_parallel_cross_entropy(logits, labels_full.t().contiguous()).t()
         (ref * upstream).sum().backward()
         ref_w, weight.grad = weight.grad, None
-        for chunk in chunks:
+        # without a mask, and with one the upstream gradient is not proportional to: recompute
+        for chunk, mask in [(c, None) for c in chunks] + [(7, (upstream > 0).float())]:
             got_h = hid.clone().requires_grad_()
+            before = ChunkedLinearCrossEntropy.backward_modes["recompute"]
             loss = chunked_language_model_loss(
-                got_h, weight, labels_full, chunk, tp_group=tp, sequence_parallel=True
-            )
+                got_h, weight, labels_full, chunk, tp_group=tp, sequence_parallel=True,
+                loss_mask=mask,
+            )  # fmt: skip
             (loss * upstream).sum().backward()
-            out[f"fn_{dtype}_chunk{chunk}"] = (
+            assert ChunkedLinearCrossEntropy.backward_modes["recompute"] == before + 1
+            out[f"fn_{dtype}_chunk{chunk}_mask{mask is not None}"] = (
                 _rel(loss, ref),
                 _rel(got_h.grad, ref_h.grad),
                 _rel(weight.grad, ref_w),
             )
             weight.grad = None
+        # the training loss: c * sum(mask * losses): gradients formed in forward
+        mask = (upstream > 0).float()
+        ref_h.grad = None
+        logits, _ = model.output_layer(ref_h, weight=weight)
+        ref = tensor_parallel.vocab_parallel_cross_entropy(logits, labels_full.t().contiguous()).t()
+        (0.37 * (ref * mask).sum()).backward()
+        ref_w, weight.grad = weight.grad, None
+        got_h = hid.clone().requires_grad_()
+        before = ChunkedLinearCrossEntropy.backward_modes["early"]
+        loss = chunked_language_model_loss(
+            got_h, weight, labels_full, 7, tp_group=tp, sequence_parallel=True, loss_mask=mask
+        )
+        (0.37 * (loss * mask).sum()).backward()
+        assert ChunkedLinearCrossEntropy.backward_modes["early"] == before + 1
+        out[f"fn_{dtype}_early"] = (
+            _rel(loss, ref),
+            _rel(got_h.grad, ref_h.grad),
+            _rel(weight.grad, ref_w),
+        )
+        weight.grad = None
     # token_logprobs vs dense fp64 log-softmax of the gathered logits (TP ranks: the same tokens)
     weight, g = model.output_layer.weight.detach(), torch.Generator().manual_seed(13)
     hid, targets = torch.randn(37, h, generator=g), torch.randint(0, 512, (37,), generator=g)
