@@ -56,14 +56,14 @@ stages:
 """
 
 
-def _corpus(root: Path, seq: int) -> None:
+def _corpus(root: Path, seq: int, vocab: int = 512) -> None:
     import numpy as np
 
     from megatron_longctx.testing.data import write_indexed
 
     rng = np.random.default_rng(0)
-    write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), 512, 0)
-    write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), 512, 1)
+    write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), vocab, 0)
+    write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), vocab, 1)
 
 
 def _run(cp: int, seq: int, steps: int, root: Path, vocab: int = 512, chunk=None) -> dict:
@@ -120,7 +120,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _corpus(root / "data", args.seq_length)
+        _corpus(root / "data", args.seq_length, args.vocab)
         print(
             f"== trainer, tiny model (2 layers), seq_length {args.seq_length}, vocab "
             f"{args.vocab:,}, CPU, 1 thread per rank =="

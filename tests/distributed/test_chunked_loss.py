@@ -138,7 +138,8 @@ def _model_cases(rank):
     ):
         ref_loss, ref_grads, params = _model_run(layout, preset, None, None, batches, packed)
         # 7 divides no token count here; 8 divides 48, 24 and 40; 1000 is one partial chunk
-        for chunk in (7, 8, 1000) if name == "tp1_dp2" else (7, 8):
+        sizes = {"tp1_dp2": (7, 8, 1000), "tp2_sp": (7, 8), "cp2": (7, 8)}.get(name, (7,))
+        for chunk in sizes:
             loss, grads, _ = _model_run(layout, preset, chunk, params, batches, packed)
             out[f"{name}_chunk{chunk}"] = (loss, ref_loss, _errors(grads, ref_grads))
     return out
