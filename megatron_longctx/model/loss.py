@@ -193,8 +193,9 @@ def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _enter_output_layer(hidden: torch.Tensor, sequence_parallel: bool, tp_group) -> torch.Tensor:
-    """The hidden states as megatron's ColumnParallelLinear output layer sees them: gathered over
-    TP under sequence parallelism (gradient reduce-scattered), else copied (gradient all-reduced)."""
+    """The hidden states as megatron's ColumnParallelLinear output layer sees them: gathered
+    over TP under sequence parallelism (gradient reduce-scattered), else copied (gradient
+    all-reduced)."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,

@@ -12,7 +12,8 @@ One 2-process gloo launch runs every case in turn (parallel_state is re-initiali
 * function level (TP 2 + sequence parallelism): loss, hidden-state and output-weight gradients of
   ``chunked_language_model_loss`` vs megatron's ColumnParallelLinear + vocab_parallel_cross_entropy
   in fp32 and bf16, both backward modes (gradients formed in forward for the masked-sum loss;
-  recomputed logits otherwise), and ``token_logprobs`` vs a dense fp64 log-softmax of the gathered logits;
+  recomputed logits otherwise), and ``token_logprobs`` vs a dense fp64 log-softmax of the
+  gathered logits;
   ``ChunkedLossGPTModel.token_scores`` vs megatron's logits at every single-stage layout above.
 
 Replaced to run on CPU: NCCL by gloo (the CPU shim of runtime/); the matmuls are torch's CPU ones.

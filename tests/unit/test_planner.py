@@ -163,7 +163,7 @@ def test_plan_cli_prints_overrides_and_bench_refuses_without_cuda():
         "--gpu-memory-gb",
         "80",
         "--loss-chunk-tokens",
-        "0",  # Megatron's unchunked loss (with the default chunked loss the full-recompute plan fits)
+        "0",  # Megatron's unchunked loss (with the default chunked loss a full-recompute plan fits)
     )
     assert none.returncode == 1 and "nothing fits" in none.stdout
     bench = run_tool("bench_attention", "--seq-length", "4096")
