@@ -12,10 +12,10 @@ ColumnParallelLinear calls) + ``vocab_parallel_cross_entropy``, and model/loss.p
 ``chunked_language_model_loss`` given the loss mask, as the trainer calls it (gradients formed in
 forward; the loss is the masked token mean). Peak memory is the rise over the process's
 footprint once the inputs (hidden states, output weight, targets) exist: peak RSS on CPU
-(``ru_maxrss``), peak allocated on CUDA. A run whose estimated peak exceeds ``--max-gib`` is skipped and its estimate
-printed (megatron's: the fp32 logits / softmax [tokens, V] plus the weight gradient), and so is
-one above ``--max-tflop`` of matmul work (default 5 on CPU, where 64K x 4,096 takes hours; no limit
-on CUDA). Ratios are chunked / megatron in the same run. Estimates are marked ``~``.
+(``ru_maxrss``), peak allocated on CUDA. A run whose estimated peak exceeds ``--max-gib`` is
+skipped and its estimate printed (megatron's: the fp32 logits / softmax [tokens, V] plus the
+weight gradient), and so is one above ``--max-tflop`` of matmul work (default 5 on CPU, where
+64K x 4,096 takes hours; no limit on CUDA). Ratios are chunked / megatron in the same run. Estimates are marked ``~``.
 """
 
 from __future__ import annotations
