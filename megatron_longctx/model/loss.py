@@ -41,44 +41,29 @@ def _target_logits(logits: torch.Tensor, target: torch.Tensor, vocab_start: int)
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
-def _chunk_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    vocab_start: int,
-    tp_group,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-sum-exp, target logit, max logit) ``[c]`` fp32 over the whole vocabulary of one chunk.
-
-    Two all-reduces per chunk over TP (max; then sum-exp and target logit together)."""
-    logits = _chunk_logits(hidden, weight)
+def _softmax_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, tp_group):
+    """Turns one chunk's fp32 ``logits`` ``[c, V / TP]`` into ``exp(logits - max)`` in place and
+    returns it with (log-sum-exp, target logit, max logit, sum-exp) ``[c]`` over the whole
+    vocabulary: megatron's vocab-parallel steps, with two all-reduces over TP (the max; then the
+    sum of exponentials and the target logit together). Dividing the result by sum-exp gives the
+    softmax, as megatron's ``calculate_cross_entropy_loss`` does."""
     top = logits.max(dim=-1).values
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
     predicted = _target_logits(logits, target, vocab_start)
-    logits.sub_(top.unsqueeze(1)).exp_()
-    sums = torch.stack([logits.sum(dim=-1), predicted])
-    del logits
+    exp = logits.sub_(top.unsqueeze(1)).exp_()
+    sums = torch.stack([exp.sum(dim=-1), predicted])
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sums, group=tp_group)
-    return top + torch.log(sums[0]), sums[1], top
+    return exp, top + torch.log(sums[0]), sums[1], top, sums[0]
 
 
-def _stats_from_logits(logits, target, vocab_start, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-sum-exp, target logit) ``[c]`` of fp32 ``logits`` (left unchanged) over the vocabulary;
-    the same two all-reduces as ``_chunk_stats``."""
-    top = logits.max(dim=-1).values
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-    sums = torch.stack(
-        [
-            torch.exp(logits - top.unsqueeze(1)).sum(dim=-1),
-            _target_logits(logits, target, vocab_start),
-        ]
+def _chunk_stats(hidden, weight, target, vocab_start: int, tp_group):
+    """(log-sum-exp, target logit, max logit) ``[c]`` fp32 of one chunk (see _softmax_stats)."""
+    _, lse, predicted, top, _ = _softmax_stats(
+        _chunk_logits(hidden, weight), target, vocab_start, tp_group
     )
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sums, group=tp_group)
-    return top + torch.log(sums[0]), sums[1]
+    return lse, predicted, top
 
 
 def _vocab_start(weight: torch.Tensor, tp_group) -> int:
@@ -145,12 +130,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 )
                 losses[c] = lse[c] - predicted
                 continue
-            logits = _chunk_logits(hidden[c], weight)
-            lse[c], predicted = _stats_from_logits(logits, target[c], vocab_start, tp_group)
+            exp, lse[c], predicted, _, sum_exp = _softmax_stats(
+                _chunk_logits(hidden[c], weight), target[c], vocab_start, tp_group
+            )
             losses[c] = lse[c] - predicted
-            probs = logits.sub_(lse[c].unsqueeze(1)).exp_()
+            probs = exp.div_(sum_exp.unsqueeze(1))  # one fp32 [c, V / TP] buffer throughout
             g = _chunk_grad(probs, target[c], vocab_start, mask[c], hidden.dtype)
-            del logits, probs
+            del exp, probs
             torch.matmul(g, weight, out=grad_hidden[c])
             _weight_grad_into(grad_weight, g, hidden[c])
         ctx.save_for_backward(hidden, weight, target, lse, mask, grad_hidden, grad_weight)

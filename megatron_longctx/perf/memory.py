@@ -145,7 +145,8 @@ def loss_bytes(
     while the fp32 copy is made. Chunked (model/loss.py as the trainer runs it: gradients formed
     in forward, chunk by chunk): kept until backward are the fp32 log-sum-exp and int64 target per
     token, the hidden-state gradient ``[tokens, h]`` and the fp32 output-weight gradient
-    ``[V / TP, h]``; one chunk's logits, two fp32 copies and its gradient are transient.
+    ``[V / TP, h]``; one chunk's logits (activation dtype) and one fp32 buffer (logits, then
+    softmax, then gradient, in place) are transient.
 
     Args:
         loss_chunk_tokens: tokens per loss chunk; None = unchunked.
@@ -158,7 +159,7 @@ def loss_bytes(
     chunk = min(loss_chunk_tokens, tokens)
     h = model.hidden_size
     kept = tokens * (12.0 + h * bytes_per_element) + vocab * h * FP32
-    return kept, chunk * vocab * (bytes_per_element + 3 * FP32)
+    return kept, chunk * vocab * (bytes_per_element + FP32)
 
 
 def model_state_bytes(
