@@ -90,7 +90,9 @@ def estimate(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dtyp
     grads = (tokens + vocab) * hidden * b
     if method == "megatron":
         return tokens * vocab * (4 + (0 if b == 4 else b)) + grads
-    return chunk * vocab * (b + 8) + grads + (vocab * hidden * 4 if b < 4 else 0)
+    # one fp32 [chunk, V] buffer (+ the activation-dtype logits), the fp32 weight-gradient
+    # accumulator, log-sum-exp + target per token (perf/memory.py loss_bytes)
+    return chunk * vocab * (4 + (b if b < 4 else 0)) + grads + vocab * hidden * 4 + tokens * 12
 
 
 def main(argv: list[str] | None = None) -> int:
