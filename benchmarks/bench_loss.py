@@ -92,7 +92,8 @@ def estimate(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dtyp
         return tokens * vocab * (4 + (0 if b == 4 else b)) + grads
     # one fp32 [chunk, V] buffer (+ the activation-dtype logits), the fp32 weight-gradient
     # accumulator, log-sum-exp + target per token (perf/memory.py loss_bytes)
-    return chunk * vocab * (4 + (b if b < 4 else 0)) + grads + vocab * hidden * 4 + tokens * 12
+    acc = vocab * hidden * 4 if b < 4 else 0  # fp32: the accumulator is the returned gradient
+    return chunk * vocab * (4 + (b if b < 4 else 0)) + grads + acc + tokens * 12
 
 
 def main(argv: list[str] | None = None) -> int:
