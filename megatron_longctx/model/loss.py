@@ -139,6 +139,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             del exp, probs
             torch.matmul(g, weight, out=grad_hidden[c])
             _weight_grad_into(grad_weight, g, hidden[c])
+            del g  # before the next chunk's logits: one [c, V / TP] buffer at a time
         ctx.save_for_backward(hidden, weight, target, lse, mask, grad_hidden, grad_weight)
         ctx.chunk_tokens, ctx.vocab_start, ctx.early = chunk_tokens, vocab_start, early
         return losses
@@ -170,6 +171,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.matmul(g, weight, out=grad_hidden[c])
             if want_weight:
                 _weight_grad_into(grad_weight, g, h)
+            del g
         grad_weight = grad_weight.to(weight.dtype) if want_weight else None
         return grad_hidden, grad_weight, None, None, None, None
 
