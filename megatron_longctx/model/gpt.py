@@ -34,7 +34,7 @@ class ChunkedLossGPTModel(GPTModel):
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1 or None, got {loss_chunk_tokens}")
         self.loss_chunk_tokens = loss_chunk_tokens
-        self._score_chunk_tokens: int | None = None
+        self._score_chunk_tokens: tuple[int, int | None] | None = None
 
     def output_weight(self) -> torch.Tensor:
         """This TP rank's output projection ``[V / TP, h]`` (the embedding's when tied)."""
@@ -60,9 +60,9 @@ class ChunkedLossGPTModel(GPTModel):
                 )
 
                 full = gather_from_sequence_parallel_region(hidden_states, group=tp_group)
+            chunk, vocab_size = self._score_chunk_tokens
             logp, hit = token_logprobs(
-                full, self.output_weight(), labels.transpose(0, 1), self._score_chunk_tokens,
-                tp_group,
+                full, self.output_weight(), labels.transpose(0, 1), chunk, tp_group, vocab_size
             )
             return logp.transpose(0, 1).contiguous(), hit.transpose(0, 1).contiguous()
         if self.loss_chunk_tokens is None:
@@ -79,7 +79,11 @@ class ChunkedLossGPTModel(GPTModel):
 
     @torch.no_grad()
     def token_scores(
-        self, targets: torch.Tensor, chunk_tokens: int | None = None, **forward_kwargs
+        self,
+        targets: torch.Tensor,
+        chunk_tokens: int | None = None,
+        vocab_size: int | None = None,
+        **forward_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``(log p(target), target is the argmax)`` ``[b, s]`` of one forward pass,
         without materialising the logits (last pipeline stage; every TP rank calls it).
@@ -87,10 +91,14 @@ class ChunkedLossGPTModel(GPTModel):
         Args:
             targets: the token to score at each position ``[b, s]`` (the next token).
             chunk_tokens: tokens per chunk (default the model's loss_chunk_tokens, else 2048).
+            vocab_size: leave megatron's padding rows out (see model.loss.token_logprobs).
             **forward_kwargs: GPTModel.forward's ``input_ids``, ``position_ids``,
                 ``attention_mask``, ``packed_seq_params``.
+
+        Call it on the GPTModel itself (under megatron DDP: ``chunk.module``; with bf16 also
+        through megatron's Float16Module: ``chunk.module.module``).
         """
-        self._score_chunk_tokens = chunk_tokens or self.loss_chunk_tokens or 2048
+        self._score_chunk_tokens = (chunk_tokens or self.loss_chunk_tokens or 2048, vocab_size)
         try:
             return self(labels=targets, **forward_kwargs)
         finally:

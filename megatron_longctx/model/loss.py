@@ -58,11 +58,13 @@ def _softmax_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
     return exp, top + torch.log(sums[0]), sums[1], top, sums[0]
 
 
-def _chunk_stats(hidden, weight, target, vocab_start: int, tp_group):
-    """(log-sum-exp, target logit, max logit) ``[c]`` fp32 of one chunk (see _softmax_stats)."""
-    _, lse, predicted, top, _ = _softmax_stats(
-        _chunk_logits(hidden, weight), target, vocab_start, tp_group
-    )
+def _chunk_stats(hidden, weight, target, vocab_start: int, tp_group, vocab_size=None):
+    """(log-sum-exp, target logit, max logit) ``[c]`` fp32 of one chunk (see _softmax_stats);
+    ids >= ``vocab_size`` (megatron's padding rows) are left out when it is given."""
+    logits = _chunk_logits(hidden, weight)
+    if vocab_size is not None and vocab_start + logits.shape[1] > vocab_size:
+        logits[:, max(0, vocab_size - vocab_start) :] = float("-inf")
+    _, lse, predicted, top, _ = _softmax_stats(logits, target, vocab_start, tp_group)
     return lse, predicted, top
 
 
@@ -243,6 +245,7 @@ def token_logprobs(
     targets: torch.Tensor,
     chunk_tokens: int,
     tp_group=None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores tokens without materialising the logits (evaluation; no gradients).
 
@@ -253,11 +256,13 @@ def token_logprobs(
         targets: token ids ``[N]`` (or ``[...]``, the shape of ``hidden`` without ``h``).
         chunk_tokens: tokens per chunk.
         tp_group: the tensor-parallel group (None: no TP); every TP rank must call this.
+        vocab_size: the tokenizer's vocabulary: the padding rows megatron adds beyond it are
+            left out of the softmax and the argmax (as in the HF export, which drops them);
+            None scores over the padded vocabulary (as training does).
 
     Returns:
         ``(log p(target) fp32, target is the argmax)``, both of the shape of ``targets``. The
-        argmax test is ``target logit >= max logit`` over the (padded) vocabulary, so a tie counts
-        as a hit.
+        argmax test is ``target logit >= max logit``, so a tie counts as a hit.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -268,6 +273,8 @@ def token_logprobs(
     hit = torch.empty(flat_t.shape, dtype=torch.bool, device=hidden.device)
     for i in range(0, flat_t.numel(), chunk_tokens):
         c = slice(i, i + chunk_tokens)
-        lse, predicted, top = _chunk_stats(flat_h[c], weight, flat_t[c], vocab_start, tp_group)
+        lse, predicted, top = _chunk_stats(
+            flat_h[c], weight, flat_t[c], vocab_start, tp_group, vocab_size
+        )
         logp[c], hit[c] = predicted - lse, predicted >= top
     return logp.view(shape), hit.view(shape)

@@ -56,3 +56,15 @@ def test_chunked_cross_entropy_matches_dense_fp64(chunk, with_mask):
     full = (hidden @ weight.t()).detach()
     torch.testing.assert_close(logp.double(), -dense.detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(hit, full.argmax(-1) == target)
+
+
+def test_token_logprobs_leaves_out_padding_rows():
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(40, 8, generator=g) * 3
+    target = torch.randint(0, 33, (20,), generator=g)  # 33 real ids, 7 padding rows
+    real = (hidden.double() @ weight[:33].double().t()).log_softmax(-1)
+    target[:6] = real.argmax(-1)[:6]  # some certain hits
+    logp, hit = token_logprobs(hidden, weight, target, 7, vocab_size=33)
+    err = (logp.double() - real.gather(1, target[:, None])[:, 0]).abs().max()
+    assert err <= 1e-5, err
+    assert torch.equal(hit, real.argmax(-1) == target) and hit[:6].all()
