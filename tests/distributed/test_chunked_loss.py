@@ -8,7 +8,7 @@ One 2-process gloo launch runs every case in turn (parallel_state is re-initiali
   than it): the global token-averaged loss (loss mask with zeros) and every parameter gradient
   (``main_grad``: output weight, tied embedding, every layer through the hidden-state gradient)
   at TP 1 (DP 2), TP 2, TP 2 + sequence parallelism, CP 2 (packed THD batch, ring attention) and
-  PP 2, untied and tied embeddings, fp32;
+  PP 2, untied and tied embeddings, fp32; and bf16 parameters at TP 2 + SP;
 * function level (TP 2 + sequence parallelism): loss, hidden-state and output-weight gradients of
   ``chunked_language_model_loss`` vs megatron's ColumnParallelLinear + vocab_parallel_cross_entropy
   in fp32 and bf16, both backward modes (gradients formed in forward for the masked-sum loss;
@@ -31,7 +31,7 @@ from tests.distributed.common import make_batches
 SEQ, MICRO, NUM_MICRO = 24, 2, 2  # 48 tokens per micro-batch and rank (24 under CP 2 or SP 2)
 
 
-def _model_run(layout, preset, chunk, params, batches, packed=False):
+def _model_run(layout, preset, chunk, params, batches, packed=False, dtype=torch.float32):
     """(loss, full grads, full params) of one forward_backward with ``loss_chunk_tokens=chunk``."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -54,6 +54,7 @@ def _model_run(layout, preset, chunk, params, batches, packed=False):
         core_attention="ring" if packed else None,
         seq_length=seq,
         loss_chunk_tokens=chunk,
+        params_dtype=dtype,
     )
     if params is not None:
         load_full(model, params)
@@ -83,7 +84,7 @@ def _model_run(layout, preset, chunk, params, batches, packed=False):
         early = ChunkedLinearCrossEntropy.backward_modes["early"] - modes.get("early", 0)
         assert early == (0 if chunk is None else len(batches)), (chunk, early)
         assert ChunkedLinearCrossEntropy.backward_modes["recompute"] == modes.get("recompute", 0)
-    if chunk is None and model.post_process and model.pre_process:
+    if chunk is None and model.post_process and model.pre_process and dtype == torch.float32:
         _check_token_scores(model, batches[0])
     return result.loss, gather_full(chunks[0], "grad"), gather_full(chunks[0], "param")
 
@@ -152,11 +153,17 @@ def _model_cases(rank):
         for chunk in sizes:
             loss, grads, _ = _model_run(layout, preset, chunk, params, batches, packed)
             out[f"{name}_chunk{chunk}"] = (loss, ref_loss, _errors(grads, ref_grads))
+    # bf16 parameters and activations (the GPU recipes' dtype), TP 2 + SP
+    layout, bf16 = L(2, 1, 1, sequence_parallel=True), torch.bfloat16
+    ref_loss, ref_grads, params = _model_run(layout, "tiny", None, None, plain, dtype=bf16)
+    loss, grads, _ = _model_run(layout, "tiny", 7, params, plain, dtype=bf16)
+    out["bf16_tp2_sp_chunk7"] = (loss, ref_loss, _errors(grads, ref_grads))
     return out
 
 
 def _errors(got: dict, want: dict) -> dict:
     assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    assert all(bool(v.abs().max() > 0) for v in want.values())  # every gradient is exercised
     return {
         k: float((got[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in want.items()
     }
@@ -264,6 +271,7 @@ def test_chunked_loss_equals_megatron():
                 assert value[0] <= 1e-6, (rank, name, value)
             else:
                 loss, ref_loss, errs = value
-                assert loss == pytest.approx(ref_loss, rel=1e-6), (rank, name, loss, ref_loss)
+                tol_loss, tol_grad = (1e-3, 3e-2) if name.startswith("bf16") else (1e-6, 1e-6)
+                assert loss == pytest.approx(ref_loss, rel=tol_loss), (rank, name, loss, ref_loss)
                 worst = max(errs, key=errs.get)
-                assert errs[worst] <= 1e-6, (rank, name, worst, errs[worst])
+                assert errs[worst] <= tol_grad, (rank, name, worst, errs[worst])
