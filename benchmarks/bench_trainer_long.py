@@ -1,6 +1,7 @@
 """The trainer at 64K tokens per sequence on CPU: CP 1 (one process) and CP 2 ring (two processes).
 
-    python benchmarks/bench_trainer_long.py [--seq-length 65536] [--steps 2] [--cp 1 2]
+    python benchmarks/bench_trainer_long.py [--seq-length 65536] [--steps 2] [--cp 1 2] \
+        [--vocab 512] [--loss-chunk-tokens N]  # issue 28: --vocab 128256, 0 = megatron's loss
 
 Runs ``python -m torch.distributed.run ... -m megatron_longctx.train`` (the user's command) with
 the tiny model (examples/tiny_test.yaml's model) on a generated corpus: long documents of 64K-96K
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 CONFIG = """
 name: bench_long
 seed: 3
-model: {{preset: tiny, vocab_size: 512, num_layers: 2}}
+model: {{preset: tiny, vocab_size: {vocab}, num_layers: 2}}
 data: {{cache_dir: "{run}/cache"}}
 checkpoint: {{save_dir: "{run}/checkpoints", interval: 1000, keep_last: 1}}
 logging: {{run_dir: "{run}", interval: 1, wandb_mode: disabled}}
@@ -42,6 +43,7 @@ stages:
     micro_batch_size: 1
     lr: 1.0e-4
     steps: {steps}
+    loss_chunk_tokens: {chunk}
     parallel:
       tensor_model_parallel_size: 1
       pipeline_model_parallel_size: 1
@@ -54,21 +56,25 @@ stages:
 """
 
 
-def _corpus(root: Path, seq: int) -> None:
+def _corpus(root: Path, seq: int, vocab: int = 512) -> None:
     import numpy as np
 
     from megatron_longctx.testing.data import write_indexed
 
     rng = np.random.default_rng(0)
-    write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), 512, 0)
-    write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), 512, 1)
+    write_indexed(root / "long", rng.integers(seq, seq + seq // 2, 6).tolist(), vocab, 0)
+    write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), vocab, 1)
 
 
-def _run(cp: int, seq: int, steps: int, root: Path) -> dict:
-    run = root / f"cp{cp}"
+def _run(cp: int, seq: int, steps: int, root: Path, vocab: int = 512, chunk=None) -> dict:
+    run = root / f"cp{cp}_chunk{chunk}"
     cfg = run / "config.yaml"
     run.mkdir(parents=True)
-    cfg.write_text(CONFIG.format(run=run, data=root / "data", seq=seq, steps=steps, cp=cp))
+    chunk = "null" if chunk is None else chunk
+    cfg.write_text(
+        CONFIG.format(run=run, data=root / "data", seq=seq, steps=steps, cp=cp, vocab=vocab,
+                      chunk=chunk)  # fmt: skip
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={cp}", "-m", "megatron_longctx.train", "--config",
@@ -106,19 +112,26 @@ def main() -> None:
     p.add_argument("--seq-length", type=int, default=65536)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--vocab", type=int, default=512, help="model vocabulary (Llama 3: 128256)")
+    p.add_argument(
+        "--loss-chunk-tokens", type=int, nargs="+", default=[None],
+        help="stages.0.loss_chunk_tokens values to run (0: megatron's loss; default the rule's)",
+    )  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _corpus(root / "data", args.seq_length)
+        _corpus(root / "data", args.seq_length, args.vocab)
         print(
-            f"== trainer, tiny model (2 layers), seq_length {args.seq_length}, CPU, 1 thread "
-            f"per rank =="
+            f"== trainer, tiny model (2 layers), seq_length {args.seq_length}, vocab "
+            f"{args.vocab:,}, CPU, 1 thread per rank =="
         )
-        for cp in args.cp:
-            r = _run(cp, args.seq_length, args.steps, root)
+        for cp, chunk in [(cp, c) for cp in args.cp for c in args.loss_chunk_tokens]:
+            r = _run(cp, args.seq_length, args.steps, root, args.vocab, chunk)
             worst = max(r["peak_rss_gib"])
+            loss_path = f"loss_chunk_tokens {'auto' if chunk is None else chunk}"
             print(
-                f"CP {cp}: {r['steps']} steps, {r['tok_s']:.0f} tok/s, losses {r['loss']}, "
+                f"CP {cp} {loss_path}: {r['steps']} steps, {r['tok_s']:.0f} tok/s, "
+                f"losses {r['loss']}, "
                 f"peak RSS per rank {', '.join(f'{x:.2f}' for x in r['peak_rss_gib'])} GiB "
                 f"(target <= 3: {'ok' if worst <= 3 else 'OVER'}), wall {r['wall_s']:.0f} s",
                 flush=True,

@@ -208,6 +208,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
 
     from megatron_longctx.model.attention import core_attention_class
     from megatron_longctx.model.build import build_gpt_model
+    from megatron_longctx.model.config import resolve_loss_chunk_tokens
     from megatron_longctx.parallel.layout import ParallelLayout
     from megatron_longctx.perf.flops import flops_per_token, mfu
     from megatron_longctx.perf.hardware import HARDWARE
@@ -227,6 +228,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     _reset_peak(dev)
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    loss_chunk = resolve_loss_chunk_tokens(None, seq)  # the trainer's default (stage field unset)
     model = build_gpt_model(
         model_cfg,
         layout,
@@ -236,6 +238,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
         seq_length=seq,
         params_dtype=dtype,
         device=dev,
+        loss_chunk_tokens=loss_chunk,
     )
     chunks = wrap_ddp([model], use_distributed_optimizer=on_gpu)
     optimizer = build_optimizer(
@@ -263,6 +266,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "distributed_optimizer": on_gpu,
         "recompute": "full",
+        "loss_chunk_tokens": loss_chunk,
         "step_s": step_s,
         "tokens_per_s": tok_s,
         "peak_memory_gib": _peak_gib(dev),
@@ -279,6 +283,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
             hardware=HARDWARE[hardware],
             global_batch_tokens=seq,
             doc_lengths=tuple(docs),
+            loss_chunk_tokens=loss_chunk,
         )
         pred = evaluate(req, layout, 1, "full", on_gpu)
         record["planner"] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_longctx.model.config import PRESETS, get_preset
+from megatron_longctx.model.config import PRESETS, get_preset, resolve_loss_chunk_tokens
 from megatron_longctx.perf.hardware import HARDWARE, get_hardware
 from megatron_longctx.perf.planner import (
     CHECKPOINT_EVERY_S,
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "--loss-chunk-tokens",
         type=int,
         default=None,
-        help="chunked loss block (e.g. 2048); default Megatron's unchunked loss",
+        help="tokens per loss chunk, as the stage field stages.N.loss_chunk_tokens: 0 = "
+        "Megatron's unchunked loss; default the trainer's rule (2048 above 8192 tokens, else 0)",
     )
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--stage", type=int, default=0, help="curriculum stage index for overrides")
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         docs = (args.doc_length,) * (args.seq_length // args.doc_length)
     try:
+        chunk = resolve_loss_chunk_tokens(args.loss_chunk_tokens, args.seq_length)
         req = PlanRequest(
             get_preset(args.model),
             args.seq_length,
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             get_hardware(args.hardware, args.gpu_memory_gb),
             args.global_batch_tokens,
             docs,
-            args.loss_chunk_tokens,
+            chunk,
         )
     except (ValueError, KeyError) as err:
         p.error(str(err))
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.model}, S={args.seq_length:,}, {args.num_gpus} x {hw.name} "
         f"({hw.memory_bytes / 1e9:.0f} GB, {args.gpus_per_node}/node), "
-        f"{req.global_batch_size} samples = {req.global_batch_tokens:,} tokens per step"
+        f"{req.global_batch_size} samples = {req.global_batch_tokens:,} tokens per step, "
+        f"loss {f'in chunks of {chunk:,} tokens' if chunk else 'unchunked (Megatron)'}"
     )
     print(
         f"{len(plans)} valid layouts, {len(fitting)} fit in "

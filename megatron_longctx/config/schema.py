@@ -65,6 +65,12 @@ class StageConfig:
             stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
         eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,
             num_samples, tasks, loss_data, ...); lengths beyond seq_length are skipped.
+        loss_chunk_tokens: the output layer + cross entropy run chunk by chunk of this many tokens
+            per rank and micro-batch, never holding more than one chunk's logits (model/loss.py;
+            ProLong's LOGIT_BLOCK_SIZE); 0: megatron's unchunked output layer and loss (writes the
+            [tokens, vocab / TP] logits and keeps their fp32 softmax: 47 GiB at 64K tokens with
+            Llama 3's vocabulary). null (default): 2048 when seq_length > 8192, else 0
+            (model.config.resolve_loss_chunk_tokens; tools/plan.py applies the same rule).
         checkpoint_interval: save every N steps of this stage (None: checkpoint.interval). Step
             times differ ~10x between 64K and 512K stages; tools/plan.py prints the interval that
             saves about every 30 minutes at its estimated step time.
@@ -93,6 +99,7 @@ class StageConfig:
     dp_balance: bool = True
     eval: bool = False
     eval_settings: dict | None = None
+    loss_chunk_tokens: int | None = None
     checkpoint_interval: int | None = None
 
     def __post_init__(self):
@@ -101,6 +108,11 @@ class StageConfig:
             raise ConfigError(
                 f"{where}: checkpoint_interval must be >= 1 (or null for checkpoint.interval), "
                 f"got {self.checkpoint_interval}"
+            )
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise ConfigError(
+                f"{where}: loss_chunk_tokens must be >= 0 (0: megatron's unchunked loss) or null "
+                f"(auto), got {self.loss_chunk_tokens}"
             )
         if (self.steps is None) == (self.tokens is None):
             raise ConfigError(f"{where}: give exactly one of steps or tokens")
@@ -150,6 +162,13 @@ class StageConfig:
             micro_batch_size=self.micro_batch_size,
             global_batch_size=self.samples_per_step,
         )
+
+    @property
+    def resolved_loss_chunk_tokens(self) -> int | None:
+        """Tokens per loss chunk for this stage (None: megatron's unchunked loss)."""
+        from megatron_longctx.model.config import resolve_loss_chunk_tokens
+
+        return resolve_loss_chunk_tokens(self.loss_chunk_tokens, self.seq_length)
 
     @property
     def samples_per_step(self) -> int:

@@ -20,7 +20,9 @@ Greedy decoding of the 5 digits equals teacher forcing here: the greedy output m
 iff the argmax at each answer position (given the correct earlier digits) is the right digit, so
 one forward pass per prompt scores it exactly.
 
-Shapes: tokens ``[b, L]``; logits ``[b, L, V_padded]`` (megatron returns batch-first logits).
+Scoring goes through the chunked loss path (``ChunkedLossGPTModel.token_scores``, model/loss.py):
+per position, whether the next token is the argmax over the real vocabulary, without writing the
+``[b, L, V]`` logits. Shapes: tokens ``[b, L]``; hits ``[b, L]``.
 """
 
 from __future__ import annotations
@@ -159,11 +161,13 @@ def passkey_accuracy(
         x = tokens[start : start + batch_size]
         b = x.shape[0]
         pos = torch.arange(length).expand(b, length)
-        logits = model(input_ids=x, position_ids=pos, attention_mask=None)
-        # the prediction of answer digit i sits one position before it
-        at = logits[:, length - NUM_DIGITS - 1 : length - 1, :vocab_size]
-        pred = at.argmax(dim=-1)
-        correct += int((pred == answers[start : start + b]).all(dim=1).sum())
+        # the prediction of answer digit i sits one position before it: score each position's
+        # next token through the chunked loss path (model/loss.py), never writing [b, L, V] logits
+        targets = torch.roll(x, -1, dims=1)
+        _, hit = model.token_scores(
+            targets, vocab_size=vocab_size, input_ids=x, position_ids=pos, attention_mask=None
+        )
+        correct += int(hit[:, length - NUM_DIGITS - 1 : length - 1].all(dim=1).sum())
     return correct / num_samples
 
 

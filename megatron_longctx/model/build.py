@@ -108,6 +108,7 @@ def build_gpt_model(
     seq_length: int | None = None,
     rope_fusion: bool = True,
     device: torch.device | None = None,
+    loss_chunk_tokens: int | None = None,
 ):
     """The GPTModel chunk of this rank's pipeline stage (parallel_state must be initialised),
     every parameter in ``params_dtype`` on ``device`` (None: the CPU).
@@ -116,6 +117,8 @@ def build_gpt_model(
     backend too: TE's fused RoPE reads positions off the unit boundaries (equal chunks only), so
     the "balanced" CP sharding needs the unfused one. TE's fused RoPE has no YaRN attention
     factor (megatron's THD path calls it without ``mscale``), so a YaRN model is never fused.
+    ``loss_chunk_tokens``: the chunked loss (model/gpt.py, model/loss.py) with chunks of this many
+    tokens; None keeps megatron's.
 
     Megatron-LM's ``get_model`` does the same placement: ``model.cuda()`` and, for bf16 / fp16,
     ``Float16Module`` (``module.bfloat16()``). Here only the parameters are cast (the norms
@@ -124,7 +127,8 @@ def build_gpt_model(
     either way (megatron's cross entropy upcasts the logits).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+
+    from megatron_longctx.model.gpt import ChunkedLossGPTModel
 
     device = device or torch.device("cpu")
     backend = resolve_backend(backend, device)  # once; the specs get the concrete name
@@ -143,7 +147,8 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    gpt = GPTModel(
+    gpt = ChunkedLossGPTModel(
+        loss_chunk_tokens=loss_chunk_tokens,
         config=config,
         transformer_layer_spec=block_spec(
             config, backend, core_attention, layout.sequence_parallel

@@ -160,6 +160,28 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The chunked loss (model/loss.py): ProLong's LOGIT_BLOCK_SIZE, used when a stage leaves
+# loss_chunk_tokens unset and its sequences are longer than Llama 3's native 8K context.
+DEFAULT_LOSS_CHUNK_TOKENS = 2048
+CHUNKED_LOSS_ABOVE_SEQ_LENGTH = 8192
+
+
+def resolve_loss_chunk_tokens(setting: int | None, seq_length: int) -> int | None:
+    """A stage's ``loss_chunk_tokens`` as the trainer and the planner use it: tokens per loss chunk,
+    or None for megatron's unchunked output layer + loss.
+
+    Args:
+        setting: None (auto: DEFAULT_LOSS_CHUNK_TOKENS when ``seq_length`` >
+            CHUNKED_LOSS_ABOVE_SEQ_LENGTH, else unchunked), 0 (unchunked) or a chunk size > 0.
+        seq_length: the stage's tokens per packed sample.
+    """
+    if setting is None:
+        return DEFAULT_LOSS_CHUNK_TOKENS if seq_length > CHUNKED_LOSS_ABOVE_SEQ_LENGTH else None
+    if setting < 0:
+        raise ValueError(f"loss_chunk_tokens must be >= 0 (0: unchunked) or null, got {setting}")
+    return setting or None
+
+
 def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset by name, with field overrides."""
     if name not in PRESETS:

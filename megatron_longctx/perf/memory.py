@@ -142,8 +142,11 @@ def loss_bytes(
 
     Unchunked (Megatron's vocab-parallel cross entropy): the fp32 softmax ``[tokens, V / TP]`` is
     kept for backward (4 B) and the output layer's logits (activation dtype) exist transiently
-    while the fp32 copy is made. Chunked (ProLong style, logits recomputed per chunk in backward):
-    nothing vocab-sized is kept; one chunk's logits, fp32 copy and gradient are transient.
+    while the fp32 copy is made. Chunked (model/loss.py as the trainer runs it: gradients formed
+    in forward, chunk by chunk): kept until backward are the fp32 log-sum-exp and int64 target per
+    token, the hidden-state gradient ``[tokens, h]`` and the fp32 output-weight gradient
+    ``[V / TP, h]``; one chunk's logits (activation dtype) and one fp32 buffer (logits, then
+    softmax, then gradient, in place) are transient.
 
     Args:
         loss_chunk_tokens: tokens per loss chunk; None = unchunked.
@@ -154,7 +157,9 @@ def loss_bytes(
         kept = tokens * (vocab * FP32 + 9)  # softmax + bool mask + int64 target
         return kept, tokens * vocab * bytes_per_element
     chunk = min(loss_chunk_tokens, tokens)
-    return tokens * 9.0, chunk * vocab * (bytes_per_element + 2 * FP32)
+    h = model.hidden_size
+    kept = tokens * (12.0 + h * bytes_per_element) + vocab * h * FP32
+    return kept, chunk * vocab * (bytes_per_element + FP32)
 
 
 def model_state_bytes(

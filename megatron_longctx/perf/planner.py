@@ -57,7 +57,9 @@ class PlanRequest:
         hardware: GPU preset (its memory may be overridden with Hardware.with_memory_gb).
         global_batch_tokens: tokens per optimizer step (a multiple of seq_length).
         doc_lengths: document lengths of a typical packed sample (attention FLOPs); None = one.
-        loss_chunk_tokens: chunked loss block size; None = Megatron's unchunked loss.
+        loss_chunk_tokens: chunked loss block size; None = Megatron's unchunked loss (resolved:
+            tools/plan.py turns a stage's ``loss_chunk_tokens`` setting into this with
+            ``model.config.resolve_loss_chunk_tokens``, as the trainer does).
         micro_batch_sizes / recompute_options / distributed_optimizer_options: what to try.
         compute_efficiency: achieved fraction of peak FLOPs for the math (an assumption).
         overhead_bytes: fixed per-GPU allowance for the CUDA context and NCCL buffers.
@@ -114,6 +116,8 @@ class Plan:
         memory / comm: the estimates; compute_s: math time per step incl. the pipeline bubble.
         step_time_s / tokens_per_s / mfu: the ranking figures.
         fits: memory.total <= usable GPU memory; reason says why not.
+        loss_chunk_tokens: the request's chunked-loss block (None: megatron's unchunked loss),
+            printed as ``stages.N.loss_chunk_tokens`` (0 for unchunked).
     """
 
     layout: ParallelLayout
@@ -129,6 +133,7 @@ class Plan:
     mfu: float
     fits: bool
     reason: str = field(default="")
+    loss_chunk_tokens: int | None = None
 
     def overrides(self, stage: int = 0) -> list[str]:
         """Dotted ``a.b=value`` overrides for curriculum stage ``stage`` of a recipe."""
@@ -141,6 +146,7 @@ class Plan:
             f"{p}.parallel.sequence_parallel={'true' if lay.sequence_parallel else 'false'}",
             f"{p}.micro_batch_size={self.micro_batch_size}",
             f"{p}.recompute={recompute}",
+            f"{p}.loss_chunk_tokens={self.loss_chunk_tokens or 0}",
         ]
 
     def describe(self) -> str:
@@ -262,6 +268,7 @@ def evaluate(
         mfu(tokens_per_s, model_flops, req.hardware.peak_bf16_flops * req.num_gpus),
         fits,
         reason,
+        req.loss_chunk_tokens,
     )
 
 

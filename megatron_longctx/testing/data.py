@@ -16,7 +16,8 @@ def write_indexed(
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    dtype = np.int32 if vocab > 65535 else np.uint16  # megatron's rule (Llama 3: int32)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for n in doc_lengths:
         doc = rng.integers(1, vocab, size=n)
         if eod is not None:

@@ -131,6 +131,7 @@ def build_stage(
         params_dtype=training.params_dtype,
         rope_fusion=sharding != "balanced",  # TE's fused RoPE assumes equal chunks
         device=device,
+        loss_chunk_tokens=stage.resolved_loss_chunk_tokens,  # None: megatron's unchunked loss
     )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1  # THD lengths vary
     chunks = wrap_ddp([model], use_distributed_optimizer=settings.use_distributed_optimizer)

@@ -39,6 +39,7 @@ def forward_step(data_iterator, model):
         attention_mask=None,
         labels=batch.get("labels"),
         packed_seq_params=batch.get("packed_seq_params"),
+        loss_mask=batch.get("loss_mask"),  # the chunked loss forms its gradients in forward
     )
     return output, partial(loss_func, batch.get("loss_mask"))
 

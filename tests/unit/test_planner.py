@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from megatron_longctx.model.config import PRESETS
@@ -81,6 +83,7 @@ def test_overrides_build_a_valid_stage_config():
     }
     loading.apply_overrides(raw, best.overrides(stage=0))
     stage = loading.from_dict(schema.StageConfig, raw["stages"][0])
+    assert stage.resolved_loss_chunk_tokens == best.loss_chunk_tokens  # the trainer's value
     assert stage.parallel.context_parallel_size == best.layout.context_parallel_size
     assert stage.recompute == best.recompute and stage.micro_batch_size == best.micro_batch_size
     stage.parallel.validate(
@@ -98,7 +101,10 @@ def test_override_format():
         "stages.1.parallel.sequence_parallel=true",
         "stages.1.micro_batch_size=1",
         "stages.1.recompute=full",
+        "stages.1.loss_chunk_tokens=0",
     ]
+    chunked = evaluate(replace(req, loss_chunk_tokens=2048), _layout(4, 2, 4), 1, "full", True)
+    assert chunked.overrides(stage=1)[-1] == "stages.1.loss_chunk_tokens=2048"
 
 
 def test_invalid_layouts_and_requests_fail_clearly():
@@ -140,6 +146,8 @@ def test_plan_cli_prints_overrides_and_bench_refuses_without_cuda():
     assert out.returncode == 0, out.stderr
     assert "#1 " in out.stdout and "#3 " not in out.stdout
     assert "stages.0.parallel.context_parallel_size=" in out.stdout
+    # the trainer's default for a 512K stage (model.config.resolve_loss_chunk_tokens)
+    assert "stages.0.loss_chunk_tokens=2048" in out.stdout and "chunks of 2,048" in out.stdout
     # the #1 plan's step time x the printed checkpoint interval ~ 30 minutes
     step_s = float(out.stdout.split("#1 ")[1].split("| step ")[1].split(" s")[0])
     interval = int(out.stdout.split("stages.0.checkpoint_interval=")[1].split()[0])
@@ -154,6 +162,8 @@ def test_plan_cli_prints_overrides_and_bench_refuses_without_cuda():
         "8",
         "--gpu-memory-gb",
         "80",
+        "--loss-chunk-tokens",
+        "0",  # Megatron's unchunked loss (with the default chunked loss a full-recompute plan fits)
     )
     assert none.returncode == 1 and "nothing fits" in none.stdout
     bench = run_tool("bench_attention", "--seq-length", "4096")
