@@ -1,0 +1,128 @@
+"""Fake CUDA tensors on a CPU-only torch: where the GPU path's device rules can be checked.
+
+``fake_cuda()`` opens a ``FakeTensorMode`` and yields ``fake(shape, dtype)``: a tensor with device
+``cuda:0``, meta storage and no data. Ops on it run torch's own meta / fake kernels, with the
+device checks of a real GPU (a CPU mask in ``masked_fill`` raises "found at least two devices").
+What cannot run on them with a CPU-only build (it aborts or raises "not linked with support for
+cuda devices"): Python indexing (``x[i]``, ``~x``), autograd (call a Function's forward/backward
+directly), megatron's model forward (its embedding). Reading a value back (``.tolist()``,
+``.item()``, ``torch.equal``) raises ``DataDependentOutputException``, as it is a device-to-host
+sync on a GPU.
+
+``DeviceReads`` counts those reads instead of failing at the first: every read of a CUDA tensor is
+recorded (what, where from), and answered from the host tensor it was copied from when there is
+one (``host.to("cuda")``), else refused. Used by the host-sync test (tests/unit/test_gpu_path2.py)
+and benchmarks/README's "host syncs per step".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+CUDA = torch.device("cuda", 0)
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """A FakeTensorMode in which ``fake(shape, dtype=torch.float32)`` (or ``fake(tensor)``) makes
+    a CUDA tensor of that shape (the CPU shim's cuda -> cpu redirection, if applied, is suspended
+    meanwhile)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from megatron_longctx.runtime import cpu_shim
+
+    shim_mode = cpu_shim._MODE if cpu_shim.is_applied() else None
+    if shim_mode is not None:
+        shim_mode.__exit__(None, None, None)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(shape, dtype: torch.dtype | None = None):
+        if isinstance(shape, torch.Tensor):
+            shape, dtype = shape.shape, dtype or shape.dtype
+        meta = torch.empty(tuple(shape), dtype=dtype or torch.float32, device="meta")
+        return FakeTensor(mode, meta, CUDA)
+
+    try:
+        with mode:
+            yield fake
+    finally:
+        if shim_mode is not None:
+            shim_mode.__enter__()
+
+
+_READS = {
+    torch.Tensor.tolist: "tolist",
+    torch.Tensor.item: "item",
+    torch.Tensor.numpy: "numpy",
+    torch.Tensor.cpu: "cpu",
+    torch.Tensor.__bool__: "bool",
+    torch.Tensor.__int__: "int",
+    torch.Tensor.__float__: "float",
+    torch.Tensor.__index__: "index",
+    torch.equal: "equal",
+}
+
+
+def _is_cuda(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+
+class DeviceReads(TorchFunctionMode):
+    """Counts device-to-host reads of CUDA tensors (see the module docstring).
+
+    Attributes:
+        reads: ``(what, caller)`` per read: the op (``tolist``, ``equal``, ``to cpu``...) and the
+            innermost project frame that asked for it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple[str, str]] = []
+        # id(device tensor) -> (it, the host tensor it copies); holding it keeps the id unique
+        self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _caller(self) -> str:
+        for frame in reversed(traceback.extract_stack()[:-3]):
+            if "megatron_longctx" in frame.filename and "fake_cuda" not in frame.filename:
+                return f"{frame.filename.split('megatron_longctx/')[-1]}:{frame.lineno}"
+        return "?"
+
+    def _shadow(self, x):
+        if not _is_cuda(x):
+            return x
+        host = self._host.get(id(x), (None, None))[1]
+        if host is None:
+            raise RuntimeError(
+                f"device-to-host read of a CUDA tensor computed on the device ({self._caller()})"
+            )
+        return host
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _READS.get(func)
+        target = _to_device(func, args, kwargs)
+        if name is None and target is not None and target.type == "cpu" and _is_cuda(args[0]):
+            name = "to cpu"
+        if name is not None and any(_is_cuda(a) for a in args):
+            self.reads.append((name, self._caller()))
+            with torch._C.DisableTorchFunction():
+                return func(*(self._shadow(a) for a in args), **kwargs)
+        out = func(*args, **kwargs)
+        if target is not None and target.type == "cuda" and not _is_cuda(args[0]):
+            self._host[id(out)] = (out, args[0])
+        return out
+
+
+def _to_device(func, args, kwargs) -> torch.device | None:
+    """The target device of a ``Tensor.to`` call, else None."""
+    if func is not torch.Tensor.to:
+        return None
+    device = kwargs.get("device")
+    for a in args[1:]:
+        if isinstance(a, (str, torch.device)):
+            device = a
+    return None if device is None else torch.device(device)
