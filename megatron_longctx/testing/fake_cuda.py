@@ -11,7 +11,8 @@ sync on a GPU.
 
 ``DeviceReads`` counts those reads instead of failing at the first: every read of a CUDA tensor is
 recorded (what, where from), and answered from the host tensor it was copied from when there is
-one (``host.to("cuda")``), else refused. Used by the host-sync test (tests/unit/test_gpu_path2.py)
+one (``host.to("cuda")``), else with zeros (a value computed on the device, e.g. the loss). It also
+records every host-to-device copy (``copies``). Used by the host-sync test (tests/unit/test_gpu_path2.py)
 and benchmarks/README's "host syncs per step".
 """
 
@@ -77,11 +78,13 @@ class DeviceReads(TorchFunctionMode):
     Attributes:
         reads: ``(what, caller)`` per read: the op (``tolist``, ``equal``, ``to cpu``...) and the
             innermost project frame that asked for it.
+        copies: ``caller`` per host-to-device copy.
     """
 
     def __init__(self):
         super().__init__()
         self.reads: list[tuple[str, str]] = []
+        self.copies: list[str] = []
         # id(device tensor) -> (it, the host tensor it copies); holding it keeps the id unique
         self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -95,10 +98,8 @@ class DeviceReads(TorchFunctionMode):
         if not _is_cuda(x):
             return x
         host = self._host.get(id(x), (None, None))[1]
-        if host is None:
-            raise RuntimeError(
-                f"device-to-host read of a CUDA tensor computed on the device ({self._caller()})"
-            )
+        if host is None:  # computed on the device: no value to read, zeros of its shape
+            return torch.zeros(tuple(x.shape), dtype=x.dtype)
         return host
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -114,6 +115,7 @@ class DeviceReads(TorchFunctionMode):
         out = func(*args, **kwargs)
         if target is not None and target.type == "cuda" and not _is_cuda(args[0]):
             self._host[id(out)] = (out, args[0])
+            self.copies.append(self._caller())
         return out
 
 

@@ -43,13 +43,13 @@ class _PackedKernel(BlockKernel):
             return dq, dk, dv
         t = block.device_tensors(q.device)
         rows_q, rows_k = t["q_rows"], t["k_rows"]
-        lse_p = lse.index_select(0, rows_q).transpose(0, 1).contiguous()  # [hq, nq]
+        lse_p = lse.transpose(0, 1).index_select(1, rows_q)  # [hq, nq], contiguous
         gq, gk, gv = self._bwd(
-            dout.index_select(0, rows_q).to(q.dtype).contiguous(),
+            dout.index_select(0, rows_q).to(q.dtype),
             q.index_select(0, rows_q),
             k.index_select(0, rows_k),
             v.index_select(0, rows_k),
-            out.index_select(0, rows_q).to(q.dtype).contiguous(),
+            out.index_select(0, rows_q).to(q.dtype),
             lse_p,
             t,
             block,
