@@ -88,8 +88,31 @@ class DeviceReads(TorchFunctionMode):
         # id(device tensor) -> (it, the host tensor it copies); holding it keeps the id unique
         self._host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __enter__(self):
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+        # FakeTensor overrides tolist with one .item() per element; count it as one read
+        self._tolist = FakeTensor.tolist
+        reads = self
+
+        def tolist(tensor):
+            if not _is_cuda(tensor):
+                return reads._tolist(tensor)
+            reads.reads.append(("tolist", reads._caller()))
+            with torch._C.DisableTorchFunction(), unset_fake_temporarily():
+                return reads._shadow(tensor).tolist()
+
+        FakeTensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        FakeTensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
     def _caller(self) -> str:
-        for frame in reversed(traceback.extract_stack()[:-3]):
+        for frame in reversed(traceback.extract_stack()):
             if "megatron_longctx" in frame.filename and "fake_cuda" not in frame.filename:
                 return f"{frame.filename.split('megatron_longctx/')[-1]}:{frame.lineno}"
         return "?"
@@ -100,7 +123,7 @@ class DeviceReads(TorchFunctionMode):
         host = self._host.get(id(x), (None, None))[1]
         if host is None:  # computed on the device: no value to read, zeros of its shape
             return torch.zeros(tuple(x.shape), dtype=x.dtype)
-        return host
+        return host.to(x.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,7 +133,9 @@ class DeviceReads(TorchFunctionMode):
             name = "to cpu"
         if name is not None and any(_is_cuda(a) for a in args):
             self.reads.append((name, self._caller()))
-            with torch._C.DisableTorchFunction():
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with torch._C.DisableTorchFunction(), unset_fake_temporarily():
                 return func(*(self._shadow(a) for a in args), **kwargs)
         out = func(*args, **kwargs)
         if target is not None and target.type == "cuda" and not _is_cuda(args[0]):
