@@ -12,7 +12,8 @@ sync on a GPU.
 ``DeviceReads`` counts those reads instead of failing at the first: every read of a CUDA tensor is
 recorded (what, where from), and answered from the host tensor it was copied from when there is
 one (``host.to("cuda")``), else with zeros (a value computed on the device, e.g. the loss). It also
-records every host-to-device copy (``copies``). Used by the host-sync test (tests/unit/test_gpu_path2.py)
+records every host-to-device copy (``copies``), and keeps ops on real host tensors real (under a
+bare FakeTensorMode they would turn fake and unreadable: host code would look like device code). Used by the host-sync test (tests/unit/test_gpu_path2.py)
 and benchmarks/README's "host syncs per step".
 """
 
@@ -137,11 +138,31 @@ class DeviceReads(TorchFunctionMode):
 
             with torch._C.DisableTorchFunction(), unset_fake_temporarily():
                 return func(*(self._shadow(a) for a in args), **kwargs)
+        if _host_only(args, kwargs) and (target is None or target.type != "cuda"):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # host code on host tensors stays real
+                return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if target is not None and target.type == "cuda" and not _is_cuda(args[0]):
             self._host[id(out)] = (out, args[0])
             self.copies.append(self._caller())
         return out
+
+
+def _host_only(args, kwargs) -> bool:
+    """Some real (not fake) tensor among the arguments, no fake one, no CUDA device asked for."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    values = list(args) + list(kwargs.values())
+    flat = [v for a in values for v in (a if isinstance(a, (list, tuple)) else (a,))]
+    tensors = [v for v in flat if isinstance(v, torch.Tensor)]
+    devices = [v for v in flat if isinstance(v, (str, torch.device))]
+    return (
+        bool(tensors)
+        and not any(isinstance(t, FakeTensor) for t in tensors)
+        and not any("cuda" in str(d) for d in devices)
+    )
 
 
 def _to_device(func, args, kwargs) -> torch.device | None:

@@ -1,4 +1,4 @@
-"""Issue 27, point 2: the flash_attn kernel against flash-attn's real calling conventions, on CPU.
+"""Issue 27, points 2 and 5: flash-attn's real calling conventions; broken GPU packages, on CPU.
 
 What replaces the GPU: flash-attn's CUDA extension. ``flash_attn.flash_attn_interface`` is a
 stand-in module whose ``_flash_attn_varlen_forward/_backward`` are ``torch.library.custom_op``
@@ -217,3 +217,35 @@ def test_auto_picks_flash_attn_only_when_it_imports(monkeypatch):
         kernels.resolve_kernel("flash_attn", cuda, torch.bfloat16)
     del broken
     kernels.resolve_kernel.cache_clear()
+
+
+def _install_te(monkeypatch, version, broken=False):
+    package = types.ModuleType("transformer_engine")
+    package.__version__ = version
+    monkeypatch.setitem(sys.modules, "transformer_engine", package)
+    # None in sys.modules makes the import raise ImportError: a half-installed build whose
+    # compiled extension does not load
+    pytorch = None if broken else types.ModuleType("transformer_engine.pytorch")
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+
+
+@pytest.mark.parametrize(
+    "version,broken,needle",
+    [("2.1.0", False, "2.1.0 is not supported"), ("3.0.0", False, "3.0.0 is not supported"),
+     ("2.8.0", True, "does not import")],
+)  # fmt: skip
+def test_transformer_engine_wrong_or_half_installed(monkeypatch, version, broken, needle):
+    """Point 5: backend 'te' with a wrong or half-installed TE: one line naming the fix; 'auto'
+    falls back to the local layers (with the reason logged) instead of a traceback in megatron."""
+    from megatron_longctx.model import specs
+    from megatron_longctx.model.attention.gpu import TransformerEngineUnavailable
+
+    _install_te(monkeypatch, version, broken)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(TransformerEngineUnavailable, match=needle) as err:
+        specs.resolve_backend("te")
+    assert "\n" not in str(err.value) and "--no-build-isolation" in str(err.value)
+    assert specs.resolve_backend("auto") == "local"
+    _install_te(monkeypatch, "2.8.0")
+    assert specs.resolve_backend("te") == "te" and specs.resolve_backend("auto") == "te"
