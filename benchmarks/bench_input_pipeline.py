@@ -9,11 +9,11 @@
    host-to-device copies made by the batch path vs inside the attention. Megatron's own layers
    are not run (they cannot run on fake CUDA tensors). Run it from another checkout with
    ``PYTHONPATH=<checkout>`` for its "before".
-2. Input pipeline: the real loader (tiny corpus, ``--seq`` tokens, global batch 32, DP rank 0
-   of 2 with balanced assignment, CP 2 balanced batch path) for ``--steps`` steps, with a simulated device step of T = 1.5 x the measured host time
-   per step (a sleep, as the training thread waits on a GPU): the training thread's wait for
-   inputs per step, built in the loop (before) vs prefetched (``StepPrefetcher``, after), as a
-   share of the host time. Untested on GPU.
+2. Input pipeline: the real loader (tiny corpus, ``--seq`` tokens, global batch 32, DP rank 0 of 2
+   with balanced assignment, CP 2 balanced batch path) for ``--steps`` steps, with a simulated
+   device step of T = 1.5 x the measured host time per step (a sleep, as the training thread waits
+   on a GPU): the training thread's wait for inputs per step, built in the loop (before) vs
+   prefetched (``StepPrefetcher``, after), as a share of the host time. Untested on GPU.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def host_syncs() -> dict:
         "cu_seqlens": torch.tensor([0, *np.cumsum(docs).tolist()]),
     }
     config = transformer_config(get_preset("tiny"), ParallelLayout(1, 1, 1))
-    core = LocalCoreAttention(config, 1, AttnMaskType.causal, pg_collection=SimpleNamespace(cp=None))
+    no_cp = SimpleNamespace(cp=None)
+    core = LocalCoreAttention(config, 1, AttnMaskType.causal, pg_collection=no_cp)
     core.kernel_name = "torch_flash"
     shard = BatchSharding(device=CUDA)
     host = shard.host(micro)

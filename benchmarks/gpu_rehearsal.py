@@ -83,6 +83,7 @@ def fake_cuda_legs(hardware, model_cfg=None, heads=(32, 8, 128)) -> list[dict]:
             record.update(passed=False, error=f"{type(err).__name__}: {str(err)[:300]}")
         if name.startswith("trainer"):
             pred = plan_trainer_leg(model_cfg, int(name.split()[-1]), hardware)
-            record["planner"] = "fits" if pred.fits else f"skipped on {hardware.name}: {pred.reason}"
+            skipped = f"skipped on {hardware.name}: {pred.reason}"
+            record["planner"] = "fits" if pred.fits else skipped
         records.append(record)
     return records

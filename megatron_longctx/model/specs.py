@@ -27,7 +27,10 @@ def transformer_engine_available() -> bool:
     """Transformer Engine imports and is a supported version (else logs why not)."""
     if importlib.util.find_spec("transformer_engine") is None:
         return False
-    from megatron_longctx.model.attention.gpu import TransformerEngineUnavailable, check_transformer_engine
+    from megatron_longctx.model.attention.gpu import (
+        TransformerEngineUnavailable,
+        check_transformer_engine,
+    )
 
     try:
         check_transformer_engine()

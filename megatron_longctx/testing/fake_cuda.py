@@ -10,11 +10,12 @@ directly), megatron's model forward (its embedding). Reading a value back (``.to
 sync on a GPU.
 
 ``DeviceReads`` counts those reads instead of failing at the first: every read of a CUDA tensor is
-recorded (what, where from), and answered from the host tensor it was copied from when there is
-one (``host.to("cuda")``), else with zeros (a value computed on the device, e.g. the loss). It also
+recorded (what, where from), and answered from the host tensor it was copied from when there is one
+(``host.to("cuda")``), else with zeros (a value computed on the device, e.g. the loss). It also
 records every host-to-device copy (``copies``), and keeps ops on real host tensors real (under a
-bare FakeTensorMode they would turn fake and unreadable: host code would look like device code). Used by the host-sync test (tests/unit/test_gpu_path2.py)
-and benchmarks/README's "host syncs per step".
+bare FakeTensorMode they would turn fake and unreadable: host code would look like device code).
+Used by the host-sync test (tests/unit/test_host_syncs.py) and benchmarks/README's "host syncs per
+step".
 """
 
 from __future__ import annotations

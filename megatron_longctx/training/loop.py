@@ -2,9 +2,10 @@
 run (``run_stage``). Everything else is a callback (training/callbacks.py): metrics, faults,
 checkpoint cadence, preemption; the entry point adds the stage-end evaluation.
 
-Per step: the micro-batches of this rank's share of the global batch (prepared one step ahead
-in a thread, training/prefetch.py), forward/backward through megatron's schedule with a global token-averaged loss (training/step.py), the NaN policy, the
-optimizer and LR scheduler step, then the callbacks in order.
+Per step: the micro-batches of this rank's share of the global batch (prepared one step ahead in a
+thread, training/prefetch.py), forward/backward through megatron's schedule with a global
+token-averaged loss (training/step.py), the NaN policy, the optimizer and LR scheduler step, then
+the callbacks in order.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ Their calling conventions, read from the tagged sources (Dao-AILab/flash-attenti
   dq / dk / dv in place (``mutates_args``) and returns ``softmax_d``.
 
 In both, the varlen ``softmax_lse`` is ``[num_heads, total_q]`` fp32 (2.5.x used ``[batch,
-num_heads, max_seqlen_q]`` and another positional list: refused). Arguments are passed
-positionally in the order above. ``SUPPORTED`` is the range checked; the ``gpu`` extra pins it.
-Untested on GPU: checked on CPU against ops with 2.8's exact schema (tests/unit/test_flash_attn_api.py).
+num_heads, max_seqlen_q]`` and another positional list: refused). Arguments are passed positionally
+in the order above. ``SUPPORTED`` is the range checked; the ``gpu`` extra pins it. Untested on GPU:
+checked on CPU against ops with 2.8's exact schema (tests/unit/test_flash_attn_api.py).
 """
 
 from __future__ import annotations

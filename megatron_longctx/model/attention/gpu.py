@@ -19,9 +19,10 @@ Known TE bugs with this exact layout (every document padded at its end to a mult
   attention (``stages.N.core_attention=ring``) never hands an empty segment to a kernel
   (``VarlenBlock`` drops them), so it is the fallback if NaNs appear with ``te``.
 
-Import-guarded: importing this module never requires Transformer Engine. ``check_transformer_engine``
-turns a missing, half-installed (the package is there, its compiled ``transformer_engine.pytorch``
-does not load: built for another torch / CUDA) or out-of-range TE into one line naming the fix.
+Import-guarded: importing this module never requires Transformer Engine.
+``check_transformer_engine`` turns a missing, half-installed (the package is there, its compiled
+``transformer_engine.pytorch`` does not load: built for another torch / CUDA) or out-of-range TE
+into one line naming the fix.
 Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``.
 """
 

@@ -3,10 +3,11 @@
 Untested on GPU (this repository's CI has none); written against torch 2.13's op schemas
 (``aten._flash_attention_forward/_backward``, present in every CUDA build, sm80+) and flash-attn
 2.6-2.8's ``_flash_attn_varlen_forward/_backward`` (called per version, flash_attn_api.py). Both
-take packed rows with ``cu_seqlens_q / cu_seqlens_k``, so a block's segments are gathered into packed tensors (one index_select per tensor, O(t x h x d)), the kernel
-runs, and results are scattered back (``index_select`` / ``index_copy_``: no host sync); both handle GQA natively and return the logsumexp. fp16 /
-bf16 only (flash-attention has no fp32 path). Causal segments have q_len == k_len, so the kernels'
-bottom-right causal alignment equals the top-left one.
+take packed rows with ``cu_seqlens_q / cu_seqlens_k``, so a block's segments are gathered into
+packed tensors (one index_select per tensor, O(t x h x d)), the kernel runs, and results are
+scattered back (``index_select`` / ``index_copy_``: no host sync); both handle GQA natively and
+return the logsumexp. fp16 / bf16 only (flash-attention has no fp32 path). Causal segments have
+q_len == k_len, so the kernels' bottom-right causal alignment equals the top-left one.
 
 Shape legend (THD): packed q ``[nq, hq, d]``, lse ``[hq, nq]`` (flash-attn 2 varlen layout).
 """
