@@ -135,7 +135,10 @@ def _thd(psp, cp_size: int):
     docs = None if spans is None else (spans[:, 0].tolist(), spans[:, 1].tolist())
     padded = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
     chunks = getattr(psp, "cp_chunks", None)
-    out.cp_layout = CPLayout(padded, psp.cu_seqlens_q, cp_size, docs, chunks)
+    try:
+        out.cp_layout = CPLayout(padded, psp.cu_seqlens_q, cp_size, docs, chunks)
+    except ValueError:  # a layout only TE's attention takes: the project's attention raises then
+        out.cp_layout = None
     return out
 
 

@@ -153,7 +153,7 @@ def test_close_stops_a_stage_ended_early(index):
     assert not inputs._thread.is_alive()
 
 
-STAGE_BYTES = 128 * 2**20
+STAGE_BYTES = 96 * 2**20
 
 
 class _Stage:
