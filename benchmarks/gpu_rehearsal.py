@@ -5,8 +5,7 @@ no data). What this rehearses: every device rule of the CUDA legs (a host tensor
 CUDA op raises, as on a GPU), the shapes and dtypes the kernels get and return, the block layouts
 and batch path at 16K-64K tokens, the torch flash-attention varlen ops' schemas, and the planner's
 decision per trainer leg. What it cannot: numbers, autograd on CUDA (kernels' backward is called
-directly), megatron's model forward, the tiled fp32 kernel (it indexes in Python, which fake CUDA
-tensors on a CPU-only torch refuse; it runs on real CPU tensors in the CPU legs).
+directly), megatron's model forward.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ def _expect(t: torch.Tensor, shape, dtype=None) -> None:
         raise AssertionError(f"got {tuple(t.shape)} {t.dtype} on {t.device}, want {shape} {dtype}")
 
 
-def _attention(fake, tokens: int, heads, one_doc: bool, reference: bool) -> None:
+def _attention(fake, tokens: int, heads, one_doc: bool, reference: bool, dtype=torch.bfloat16):
     from gpu_check import _block, _sdpa_forward, doc_mix
 
     from megatron_longctx.model.attention.kernels import resolve_kernel
@@ -30,8 +29,8 @@ def _attention(fake, tokens: int, heads, one_doc: bool, reference: bool) -> None
     hq, hk, d = heads
     docs = doc_mix(tokens, one_doc)
     cu, block = _block(docs)
-    kernel = resolve_kernel("auto", CUDA, torch.bfloat16)
-    q, k, v, dout = (fake((tokens, h, d), torch.bfloat16) for h in (hq, hk, hk, hq))
+    kernel = resolve_kernel("auto", CUDA, dtype)  # bf16: torch / flash-attn varlen; fp32: tiled
+    q, k, v, dout = (fake((tokens, h, d), dtype) for h in (hq, hk, hk, hq))
     out, lse = kernel.forward(q, k, v, block, d**-0.5)
     _expect(out, (tokens, hq, d), torch.float32)
     _expect(lse, (tokens, hq), torch.float32)
@@ -64,7 +63,13 @@ def fake_cuda_legs(hardware, model_cfg=None, heads=(32, 8, 128)) -> list[dict]:
     from megatron_longctx.training.batch import BatchSharding
 
     model_cfg = model_cfg or LLAMA_1B
-    legs = [("attention correctness bf16 4096", lambda f: _attention(f, 4096, heads, False, True))]
+    legs = [
+        ("attention correctness bf16 4096", lambda f: _attention(f, 4096, heads, False, True)),
+        (
+            "attention correctness fp32 4096",
+            lambda f: _attention(f, 4096, heads, False, True, torch.float32),
+        ),
+    ]
     for tokens in (16384, 65536):
         for one_doc in (True, False):
             name = f"attention timing {tokens} {'one document' if one_doc else 'mix'}"

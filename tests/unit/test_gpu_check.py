@@ -37,7 +37,7 @@ def test_fake_cuda_legs_at_full_size():
 
     legs = gpu_rehearsal.fake_cuda_legs(HARDWARE["h100"])
     assert [leg for leg in legs if not leg["passed"]] == []
-    assert len(legs) == 7
+    assert len(legs) == 8
 
 
 def test_without_cuda_one_line(capsys):

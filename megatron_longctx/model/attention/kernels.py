@@ -115,7 +115,8 @@ def merge(out, lse, block_out, block_lse):
     new_lse = torch.logaddexp(lse, block_lse)
     safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
     out = (
-        out * torch.exp(lse - safe)[..., None] + block_out * torch.exp(block_lse - safe)[..., None]
+        out * torch.exp(lse - safe).unsqueeze(-1)
+        + block_out * torch.exp(block_lse - safe).unsqueeze(-1)
     )
     return out, new_lse
 
