@@ -14,6 +14,13 @@ Why each dependency is here:
   (transformers does not declare it).
 - tqdm: progress bars for the CLI tools.
 - matplotlib: PNG plots (length histograms, loss curves, evaluation heatmaps).
+- gpu extra (GPU machines only; untested on GPU): transformer-engine[pytorch]>=2.2,<3 (2.2 added
+  DotProductAttention's pad_between_seqs, model/attention/gpu.py; 3.x is not the API megatron-core
+  0.16.1 targets) and flash-attn>=2.6,<2.9 (the varlen interfaces model/attention/flash_attn_api.py
+  calls, read from the 2.6.0-2.8.3 tags; 2.5 returned the log-sum-exp in another layout). Both
+  compile against the installed torch (no wheels for torch 2.13): install torch first, then
+  `pip install --no-build-isolation '.[gpu]'` (README "GPU install"); `pip install '.[gpu]'` alone
+  builds them in an isolated environment without torch and fails.
 """
 
 from setuptools import find_packages, setup
@@ -58,9 +65,8 @@ setup(
     extras_require={
         # pytest-timeout: hard per-test timeout on multi-process tests (they hang rather than fail).
         "test": ["pytest", "pytest-timeout", "hypothesis"],
-        # GPU kernels; never installed on the CPU machines (transformer-engine needs CUDA headers).
-        # TE >= 2.2: DotProductAttention takes pad_between_seqs (TE#3331, model/attention/gpu.py);
-        # < 3: the 2.x API megatron-core 0.16.1 targets. Untested on GPU.
-        "gpu": ["transformer-engine[pytorch]>=2.2,<3", "flash-attn"],
+        # GPU kernels; never installed on the CPU machines (both compile against torch + CUDA:
+        # pip install --no-build-isolation, see the docstring). Untested on GPU.
+        "gpu": ["transformer-engine[pytorch]>=2.2,<3", "flash-attn>=2.6,<2.9"],
     },
 )

@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from megatron_longctx.model.config import ModelConfig  # noqa: E402
 
@@ -81,13 +82,15 @@ def _peak_gib(dev) -> float:
 
 def doc_mix(total: int, one_doc: bool, seed: int = 0) -> list[int]:
     """One document, or a ProLong-like mix: half the tokens one long document, the rest short
-    documents of 100-3,000 tokens (the last one takes what is left)."""
+    documents of 100-3,000 tokens (the last one takes what is left). Lengths are even (``total``
+    a multiple of 4): the block layout at CP 1 takes documents padded to 2 x CP, as the batch path
+    makes them."""
     if one_doc:
         return [total]
     rng = np.random.default_rng(seed)
     docs, left = [total // 2], total - total // 2
     while left > 0:
-        n = min(left, int(rng.integers(100, 3000)))
+        n = min(left, 2 * int(rng.integers(50, 1500)))
         docs.append(n)
         left -= n
     return docs
@@ -149,16 +152,21 @@ def _timed(fn, dev, repeats: int) -> tuple[float, float]:
     return min(times[1:]), _peak_gib(dev)
 
 
-def _sdpa_per_document(q, k, v, docs: list[int]) -> None:
-    """The baseline: torch SDPA (is_causal, GQA) once per document, forward + backward."""
+def _sdpa_forward(q, k, v, docs: list[int]):
+    """torch SDPA (is_causal, GQA) once per document; the sum of the outputs."""
     total, start = 0, 0
     for n in docs:
-        qd, kd, vd = (x[start : start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        qd, kd, vd = (x.narrow(0, start, n).transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         out = torch.nn.functional.scaled_dot_product_attention(
             qd, kd, vd, is_causal=True, enable_gqa=True
         )
         total, start = total + out.sum(), start + n
-    total.backward()
+    return total
+
+
+def _sdpa_per_document(q, k, v, docs: list[int]) -> None:
+    """The baseline: torch SDPA per document, forward + backward."""
+    _sdpa_forward(q, k, v, docs).backward()
 
 
 def attention_timing(dev, dtype, tokens, heads, one_doc, repeats=3) -> dict:
@@ -211,8 +219,6 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
     from megatron_longctx.model.config import resolve_loss_chunk_tokens
     from megatron_longctx.parallel.layout import ParallelLayout
     from megatron_longctx.perf.flops import flops_per_token, mfu
-    from megatron_longctx.perf.hardware import HARDWARE
-    from megatron_longctx.perf.planner import PlanRequest, evaluate
     from megatron_longctx.runtime.distributed import initialize_model_parallel
     from megatron_longctx.training.batch import BatchSharding
     from megatron_longctx.training.setup import (
@@ -259,7 +265,7 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
     step_s = min(times[1:])
     docs = doc_mix(seq, one_doc=False, seed=1)
     fpt = flops_per_token(model_cfg, seq, docs)
-    peak_flops = HARDWARE[hardware].peak_bf16_flops if on_gpu else 1e11
+    peak_flops = hardware.peak_bf16_flops if on_gpu else 1e11
     tok_s = seq / step_s
     record = {
         "seq_length": seq,
@@ -275,25 +281,78 @@ def trainer_run(dev, model_cfg, seq, steps, hardware) -> dict:
         "finite": all(math.isfinite(x) for x in losses),
     }
     if on_gpu or seq >= 1024:
-        req = PlanRequest(
-            model=model_cfg,
-            seq_length=seq,
-            num_gpus=1,
-            gpus_per_node=1,
-            hardware=HARDWARE[hardware],
-            global_batch_tokens=seq,
-            doc_lengths=tuple(docs),
-            loss_chunk_tokens=loss_chunk,
-        )
-        pred = evaluate(req, layout, 1, "full", on_gpu)
-        record["planner"] = {
-            "tokens_per_s": pred.tokens_per_s,
-            "memory_gib": pred.memory.total / 2**30,
-            "mfu": pred.mfu,
-            "fits": pred.fits,
-        }
+        pred = plan_trainer_leg(model_cfg, seq, hardware)
+        record["planner"] = _plan_record(pred)
     del model, chunks, optimizer
     return record
+
+
+def plan_trainer_leg(model_cfg, seq: int, hardware):
+    """The planner's prediction (``perf/planner.py``) for the trainer leg: one GPU of
+    ``hardware``, the layout, recompute, optimizer and loss chunking ``trainer_run`` uses on a
+    GPU."""
+    from megatron_longctx.model.config import resolve_loss_chunk_tokens
+    from megatron_longctx.parallel.layout import ParallelLayout
+    from megatron_longctx.perf.planner import PlanRequest, evaluate
+
+    req = PlanRequest(
+        model=model_cfg,
+        seq_length=seq,
+        num_gpus=1,
+        gpus_per_node=1,
+        hardware=hardware,
+        global_batch_tokens=seq,
+        doc_lengths=tuple(doc_mix(seq, one_doc=False, seed=1)),
+        loss_chunk_tokens=resolve_loss_chunk_tokens(None, seq),  # the trainer's default
+    )
+    return evaluate(req, ParallelLayout(1, 1, 1), 1, "full", True)
+
+
+def _plan_record(pred) -> dict:
+    return {
+        "tokens_per_s": pred.tokens_per_s,
+        "memory_gib": pred.memory.total / 2**30,
+        "mfu": pred.mfu,
+        "fits": pred.fits,
+    }
+
+
+def trainer_legs(dev, model_cfg, seqs, steps: int, hardware, save) -> list[dict]:
+    """The trainer leg per sequence length, each after asking the planner: a leg predicted not
+    to fit in ``hardware``'s memory (on a GPU: the memory of the one found) is skipped with the
+    planner's reason instead of running out of memory (point 3 of issue 27)."""
+    records = []
+    for seq in seqs:
+        pred = plan_trainer_leg(model_cfg, seq, hardware)
+        if dev.type == "cuda" and not pred.fits:
+            record = {"seq_length": seq, "skipped": f"planner: {pred.reason}"}
+            record["planner"] = _plan_record(pred)
+        else:
+            try:
+                record = trainer_run(dev, model_cfg, seq, steps, hardware)
+            except torch.OutOfMemoryError as err:  # recorded; the other length still runs
+                record = {"seq_length": seq, "finite": False, "error": str(err)[:500]}
+        records.append(record)
+        save(records)
+    return records
+
+
+def gpu_hardware(dev, name: str):
+    """``HARDWARE[name]`` with the memory of the GPU found (an H100 NVL has 94 GB, not 80)."""
+    from megatron_longctx.perf.hardware import HARDWARE
+
+    hardware = HARDWARE[name]
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        hardware = hardware.with_memory_gb(total / 1e9)
+    return hardware
+
+
+NO_GPU = (
+    "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); rehearse on CPU, the CUDA "
+    "legs on fake CUDA tensors included: python benchmarks/gpu_check.py --device cpu --quick "
+    "--output /tmp/gpu_check.json"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_alarm(signum, frame):
         raise CheckTimeout(f"gpu_check: past its {args.timeout} s timeout")
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_GPU, file=sys.stderr)
+        return 2
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(args.timeout)
     from megatron_longctx.runtime.distributed import DistEnv, init_process_group
@@ -360,12 +422,14 @@ def main(argv: list[str] | None = None) -> int:
                     attention_timing(dev, dtype, tokens, heads, one_doc)
                 )
                 save()
-        for seq in seqs:
-            try:
-                record = trainer_run(dev, model_cfg, seq, args.steps, args.hardware)
-            except torch.OutOfMemoryError as err:  # recorded; the other length still runs
-                record = {"seq_length": seq, "finite": False, "error": str(err)[:500]}
-            report["trainer"].append(record)
+        hardware = gpu_hardware(dev, args.hardware)
+        trainer_legs(
+            dev, model_cfg, seqs, args.steps, hardware, lambda r: (report.update(trainer=r), save())
+        )
+        if dev.type == "cpu":  # the CUDA legs at their full sizes, on fake CUDA tensors
+            from gpu_rehearsal import fake_cuda_legs
+
+            report["fake_cuda"] = fake_cuda_legs(hardware)
             save()
     except CheckTimeout as err:
         report["timeout"] = str(err)
@@ -373,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
         report["wall_s"] = time.perf_counter() - started
         save()
-    passed = all(c["passed"] for c in report["attention_correctness"]) and all(
-        t["finite"] for t in report["trainer"]
+    passed = (
+        all(c["passed"] for c in report["attention_correctness"])
+        and all(t.get("finite", "skipped" in t) for t in report["trainer"])
+        and all(leg["passed"] for leg in report.get("fake_cuda", []))
     )
     report["passed"] = passed and "timeout" not in report
     save()

@@ -14,15 +14,31 @@ chosen spec; a new attention or kernel is added to ``model/attention/``'s regist
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "local", "te")
 
 
 def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Transformer Engine imports and is a supported version (else logs why not)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    from megatron_longctx.model.attention.gpu import (
+        TransformerEngineUnavailable,
+        check_transformer_engine,
+    )
+
+    try:
+        check_transformer_engine()
+    except TransformerEngineUnavailable as err:
+        logger.warning("Transformer Engine is installed but unusable: %s", err)
+        return False
+    return True
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | None = None) -> str:
@@ -34,11 +50,10 @@ def resolve_backend(backend: str = "auto", device: torch.device | None = None) -
     if backend == "auto":
         on_gpu = device is not None and device.type == "cuda"
         return "te" if on_gpu and transformer_engine_available() else "local"
-    if backend == "te" and not transformer_engine_available():
-        raise RuntimeError(
-            "backend 'te' needs Transformer Engine: pip install '.[gpu]' on a GPU "
-            "machine, or use backend 'local'"
-        )
+    if backend == "te":
+        from megatron_longctx.model.attention.gpu import check_transformer_engine
+
+        check_transformer_engine()  # missing / half-installed / unsupported TE: one line, the fix
     return backend
 
 

@@ -50,7 +50,7 @@ def note_fallback_kernels(rank: int) -> None:
     if missing and not _NOTED_FALLBACKS and rank == 0:
         logger.warning(
             "%s not installed: megatron-core uses its torch fallbacks (expected on CPU; "
-            "pip install '.[gpu]' on GPU machines)",
+            "on GPU machines: README 'GPU install')",
             " / ".join(missing),
         )
     _NOTED_FALLBACKS = True

@@ -2,16 +2,19 @@
 run (``run_stage``). Everything else is a callback (training/callbacks.py): metrics, faults,
 checkpoint cadence, preemption; the entry point adds the stage-end evaluation.
 
-Per step: the micro-batches of this rank's share of the global batch, forward/backward through
-megatron's schedule with a global token-averaged loss (training/step.py), the NaN policy, the
-optimizer and LR scheduler step, then the callbacks in order.
+Per step: the micro-batches of this rank's share of the global batch (prepared one step ahead in a
+thread, training/prefetch.py), forward/backward through megatron's schedule with a global
+token-averaged loss (training/step.py), the NaN policy, the optimizer and LR scheduler step, then
+the callbacks in order.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
+import torch
 from torch.distributed import get_rank
 
 from megatron_longctx.checkpoint.lineage import for_stage, keep_tokenizer, start_lineage
@@ -26,6 +29,7 @@ from megatron_longctx.training.callbacks import (
     Preemption,
 )
 from megatron_longctx.training.metrics import MetricsLogger
+from megatron_longctx.training.prefetch import StepPrefetcher
 from megatron_longctx.training.signals import (
     EXIT_NONFINITE,
     FaultInjector,
@@ -63,8 +67,20 @@ def train(
     saver = Checkpointing(cfg, resolved, faults)
     signals = SignalWatcher(deadline=WallClockDeadline.from_env(), device=device)
     hooks = [Metrics(metrics), Faults(faults), saver, *callbacks, Preemption(signals, saver)]
+    rc = run_stages(cfg, point, device, hooks, metrics, lineage, config_dir)
+    for hook in hooks:
+        hook.close()
+    return rc
+
+
+def run_stages(cfg, point, device, hooks, metrics, lineage: dict, config_dir=None) -> int:
+    """Builds, restores and runs each remaining stage. The previous stage (model, optimizer, DDP
+    buffers, loader) is released before the next is built, so a transition holds one stage.
+    ``lineage`` (checkpoint/lineage.py) is carried into every stage's checkpoints."""
     rc = 0
     for index in range(point.stage_index, len(cfg.stages)):
+        run = None  # the previous stage's last reference (callbacks keep none)
+        release_memory(device)
         run = build_stage(cfg, index, device, config_dir)
         run.scheduler, run.step = restore(point, run)
         run.iteration, run.metrics = point.iteration, metrics
@@ -73,19 +89,34 @@ def train(
         if rc:
             break
         point = point.after_stage(cfg.checkpoint.save_dir, run.iteration)
-    for hook in hooks:
-        hook.close()
     return rc
+
+
+def release_memory(device) -> None:
+    """Returns a released stage's memory: reference cycles collected (megatron's modules and
+    optimizer hold some), and on CUDA the caching allocator's free blocks given back."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_stage(run: StageRun, callbacks: list[Callback]) -> int:
     """Steps ``run`` to the end of its stage; returns 0 or the exit code that ended the run."""
     for cb in callbacks:
         cb.stage_start(run)
+    # callbacks and checkpoints read the loader's state through it (the step last handed out)
+    run.loader = inputs = StepPrefetcher(run.loader, run.shard, run.total - run.step)
+    try:
+        return _steps(run, callbacks, inputs)
+    finally:
+        inputs.close()
+
+
+def _steps(run: StageRun, callbacks: list[Callback], inputs: StepPrefetcher) -> int:
     while run.step < run.total:
         for cb in callbacks:
             cb.before_step(run)
-        micro = [run.shard(next(run.loader)) for _ in range(run.loader.num_micro_batches)]
+        micro = inputs.next_step()
         stage = run.stage
         result = forward_backward(
             run.chunks,

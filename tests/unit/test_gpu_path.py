@@ -10,14 +10,11 @@ Mechanisms and what they can prove:
   reduced, not NCCL's behaviour.
 """
 
-import contextlib
-
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from megatron_longctx.parallel.layout import LayoutError, ParallelLayout
-from megatron_longctx.runtime import cpu_shim
+from megatron_longctx.testing.fake_cuda import fake_cuda
 from megatron_longctx.training.batch import BatchSharding, batch_to_device, to_model_batch
 from megatron_longctx.training.step import loss_func, reduce_loss
 from tests.nccl_rules import NcclRuleError, enforce_nccl_device
@@ -37,24 +34,6 @@ def _micro(docs=DOCS):
         "position_ids": torch.arange(total)[None],
         "cu_seqlens": torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()]),
     }
-
-
-@contextlib.contextmanager
-def fake_cuda():
-    """A FakeTensorMode in which ``fake(t)`` makes a CUDA tensor of t's shape (the CPU shim's
-    cuda -> cpu redirection, if another test applied it, is suspended meanwhile)."""
-    shim_mode = cpu_shim._MODE if cpu_shim.is_applied() else None
-    if shim_mode is not None:
-        shim_mode.__exit__(None, None, None)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with mode:
-            yield lambda t: FakeTensor(
-                mode, torch.empty(t.shape, dtype=t.dtype, device="meta"), CUDA
-            )
-    finally:
-        if shim_mode is not None:
-            shim_mode.__enter__()
 
 
 def test_model_batch_lands_on_the_training_device():

@@ -120,8 +120,15 @@ def test_preemption_saves_once_and_exits_75(saves, at, expect):
 
 class _Loader:
     num_micro_batches = 1
+    consumed_samples = 0
 
     def __next__(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def step_balance(self):
         return {}
 
 
@@ -150,7 +157,7 @@ def _loop_run(loss, nan_policy="halt", total=3):
         optimizer=_Optimizer(),
         scheduler=SimpleNamespace(step=lambda n: None),
         loader=_Loader(),
-        shard=lambda m: micro,
+        shard=SimpleNamespace(host=lambda m: micro, to_device=lambda m: m),
         cfg=SimpleNamespace(training=SimpleNamespace(nan_policy=nan_policy)),
     )
     return run, result

@@ -17,7 +17,11 @@ in no segment (padding, or queries with nothing to see at this step) get output 
 gradient. This is the ``cu_seqlens_q / cu_seqlens_k / causal`` description of flash-attn varlen and
 Transformer Engine, with explicit starts so padding never enters a kernel.
 
-Built host-side once per micro-batch (numpy, vectorised over documents) and shared by all layers.
+Built host-side once per micro-batch (numpy, vectorised over documents) and shared by all layers:
+the batch path (training/batch.py) builds the layout from the loader's host boundaries, and
+``CPLayout.plan_device`` copies every block's row indices and ``cu_seqlens`` for the CUDA varlen
+kernels in one non-blocking copy from pinned memory, so attention never reads the device back nor
+copies synchronously inside the ring loop.
 """
 
 from __future__ import annotations
@@ -95,17 +99,22 @@ class VarlenBlock:
             start, length = start[segments], length[segments]
         return _ranges(start, length)
 
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """What ``device_tensors`` holds, on the host: rows (int64) and cu_q / cu_k (int32)."""
+        return {
+            "q_rows": self.rows("q"),
+            "k_rows": self.rows("k"),
+            "cu_q": np.concatenate([[0], np.cumsum(self.q_len)]).astype(np.int32),
+            "cu_k": np.concatenate([[0], np.cumsum(self.k_len)]).astype(np.int32),
+        }
+
     def device_tensors(self, device) -> dict[str, torch.Tensor]:
-        """Packed-row gathers and cumulative lengths (int32) for GPU varlen kernels, cached."""
+        """Packed-row gathers and cumulative lengths (int32) for GPU varlen kernels, cached
+        (``CPLayout.plan_device`` fills the cache ahead; else one copy per block here)."""
         key = str(device)
         if key not in self._device_cache:
-            cu_q = np.concatenate([[0], np.cumsum(self.q_len)])
-            cu_k = np.concatenate([[0], np.cumsum(self.k_len)])
             self._device_cache[key] = {
-                "q_rows": torch.from_numpy(self.rows("q")).to(device),
-                "k_rows": torch.from_numpy(self.rows("k")).to(device),
-                "cu_q": torch.from_numpy(cu_q).to(device=device, dtype=torch.int32),
-                "cu_k": torch.from_numpy(cu_k).to(device=device, dtype=torch.int32),
+                name: torch.from_numpy(a).to(device) for name, a in self.host_arrays().items()
             }
         return self._device_cache[key]
 
@@ -244,6 +253,35 @@ class CPLayout:
         starts = owner * t + self.local_start[:, owner] + after_early
         return _ranges(starts.reshape(-1), self.sizes.reshape(-1))
 
+    def plan_device(self, device, rank: int) -> None:
+        """Puts on ``device`` the index tensors of every block ``rank`` may run (the ring's CP
+        blocks, the all-to-all's document block and gathered order): built on the host, packed
+        into one int64 and one int32 buffer (pinned on CUDA), copied once each without blocking,
+        and handed out as views. Without it the first layer copies them one by one, synchronously.
+        """
+        device = torch.device(device)
+        blocks = [self.ring_block(rank, src) for src in range(self.cp_size)]
+        blocks.append(self.document_block())
+        order = self.gathered_order().astype(np.int64)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        arrays = [b.host_arrays() for b in blocks]
+        parts64 = [a[n] for a in arrays for n in ("q_rows", "k_rows")] + [order, inverse]
+        parts32 = [a[n] for a in arrays for n in ("cu_q", "cu_k")]
+        views64 = _one_copy(parts64, torch.int64, device)
+        views32 = _one_copy(parts32, torch.int32, device)
+        for i, block in enumerate(blocks):
+            block._device_cache.setdefault(
+                str(device),
+                {
+                    "q_rows": views64[2 * i],
+                    "k_rows": views64[2 * i + 1],
+                    "cu_q": views32[2 * i],
+                    "cu_k": views32[2 * i + 1],
+                },
+            )
+        self._blocks.setdefault(("order", str(device)), (views64[-2], views64[-1]))
+
     def document_block(self) -> VarlenBlock:
         """The causal per-document block of the whole sequence in position order (CP 1 layout)."""
         if (-1, -1) not in self._blocks:
@@ -251,3 +289,17 @@ class CPLayout:
             length = self.doc_end - self.doc_start
             self._blocks[(-1, -1)] = VarlenBlock(start, length, start, length, True, total, total)
         return self._blocks[(-1, -1)]
+
+
+def _one_copy(parts: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> list:
+    """``parts`` concatenated on the host (pinned for CUDA), copied to ``device`` once without
+    blocking; returns one view per part."""
+    host = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0)).to(dtype)
+    if device.type == "cuda" and torch.cuda.is_available():  # no pinned memory without a driver
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    views, start = [], 0
+    for part in parts:
+        views.append(flat.narrow(0, start, part.size))
+        start += part.size
+    return views

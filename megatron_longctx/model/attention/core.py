@@ -89,10 +89,13 @@ class _CPCoreAttention(MegatronModule):
         return resolve_kernel(self.kernel_name, q.device, q.dtype)  # cached per device and dtype
 
     def _layout(self, packed_seq_params) -> CPLayout:
-        """The batch's CPLayout, built once per micro-batch and shared by every layer."""
-        cached = getattr(packed_seq_params, "_longctx_layout", None)
-        if cached is not None and cached.cp_size == self.cp_size:
-            return cached
+        """The batch's CPLayout, shared by every layer: the one the batch path planned on the host
+        (``packed_seq_params.cp_layout``, training/batch.py), else built here once per micro-batch
+        from the boundaries (reading them back when they are on the device: a host sync)."""
+        for name in ("cp_layout", "_longctx_layout"):
+            cached = getattr(packed_seq_params, name, None)
+            if cached is not None and cached.cp_size == self.cp_size:
+                return cached
         padded = packed_seq_params.cu_seqlens_q_padded
         real = packed_seq_params.cu_seqlens_q
         if padded is None:

@@ -20,12 +20,15 @@ Known TE bugs with this exact layout (every document padded at its end to a mult
   (``VarlenBlock`` drops them), so it is the fallback if NaNs appear with ``te``.
 
 Import-guarded: importing this module never requires Transformer Engine.
+``check_transformer_engine`` turns a missing, half-installed (the package is there, its compiled
+``transformer_engine.pytorch`` does not load: built for another torch / CUDA) or out-of-range TE
+into one line naming the fix.
 Shape legend (THD): q ``[t, hq, d]``, k / v ``[t, hk, d]``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +58,46 @@ def with_pad_between_seqs(base: type) -> type:
     return TEThdAttention
 
 
+TE_SUPPORTED = ((2, 2), (3, 0))  # pad_between_seqs (TE#3331) .. the 2.x API of megatron-core 0.16.1
+TE_FIX = (
+    "pip install --no-build-isolation 'transformer-engine[pytorch]>=2.2,<3' after torch "
+    "(README 'GPU install'), or use backend 'local' with core attention 'ring'"
+)
+
+
+class TransformerEngineUnavailable(RuntimeError):
+    """Transformer Engine is missing, half-installed or of an unsupported version."""
+
+
+def check_transformer_engine() -> None:
+    """Raises ``TransformerEngineUnavailable`` (one line naming the fix) unless Transformer
+    Engine's PyTorch extension imports and its version is in ``TE_SUPPORTED``."""
+    try:
+        te = importlib.import_module("transformer_engine")
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as err:  # ImportError, or the extension's OSError (undefined symbol)
+        first = str(err).splitlines()[0][:160] if str(err) else ""
+        raise TransformerEngineUnavailable(
+            f"Transformer Engine does not import ({type(err).__name__}: {first}): {TE_FIX}"
+        ) from None
+    version = str(getattr(te, "__version__", "0.0"))
+    try:
+        parsed = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        parsed = (0, 0)
+    if not TE_SUPPORTED[0] <= parsed < TE_SUPPORTED[1]:
+        raise TransformerEngineUnavailable(
+            f"Transformer Engine {version} is not supported (this code needs 2.2 <= TE < 3): "
+            f"{TE_FIX}"
+        )
+
+
 def te_core_attention() -> type:
     """Transformer Engine's ``TEDotProductAttention`` with ``pad_between_seqs`` (see module
     docstring). Untested on GPU."""
-    if not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")):
-        raise RuntimeError(
-            "core attention 'te' needs CUDA and Transformer Engine "
-            "(pip install '.[gpu]'); on CPU use 'ring' or 'a2a'"
-        )
+    if not torch.cuda.is_available():
+        raise RuntimeError("core attention 'te' needs CUDA; on CPU use 'ring' or 'a2a'")
+    check_transformer_engine()
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     return with_pad_between_seqs(TEDotProductAttention)

@@ -21,7 +21,9 @@ TILE = 1024
 
 
 def _tiles(block):
-    """(q rows slice, k rows slice, q offset in segment, k offset in segment, diagonal) per tile."""
+    """(q rows, k rows, q offset in segment, k offset in segment, diagonal) per tile; rows are
+    ``(start, length)`` for ``narrow`` (no Python indexing: the kernel runs on fake CUDA tensors
+    too, benchmarks/gpu_rehearsal.py)."""
     for qs, lq, ks, lk in zip(block.q_start, block.q_len, block.k_start, block.k_len):
         qs, lq, ks, lk = int(qs), int(lq), int(ks), int(lk)
         for q0 in range(0, lq, TILE):
@@ -30,14 +32,18 @@ def _tiles(block):
             for k0 in range(0, k_end, TILE):
                 k1 = min(k0 + TILE, k_end)
                 diagonal = block.causal and k1 - 1 > q0
-                yield slice(qs + q0, qs + q1), slice(ks + k0, ks + k1), q0, k0, diagonal
+                yield (qs + q0, q1 - q0), (ks + k0, k1 - k0), q0, k0, diagonal
+
+
+def _rows(x, rows):
+    return x.narrow(0, *rows)
 
 
 def _scores(qt, kt, scale, q0, k0, diagonal):
     s = torch.einsum("qhgd,khd->hgqk", qt, kt) * scale
     if diagonal:
-        qi = torch.arange(q0, q0 + qt.shape[0], device=s.device)[:, None]
-        ki = torch.arange(k0, k0 + kt.shape[0], device=s.device)[None, :]
+        qi = torch.arange(q0, q0 + qt.shape[0], device=s.device).unsqueeze(1)
+        ki = torch.arange(k0, k0 + kt.shape[0], device=s.device).unsqueeze(0)
         s = s.masked_fill(ki > qi, float("-inf"))
     return s
 
@@ -55,14 +61,16 @@ class TiledKernel(BlockKernel):
         out = torch.zeros(qg.shape, dtype=acc, device=q.device)
         lse = torch.full((q.shape[0], hk, g), float("-inf"), dtype=acc, device=q.device)
         for qsl, ksl, q0, k0, diagonal in _tiles(block):
-            s = _scores(qg[qsl].to(acc), k[ksl].to(acc), scale, q0, k0, diagonal)
+            s = _scores(_rows(qg, qsl).to(acc), _rows(k, ksl).to(acc), scale, q0, k0, diagonal)
             tile_lse = torch.logsumexp(s, dim=-1).permute(2, 0, 1)  # [tq, hk, g]
             tile_out = torch.einsum(
                 "hgqk,khd->qhgd",
-                torch.exp(s - tile_lse.permute(1, 2, 0)[..., None]),
-                v[ksl].to(acc),
+                torch.exp(s - tile_lse.permute(1, 2, 0).unsqueeze(-1)),
+                _rows(v, ksl).to(acc),
             )
-            out[qsl], lse[qsl] = merge(out[qsl], lse[qsl], tile_out, tile_lse)
+            o, m = merge(_rows(out, qsl), _rows(lse, qsl), tile_out, tile_lse)
+            _rows(out, qsl).zero_().add_(o)  # not copy_: fake CUDA tensors refuse it on CPU
+            _rows(lse, qsl).zero_().add_(m)
         return out.reshape(q.shape), lse.reshape(q.shape[:2])
 
     def backward(self, q, k, v, dout, out, lse, block, scale: float):
@@ -76,12 +84,13 @@ class TiledKernel(BlockKernel):
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         for qsl, ksl, q0, k0, diagonal in _tiles(block):
-            qt, kt, vt = qg[qsl].to(acc), k[ksl].to(acc), v[ksl].to(acc)
+            qt, kt, vt = (_rows(x, r).to(acc) for x, r in ((qg, qsl), (k, ksl), (v, ksl)))
+            do_t = _rows(dog, qsl)
             s = _scores(qt, kt, scale, q0, k0, diagonal)
-            p = torch.exp(s - lse_g[qsl].permute(1, 2, 0)[..., None])  # [hk, g, tq, tk]
-            dv[ksl] += torch.einsum("hgqk,qhgd->khd", p, dog[qsl])
-            dp = torch.einsum("qhgd,khd->hgqk", dog[qsl], vt)
-            ds = p * (dp - delta[qsl].permute(1, 2, 0)[..., None]) * scale
-            dq[qsl] += torch.einsum("hgqk,khd->qhgd", ds, kt)
-            dk[ksl] += torch.einsum("hgqk,qhgd->khd", ds, qt)
+            p = torch.exp(s - _rows(lse_g, qsl).permute(1, 2, 0).unsqueeze(-1))  # [hk, g, tq, tk]
+            _rows(dv, ksl).add_(torch.einsum("hgqk,qhgd->khd", p, do_t))
+            dp = torch.einsum("qhgd,khd->hgqk", do_t, vt)
+            ds = p * (dp - _rows(delta, qsl).permute(1, 2, 0).unsqueeze(-1)) * scale
+            _rows(dq, qsl).add_(torch.einsum("hgqk,khd->qhgd", ds, kt))
+            _rows(dk, ksl).add_(torch.einsum("hgqk,qhgd->khd", ds, qt))
         return dq.reshape(q.shape), dk, dv

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "cpu_flash", "torch_flash", "flash_attn", "tiled")
 
@@ -55,8 +58,10 @@ def _cuda_half(dtype: torch.dtype) -> bool:
 def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> BlockKernel:
     """The kernel for ``name`` on this device and dtype; ``auto`` picks the scalable one.
 
-    auto: CPU -> cpu_flash; CUDA with fp16/bf16 -> flash_attn when installed, else torch_flash;
-    CUDA fp32 (flash-attention has no fp32 path) -> tiled.
+    auto: CPU -> cpu_flash; CUDA with fp16/bf16 -> flash_attn when it imports and its version is
+    supported (flash_attn_api.py; else torch_flash, with the reason logged once); CUDA fp32
+    (flash-attention has no fp32 path) -> tiled. ``flash_attn`` asked for explicitly and not
+    usable: ``FlashAttnUnavailable`` naming the fix.
     """
     if name not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {name!r}")
@@ -66,7 +71,7 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Block
         elif not _cuda_half(dtype):
             name = "tiled"
         else:
-            name = "flash_attn" if importlib.util.find_spec("flash_attn") else "torch_flash"
+            name = "flash_attn" if _flash_attn_usable() else "torch_flash"
     if name == "tiled":
         from megatron_longctx.model.attention.kernel_tiled import TiledKernel
 
@@ -82,9 +87,27 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Block
             f"attention kernel {name!r} needs CUDA fp16/bf16 tensors, got {device} {dtype}; "
             f"use 'cpu_flash' (or 'auto') on CPU"
         )
-    from megatron_longctx.model.attention import kernel_cuda
+    from megatron_longctx.model.attention import flash_attn_api, kernel_cuda
 
-    return kernel_cuda.FlashAttnKernel() if name == "flash_attn" else kernel_cuda.TorchFlashKernel()
+    if name == "flash_attn":
+        flash_attn_api.load()  # raises FlashAttnUnavailable with the fix
+        return kernel_cuda.FlashAttnKernel()
+    return kernel_cuda.TorchFlashKernel()
+
+
+def _flash_attn_usable() -> bool:
+    """True when flash-attn imports and is a supported version; else logs why not (once per
+    resolution: ``resolve_kernel`` is cached)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    from megatron_longctx.model.attention import flash_attn_api
+
+    try:
+        flash_attn_api.load()
+    except flash_attn_api.FlashAttnUnavailable as err:
+        logger.warning("attention kernel auto: using torch_flash, not flash_attn: %s", err)
+        return False
+    return True
 
 
 def merge(out, lse, block_out, block_lse):
@@ -92,7 +115,8 @@ def merge(out, lse, block_out, block_lse):
     new_lse = torch.logaddexp(lse, block_lse)
     safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
     out = (
-        out * torch.exp(lse - safe)[..., None] + block_out * torch.exp(block_lse - safe)[..., None]
+        out * torch.exp(lse - safe).unsqueeze(-1)
+        + block_out * torch.exp(block_lse - safe).unsqueeze(-1)
     )
     return out, new_lse
 

@@ -117,10 +117,11 @@ class RingAttention(torch.autograd.Function):
         if size > 1:
             _wait(dkv_reqs)
             dkv_own += dkv_recv
+        dk, dv = dkv_own.unbind(0)
         return (
             dq.to(q.dtype),
-            dkv_own[0].to(k.dtype),
-            dkv_own[1].to(v.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
             None,
             None,
             None,
