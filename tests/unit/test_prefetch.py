@@ -160,6 +160,7 @@ class _Stage:
     def __init__(self):
         self.weights = torch.ones(STAGE_BYTES // 4)  # touched pages: resident
         self.iteration, self.step, self.total = 0, 0, 0
+        self.stage = SimpleNamespace(seq_length=8)  # lineage records the trained length
 
 
 def test_a_transition_holds_one_stage(monkeypatch):
