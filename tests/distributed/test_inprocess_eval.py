@@ -1,0 +1,323 @@
+"""The in-process teacher-forced evaluation (issue 29) against transformers, at every layout.
+
+One random tiny Llama (decisive logits: large init; vocabulary 259 padded by megatron to 384/512,
+so the scores must exclude megatron's padding ids) is saved as an HF directory. Its weights go
+into megatron GPTModels (checkpoint/hf/keymap.py) at DP 2, CP 2 ring, CP 2 a2a, TP 2 and PP 2
+(one 2-process launch, parallel_state re-initialised between layouts) and score the same
+requests, packed several per sequence (document-masked), sequence length 2,048:
+
+* the tasks' own prompts and answers (needle at 3 depths, multi-key needle, JSON KV; lengths 512
+  and 2,048), and for each prompt its own greedy continuation (correct by construction) and that
+  continuation with its last token changed (wrong by construction), so every sample is checked
+  for both outcomes even though a random model answers no task right;
+* held-out documents (an indexed dataset) for loss by position at the full 2,048.
+
+Oracles: ``tf_exact`` of every request equals whether transformers' greedy ``generate`` on the HF
+model starts with the scored tokens; the mean answer log-likelihood equals transformers' log-softmax
+(1e-4); loss by position equals the HF route's (``eval/loss_position.py`` with ``HFEvalModel``)
+within 1e-5 relative; every layout gives the same numbers. Planted bugs (packed documents
+attending to each other; scores shifted by one token) must break the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_longctx.testing.distributed import run_distributed
+
+SEQ = 2048
+LENGTHS = [512, 2048]
+LAYOUTS = {  # name: (TP, PP, CP, core attention)
+    "dp2": (1, 1, 1, "local"),
+    "cp2_ring": (1, 1, 2, "ring"),
+    "cp2_a2a": (1, 1, 2, "a2a"),
+    "tp2": (2, 1, 1, "local"),
+    "pp2": (1, 2, 1, "local"),
+}
+
+
+class ByteTokenizer:
+    """Bytes + 3 (0 pad, 1 BOS, 2 EOD): the project tokenizer protocol, no files."""
+
+    vocab_size = 259
+    bos_id = 1
+    eod_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def make_llama(path: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        rms_norm_eps=1e-5,
+        initializer_range=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def write_held_out(prefix: str, num_docs: int = 3, length: int = SEQ + 40) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    g = np.random.default_rng(5)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(num_docs):
+        doc = g.integers(3, ByteTokenizer.vocab_size, length)
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [length])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def full_megatron_params(hf_dir: str, cfg, tp: int) -> dict:
+    from safetensors.torch import load_file
+
+    from megatron_longctx.checkpoint.hf import keymap
+
+    hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+    return {
+        name: keymap.to_mcore(
+            name, [hf[n] for n in keymap.hf_sources(name)], cfg, cfg.padded_vocab_size(tp)
+        )
+        for name in keymap.mcore_names(cfg)
+    }
+
+
+def model_config(hf_dir: str):
+    from megatron_longctx.checkpoint.hf.config_map import model_config_from_hf
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        return model_config_from_hf(json.load(f))
+
+
+def build_scorer(hf_dir: str, tp: int, pp: int, cp: int, attention: str):
+    """Megatron groups, the DDP-wrapped model with the HF weights, and its MegatronScorer."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_longctx.eval.megatron_model import MegatronScorer
+    from megatron_longctx.model.attention import core_attention_class
+    from megatron_longctx.model.build import build_gpt_model
+    from megatron_longctx.model.full_state import load_full
+    from megatron_longctx.parallel.layout import ParallelLayout
+    from megatron_longctx.runtime.distributed import initialize_model_parallel
+    from megatron_longctx.training.batch import BatchSharding
+    from megatron_longctx.training.setup import wrap_ddp
+
+    cfg = model_config(hf_dir)
+    layout = ParallelLayout(tp, pp, cp)
+    initialize_model_parallel(layout)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    model = build_gpt_model(
+        cfg, layout, core_attention=core_attention_class(attention), seq_length=SEQ,
+        rope_fusion=False,
+    )
+    model.config.variable_seq_lengths = pp > 1
+    load_full(model, full_megatron_params(hf_dir, cfg, tp))
+    chunks = wrap_ddp([model])
+    shard = BatchSharding(
+        cp_size=cp,
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_group=parallel_state.get_context_parallel_group(),
+        sharding="balanced",
+        device=torch.device("cpu"),
+    )
+    return MegatronScorer(chunks, shard, cfg.vocab_size, SEQ)
+
+
+def _as_dict(res) -> dict:
+    return {
+        "correct": res.correct.tolist(),
+        "mean_logprob": res.mean_logprob.tolist(),
+        "num_scored": res.num_scored.tolist(),
+        "position_nll_sum": res.position_nll_sum.tolist(),
+        "position_count": res.position_count.tolist(),
+    }
+
+
+def _planted(kind: str):
+    """A pack_requests with a planted bug: documents attend across boundaries, or every score is
+    read one position late."""
+    from megatron_longctx.eval import megatron_model
+
+    original = megatron_model.pack_requests
+
+    def packs(requests, capacity):
+        out = original(requests, capacity)
+        for p in out:
+            if kind == "cross_documents":
+                p.micro["cu_seqlens"] = torch.tensor([0, p.num_tokens], dtype=torch.int32)
+            else:
+                p.request, p.slot = np.roll(p.request, 1), np.roll(p.slot, 1)
+        return out
+
+    return packs
+
+
+def _eval_all_layouts(rank, world, hf_dir, requests):
+    from megatron_longctx.eval import megatron_model
+
+    out = {}
+    for name, (tp, pp, cp, attention) in LAYOUTS.items():
+        scorer = build_scorer(hf_dir, tp, pp, cp, attention)
+        out[name] = _as_dict(scorer.score(requests))
+        if name == "dp2":
+            original = megatron_model.pack_requests
+            for kind in ("cross_documents", "shifted"):
+                megatron_model.pack_requests = _planted(kind)
+                try:
+                    out[kind] = _as_dict(scorer.score(requests))
+                finally:
+                    megatron_model.pack_requests = original
+    return out
+
+
+class HFGreedy:
+    """transformers' LlamaForCausalLM (fp32): greedy ``generate`` per prompt (cached) and the
+    log-softmax of a whole sequence (one sequence per forward)."""
+
+    def __init__(self, hf_dir: str):
+        from transformers import LlamaForCausalLM
+
+        self.model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.cache: dict = {}
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], num: int) -> list[int]:
+        key = tuple(prompt)
+        if len(self.cache.get(key, [])) < num:
+            x = torch.tensor([prompt])
+            self.cache[key] = self.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=num,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        return self.cache[key][:num]
+
+    @torch.no_grad()
+    def mean_logprob(self, tokens: list[int], start: int) -> float:
+        logits = self.model(torch.tensor([tokens])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)[start - 1 : -1]
+        return float(lp.gather(1, torch.tensor(tokens[start:])[:, None]).mean())
+
+
+def greedy_variants(hf: HFGreedy, requests) -> list:
+    """For each answer request: its prompt + the model's greedy continuation (tf_exact by
+    construction), and the same with the last token changed (not tf_exact)."""
+    from megatron_longctx.eval.packing import ScoreRequest
+
+    out = []
+    for r in requests:
+        if r.per_position:
+            continue
+        prompt = r.tokens[: r.score_start]
+        gen = hf.generate(prompt, r.num_scored)
+        wrong = gen[:-1] + [3 + (gen[-1] - 3 + 7) % 256]
+        out += [ScoreRequest(prompt + gen, r.score_start), ScoreRequest(prompt + wrong, r.score_start)]
+    return out
+
+
+def hf_expectations(hf: HFGreedy, requests, num_logprob: int) -> dict:
+    """transformers' verdicts: greedy generate starts with the scored tokens (every request);
+    the scored tokens' mean log-probability (the first ``num_logprob`` requests)."""
+    correct, mean_lp = [], []
+    for i, r in enumerate(requests):
+        if r.per_position:
+            correct.append(None)
+            mean_lp.append(None)
+            continue
+        answer = r.tokens[r.score_start :]
+        correct.append(hf.generate(r.tokens[: r.score_start], len(answer)) == answer)
+        mean_lp.append(hf.mean_logprob(r.tokens, r.score_start) if i < num_logprob else None)
+    return {"correct": correct, "mean_logprob": mean_lp}
+
+
+def mismatches(got: dict, want: dict, hf_loss: dict, plan) -> list[str]:
+    """Every disagreement of ``got`` with transformers (empty: all agree)."""
+    bad = []
+    for i, (c, w) in enumerate(zip(got["correct"], want["correct"])):
+        if w is not None and c != w:
+            bad.append(f"request {i}: tf_exact {c} but greedy generate says {w}")
+    for i, (lp, w) in enumerate(zip(got["mean_logprob"], want["mean_logprob"])):
+        if w is not None and abs(lp - w) > 1e-4:
+            bad.append(f"request {i}: mean logprob {lp:.6f} vs transformers {w:.6f}")
+    ours = np.asarray(got["position_nll_sum"]) / np.maximum(got["position_count"], 1)
+    ref = np.asarray(hf_loss["per_position"])
+    if ours.shape != ref.shape:
+        bad.append(f"loss by position has {ours.shape} positions, HF route {ref.shape}")
+    else:
+        rel = np.abs(ours - ref) / np.abs(ref)
+        if rel.max() > 1e-5:
+            bad.append(f"loss by position: max relative error {rel.max():.2e} at {rel.argmax()}")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from megatron_longctx.eval.loss_position import loss_by_position
+    from megatron_longctx.eval.model import HFEvalModel
+    from megatron_longctx.eval.teacher_forced import TeacherForcedSettings, plan
+
+    root = tmp_path_factory.mktemp("tf_eval")
+    hf_dir = make_llama(str(root / "hf"))
+    prefix = write_held_out(str(root / "held_out"))
+    tok = ByteTokenizer()
+    settings = TeacherForcedSettings(
+        context_lengths=LENGTHS,
+        depths=[0.0, 0.5, 1.0],
+        num_samples=1,
+        tasks=["needle", "niah_multikey", "json_kv", "loss"],
+        loss_data=[prefix],
+        loss_num_documents=2,
+    )
+    p = plan(tok, settings, SEQ)
+    hf = HFGreedy(hf_dir)
+    requests = p.requests + greedy_variants(hf, p.requests)
+    want = hf_expectations(hf, requests, num_logprob=len(p.requests))
+    hf_loss = loss_by_position(HFEvalModel(hf_dir, tok), [prefix], SEQ, 2, 0, batch_size=1)
+    return hf_dir, p, requests, want, hf_loss
+
+
+@pytest.mark.timeout(300)
+def test_teacher_forced_equals_greedy_generate_at_every_layout(setup):
+    hf_dir, p, requests, want, hf_loss = setup
+    tasks = {s.task for s in p.samples if s is not None}
+    assert tasks == {"needle", "niah_multikey", "json_kv"} and not p.skipped
+    assert max(len(r.tokens) for r in requests) == SEQ  # the full length is evaluated
+    assert any(w is True for w in want["correct"]) and any(w is False for w in want["correct"])
+    results = run_distributed(_eval_all_layouts, 2, args=(hf_dir, requests), timeout=280)
+    for rank_out in results:
+        for name in LAYOUTS:
+            assert mismatches(rank_out[name], want, hf_loss, p) == [], name
+            assert rank_out[name]["correct"] == rank_out["dp2"]["correct"], name
+        # the planted bugs are caught by the same comparison
+        for kind in ("cross_documents", "shifted"):
+            assert mismatches(rank_out[kind], want, hf_loss, p), kind
+    # every layout gives the same numbers on every rank
+    for name in LAYOUTS:
+        np.testing.assert_allclose(
+            results[1][name]["mean_logprob"], results[0]["dp2"]["mean_logprob"], rtol=1e-5
+        )
