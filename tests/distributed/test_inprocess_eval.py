@@ -174,13 +174,56 @@ def _planted(kind: str):
     return packs
 
 
-def _eval_all_layouts(rank, world, hf_dir, requests):
+def _stage_end_under_nccl_rules(scorer, hf_dir: str, settings: dict, run_dir: str) -> dict:
+    """The stage-end callback's in-process evaluation of a stage-like object, every collective
+    recorded and checked by tests/nccl_rules.py (the training device here is the CPU: gloo stands
+    in for NCCL, so the check proves every rank's sequence of collectives, and the single-process
+    fake-CUDA test below proves the devices)."""
+    from types import SimpleNamespace
+
+    from megatron_longctx.data.preprocess import tokenizer as tokenizer_module
+    from megatron_longctx.eval.stage_end import evaluate_stage_in_process
+    from megatron_longctx.parallel.layout import ParallelLayout
+    from tests.nccl_rules import enforce_nccl_device
+
+    tokenizer_module.load_tokenizer = lambda *a, **k: ByteTokenizer()  # the test's tokenizer
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(
+            data=SimpleNamespace(tokenizer_type="byte", tokenizer_model="none"),
+            logging=SimpleNamespace(run_dir=run_dir),
+        ),
+        stage=SimpleNamespace(
+            name="s2k",
+            eval_settings={"in_process": settings},
+            seq_length=SEQ,
+            parallel=ParallelLayout(1, 1, 2),
+        ),
+        chunks=scorer.chunks,
+        shard=scorer.shard,
+        model_cfg=model_config(hf_dir),
+        iteration=7,
+        metrics=None,
+    )
+    with enforce_nccl_device(scorer.device) as seen:
+        results = evaluate_stage_in_process(run, tokens_per_s=1e5)
+    collectives = [
+        name for name, _ in seen if name not in ("send", "recv", "isend", "irecv")
+    ]
+    return {"results": results, "collectives": collectives, "num_calls": len(seen)}
+
+
+def _eval_all_layouts(rank, world, hf_dir, requests, stage_settings, run_dir):
     from megatron_longctx.eval import megatron_model
 
-    out = {}
+    import time
+
+    out = {"seconds": {}}
     for name, (tp, pp, cp, attention) in LAYOUTS.items():
+        t0 = time.perf_counter()
         scorer = build_scorer(hf_dir, tp, pp, cp, attention)
         out[name] = _as_dict(scorer.score(requests))
+        if name == "cp2_a2a":  # all-to-all: collectives inside the model too
+            out["stage_end"] = _stage_end_under_nccl_rules(scorer, hf_dir, stage_settings, run_dir)
         if name == "dp2":
             original = megatron_model.pack_requests
             for kind in ("cross_documents", "shifted"):
@@ -189,6 +232,7 @@ def _eval_all_layouts(rank, world, hf_dir, requests):
                     out[kind] = _as_dict(scorer.score(requests))
                 finally:
                     megatron_model.pack_requests = original
+        out["seconds"][name] = round(time.perf_counter() - t0, 1)
     return out
 
 
@@ -302,13 +346,38 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_teacher_forced_equals_greedy_generate_at_every_layout(setup):
+def test_teacher_forced_equals_greedy_generate_at_every_layout(setup, tmp_path):
     hf_dir, p, requests, want, hf_loss = setup
     tasks = {s.task for s in p.samples if s is not None}
     assert tasks == {"needle", "niah_multikey", "json_kv"} and not p.skipped
     assert max(len(r.tokens) for r in requests) == SEQ  # the full length is evaluated
     assert any(w is True for w in want["correct"]) and any(w is False for w in want["correct"])
-    results = run_distributed(_eval_all_layouts, 2, args=(hf_dir, requests), timeout=280)
+    stage_settings = dict(
+        context_lengths=[512, 4096], depths=[0.5], num_samples=1, loss_data=p.loss_sources and [
+            p.loss_sources[0]["prefix"]], loss_num_documents=1, tasks=["needle", "json_kv", "loss"],
+    )
+    run_dir = str(tmp_path)
+    args = (hf_dir, requests, stage_settings, run_dir)
+    results = run_distributed(_eval_all_layouts, 2, args=args, timeout=280)
+    # the stage-end evaluation: the same collectives on every rank, results written by rank 0
+    print("seconds per layout", results[0]["seconds"])
+    ends = [r["stage_end"] for r in results]
+    assert ends[0]["collectives"] == ends[1]["collectives"] and ends[0]["num_calls"] > 0
+    res = ends[0]["results"]
+    for key in ("teacher_forced", "loss_by_position", "lengths", "cost"):
+        assert ends[1]["results"][key] == res[key], key
+    assert res["lengths"] == {
+        "evaluated": [512],
+        "skipped": [{"length": 4096, "reason": f"beyond the sequence length {SEQ}"}],
+    }
+    assert set(res["teacher_forced"]) == {"needle", "json_kv"} and res["loss_by_position"]
+    assert res["cost"]["forward_tokens"] > SEQ and res["cost"]["estimated_seconds"] > 0
+    written = json.loads((tmp_path / "eval" / "s2k" / "in_process" / "eval_results.json").read_text())
+    assert written["teacher_forced"]["needle"]["tf_exact"] == res["teacher_forced"]["needle"][
+        "tf_exact"]
+    assert (tmp_path / "eval" / "s2k" / "in_process" / "report.md").exists()
+    line = json.loads((tmp_path / "eval_metrics.jsonl").read_text().splitlines()[0])
+    assert line["iteration"] == 7 and "eval_tf/tf_exact/needle" in line
     for rank_out in results:
         for name in LAYOUTS:
             assert mismatches(rank_out[name], want, hf_loss, p) == [], name
