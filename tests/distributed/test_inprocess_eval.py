@@ -30,6 +30,8 @@ import torch
 
 from megatron_longctx.testing.distributed import run_distributed
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 SEQ = 2048
 LENGTHS = [512, 2048]
 LAYOUTS = {  # name: (TP, PP, CP, core attention)
@@ -232,8 +234,36 @@ def _eval_all_layouts(rank, world, hf_dir, requests, stage_settings, run_dir):
                     out[kind] = _as_dict(scorer.score(requests))
                 finally:
                     megatron_model.pack_requests = original
+            # a checkpoint of this (TP 1) model for tools/eval_longctx.py --megatron at TP 2
+            from megatron_longctx.checkpoint.dist import save_checkpoint
+
+            cfg = model_config(hf_dir)
+            save_checkpoint(run_dir + "/ckpt", 1, scorer.chunks, state={"model": cfg.to_dict()})
         out["seconds"][name] = round(time.perf_counter() - t0, 1)
+    out["tool"] = _tool_megatron_mode(run_dir, stage_settings)
     return out
+
+
+def _tool_megatron_mode(run_dir: str, settings: dict):
+    """tools/eval_longctx.py's --megatron path (flags -> layout -> checkpoint loaded at TP 2,
+    resharded from TP 1 -> evaluation), in this launch instead of a torchrun of its own."""
+    import importlib.util
+
+    from megatron_longctx.data.preprocess import tokenizer as tokenizer_module
+
+    tokenizer_module.load_tokenizer = lambda *a, **k: ByteTokenizer()
+    spec = importlib.util.spec_from_file_location("eval_tool", os.path.join(REPO, "tools",
+                                                                           "eval_longctx.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--megatron", "--load", run_dir + "/ckpt", "--output-dir", run_dir + "/tool",
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "unused",
+            "--tensor-model-parallel-size", "2", "--seq-length", str(SEQ),
+            "--context-lengths", *map(str, settings["context_lengths"]),
+            "--depths", *map(str, settings["depths"]), "--num-samples", "1",
+            "--tf-tasks", *settings["tasks"], "--loss-data", *settings["loss_data"],
+            "--loss-num-documents", "1", "--no-plots"]
+    return tool.run_megatron(tool.parse_args(argv))
 
 
 class HFGreedy:
@@ -376,6 +406,18 @@ def test_teacher_forced_equals_greedy_generate_at_every_layout(setup, tmp_path):
     assert written["teacher_forced"]["needle"]["tf_exact"] == res["teacher_forced"]["needle"][
         "tf_exact"]
     assert (tmp_path / "eval" / "s2k" / "in_process" / "report.md").exists()
+    # tools/eval_longctx.py --megatron at TP 2 on the checkpoint saved at TP 1: the same numbers
+    tool = results[0]["tool"]
+    assert "TP 2" in tool["layout"]
+    for task in ("needle", "json_kv"):
+        got, ref = tool["teacher_forced"][task]["samples"], res["teacher_forced"][task]["samples"]
+        assert [r["tf_exact"] for r in got] == [r["tf_exact"] for r in ref]
+        np.testing.assert_allclose(
+            [r["answer_logprob"] for r in got], [r["answer_logprob"] for r in ref], rtol=1e-5
+        )
+    np.testing.assert_allclose(
+        tool["loss_by_position"]["per_position"], res["loss_by_position"]["per_position"], rtol=1e-5
+    )
     line = json.loads((tmp_path / "eval_metrics.jsonl").read_text().splitlines()[0])
     assert line["iteration"] == 7 and "eval_tf/tf_exact/needle" in line
     for rank_out in results:
