@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from megatron_longctx.eval.megatron_model import MegatronScorer
 from megatron_longctx.eval.packing import plan_packs
+from megatron_longctx.runtime.distributed import log0
 from megatron_longctx.eval.teacher_forced import (
     TeacherForcedSettings,
     format_tf_report,
@@ -112,11 +113,10 @@ def evaluate_in_process(
     p = plan(tokenizer, settings, scorer.seq_length)
     cost = estimate_cost(p.requests, scorer.seq_length, train_tokens_per_s)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        logger.info("in-process evaluation (%s): %s", layout or "?", cost.describe())
+    log0(f"in-process evaluation ({layout or '?'}) will cost: {cost.describe()}")
     reason = refusal(cost, settings)
     if reason is not None:
-        logger.warning("in-process evaluation not run: %s", reason)
+        log0(f"in-process evaluation not run: {reason}")
         results = {
             "lengths": {"evaluated": [], "skipped": p.skipped},
             "refused": reason,

@@ -82,7 +82,8 @@ class MegatronScorer:
         self.shard = shard
         self.vocab_size = int(vocab_size)
         self.seq_length = int(seq_length)
-        self.device = next(self.chunks[0].parameters()).device
+        self._ref = next(self.chunks[0].parameters())  # results are allocated like it
+        self.device = self._ref.device
         self.last_num_forward_tokens = 0
 
     # -- the batch path --------------------------------------------------------------------------
@@ -120,20 +121,19 @@ class MegatronScorer:
         from megatron.core import parallel_state
 
         lp, hit = score_tokens(
-            logits[0],  # [b=1, s, V_local] -> [s, V_local]
-            batch["labels"][0],
+            logits.select(0, 0),  # [b=1, s, V_local] -> [s, V_local]
+            batch["labels"].select(0, 0),
             self.vocab_size,
             parallel_state.get_tensor_model_parallel_group(),
         )
         req, slot = batch["eval_request"], batch["eval_slot"]
         acc = self._acc
         acc["logprob"].index_add_(0, req, lp.double())
-        acc["wrong"].index_add_(0, req, (~hit).double())
+        acc["wrong"].index_add_(0, req, hit.logical_not().double())
         acc["count"].index_add_(0, req, torch.ones_like(lp, dtype=torch.float64))
         acc["pos_nll"].index_add_(0, slot, -lp.double())
         acc["pos_count"].index_add_(0, slot, torch.ones_like(lp, dtype=torch.float64))
-        zero = torch.zeros((), device=logits.device)
-        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {}
+        return logits.new_zeros(()), logits.new_zeros((), dtype=torch.int), {}
 
     # -- the whole evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -152,17 +152,17 @@ class MegatronScorer:
         mine = packs[dp_rank::dp]
         mine += [filler_pack(FILLER_TOKENS)] * (rounds - len(mine))
         self.last_num_forward_tokens = sum(p.num_tokens for p in packs)
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64 = dict(dtype=torch.float64)
         self._acc = {
-            "logprob": torch.zeros(num_req + 1, **f64),
-            "wrong": torch.zeros(num_req + 1, **f64),
-            "count": torch.zeros(num_req + 1, **f64),
-            "pos_nll": torch.zeros(num_slots + 1, **f64),
-            "pos_count": torch.zeros(num_slots + 1, **f64),
+            "logprob": self._ref.new_zeros(num_req + 1, **f64),
+            "wrong": self._ref.new_zeros(num_req + 1, **f64),
+            "count": self._ref.new_zeros(num_req + 1, **f64),
+            "pos_nll": self._ref.new_zeros(num_slots + 1, **f64),
+            "pos_count": self._ref.new_zeros(num_slots + 1, **f64),
         }
         if mine:
             self._run([self._model_batch(p, num_req, num_slots) for p in mine])
-        flat = torch.cat([v[:-1] for v in self._acc.values()])
+        flat = torch.cat([v.narrow(0, 0, v.shape[0] - 1) for v in self._acc.values()])
         torch.distributed.all_reduce(
             flat, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
         )

@@ -52,24 +52,30 @@ def score_tokens(
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     v_local = logits.shape[-1]
     start = tp_rank * v_local
-    ids = torch.arange(start, start + v_local, device=logits.device)
+    # the ids of this shard, made from the logits (on their device, no host factory)
+    ids = logits.new_ones(v_local, dtype=torch.long).cumsum(0) + (start - 1)
     padding = ids >= vocab_size
     out_lp, out_hit = [], []
+    # tensor methods only (narrow / select / unsqueeze, no Python indexing): the fake-CUDA
+    # NCCL-rule test runs this on tensors that Python indexing cannot touch
     for a in range(0, logits.shape[0], chunk):
-        x = logits[a : a + chunk].float().masked_fill(padding, float("-inf"))
-        tgt = targets[a : a + chunk].long()
+        n = min(chunk, logits.shape[0] - a)
+        x = logits.narrow(0, a, n).float().masked_fill(padding, float("-inf"))
+        tgt = targets.narrow(0, a, n).long()
         local_max = x.max(dim=-1).values
         gmax = _reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
         mine = (tgt >= start) & (tgt < start + v_local)
-        picked = x.gather(1, (tgt - start).clamp(0, v_local - 1)[:, None])[:, 0]
+        picked = x.gather(1, (tgt - start).clamp(0, v_local - 1).unsqueeze(1)).squeeze(1)
         # [sum exp(x - max), target logit] reduced together: one collective
-        stats = torch.stack([torch.exp(x - gmax[:, None]).sum(-1), torch.where(mine, picked, 0.0)])
-        stats = _reduce(stats, dist.ReduceOp.SUM, tp_group)
+        sumexp = torch.exp(x - gmax.unsqueeze(1)).sum(-1)
+        stats = _reduce(torch.stack([sumexp, torch.where(mine, picked, 0.0)]), dist.ReduceOp.SUM,
+                        tp_group)
         # smallest id holding the maximum (ties like torch.argmax)
         big = torch.iinfo(torch.long).max
-        first = torch.where(x == gmax[:, None], ids, torch.full_like(ids, big)).min(dim=-1).values
+        at_max = x == gmax.unsqueeze(1)
+        first = torch.where(at_max, ids, torch.full_like(ids, big)).min(dim=-1).values
         first = _reduce(first, dist.ReduceOp.MIN, tp_group)
-        out_lp.append(stats[1] - gmax - torch.log(stats[0]))
+        out_lp.append(stats.select(0, 1) - gmax - torch.log(stats.select(0, 0)))
         out_hit.append(first == tgt)
     if not out_lp:
         empty = logits.new_zeros(0, dtype=torch.float32)
