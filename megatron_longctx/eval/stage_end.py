@@ -90,21 +90,25 @@ def evaluate_stage_in_process(run, tokens_per_s: float | None = None) -> dict | 
 
     cfg, stage = run.cfg, run.stage
     _, raw = split_settings(stage.eval_settings)
-    settings = TeacherForcedSettings.from_dict(raw)
     if not (cfg.data.tokenizer_type and cfg.data.tokenizer_model):
         log0(
             f"[{stage.name}] in-process evaluation skipped: it needs the tokenizer "
             "(set data.tokenizer_type and data.tokenizer_model)"
         )
         return None
-    tokenizer = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     scorer = MegatronScorer(run.chunks, run.shard, run.model_cfg.vocab_size, stage.seq_length)
     out = Path(cfg.logging.run_dir) / "eval" / stage.name / "in_process"
     layout = f"{stage.parallel.describe()}, S={stage.seq_length}"
-    results = evaluate_in_process(
-        scorer, tokenizer, settings, str(out), train_tokens_per_s=tokens_per_s, layout=layout,
-        title=stage.name,
-    )
+    try:  # bad settings or inputs fail the same way on every rank, before any collective
+        settings = TeacherForcedSettings.from_dict(raw)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        results = evaluate_in_process(
+            scorer, tokenizer, settings, str(out), train_tokens_per_s=tokens_per_s,
+            layout=layout, title=stage.name,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        log0(f"[{stage.name}] in-process evaluation not run: {err}")
+        return None
     summary = {f"eval_tf/{k}": v for k, v in flat_tf_scores(results).items()}
     log0(
         f"[{stage.name}] in-process evaluation ({layout}; {results['cost']['forward_tokens']} "
