@@ -72,7 +72,8 @@ def estimate_cost(requests, seq_length: int, train_tokens_per_s: float | None) -
 
 def refusal(cost: EvalCost, settings: TeacherForcedSettings) -> str | None:
     """Why the stage's bound refuses ``cost`` (None: it may run)."""
-    if settings.max_forward_tokens is not None and cost.forward_tokens > settings.max_forward_tokens:
+    bound = settings.max_forward_tokens
+    if bound is not None and cost.forward_tokens > bound:
         return (
             f"{cost.forward_tokens} forward tokens exceed max_forward_tokens "
             f"{settings.max_forward_tokens}: lower num_samples / context_lengths / "
@@ -115,6 +116,11 @@ def evaluate_in_process(
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     log0(f"in-process evaluation ({layout or '?'}) will cost: {cost.describe()}")
     reason = refusal(cost, settings)
+    if not p.requests:  # every task too long for the sequence (the same on every rank)
+        reason = "nothing to evaluate: " + (
+            "; ".join(f"{s.get('task', 'length')} {s['length']}: {s['reason']}" for s in p.skipped)
+            or "no tasks"
+        )
     if reason is not None:
         log0(f"in-process evaluation not run: {reason}")
         results = {

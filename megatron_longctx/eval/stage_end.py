@@ -16,12 +16,13 @@ At the last step of a stage with ``eval: true`` (after its final checkpoint is s
 2. **the HF route** (generation-scored tasks, exported model): rank 0 exports the checkpoint to
    HF and evaluates it; the other ranks wait at a barrier. Only where nothing can time out.
 
-The HF route runs outside every collective on GPU clusters: rank 0 exporting and evaluating an 8B model
-takes far longer than an NCCL timeout, and the other ranks would wait in a collective until the
-watchdog kills the job. So with NCCL and more than one rank the trainer does not evaluate; it logs
-the command, and the launcher's evaluation job (``LONGCTX_EVAL_JOB=1``, launch/eval_longctx.sh, a
-dependent job on its own GPU) evaluates the final checkpoint. In-process evaluation is kept for
-gloo/CPU and one-process runs, where nothing can time out behind it.
+The HF route runs outside every collective on GPU clusters: rank 0 exporting and evaluating an 8B
+model takes far longer than an NCCL timeout, and the other ranks would wait in a collective until
+the watchdog kills the job. So with NCCL and more than one rank the trainer does not run the HF
+route; it logs the command, and the launcher's evaluation job (``LONGCTX_EVAL_JOB=1``,
+launch/eval_longctx.sh, a dependent job on its own GPU) evaluates the final checkpoint. The HF
+route in the trainer is kept for gloo/CPU and one-process runs, where nothing can time out behind
+it.
 """
 
 from __future__ import annotations

@@ -239,7 +239,8 @@ def flat_tf_scores(results: dict) -> dict[str, float]:
     loss = results.get("loss_by_position") or {}
     if "mean_loss" in loss:
         flat["loss_by_position/mean"] = loss["mean_loss"]
-        for a, b, v in zip(loss["bucket_edges"][:-1], loss["bucket_edges"][1:], loss["bucket_loss"]):
+        edges = loss["bucket_edges"]
+        for a, b, v in zip(edges[:-1], edges[1:], loss["bucket_loss"]):
             flat[f"loss_by_position/{a}-{b}"] = v
     return flat
 

@@ -144,3 +144,24 @@ def test_collectives_take_device_tensors(monkeypatch):
     names = [name for name, _ in seen]
     assert names == ["all_reduce"] * 3 * len(host) + ["all_reduce", "broadcast"]
     assert all(d == CUDA for _, devices in seen for d in devices) and seen
+
+
+def test_nothing_to_evaluate_and_refusal_run_no_forward(tmp_path):
+    """Every task too long for the sequence, or a cost above the bound: recorded and reported,
+    and the model is never called (no rank enters a forward or a collective)."""
+    from types import SimpleNamespace
+
+    from megatron_longctx.eval.in_process import evaluate_in_process
+
+    def never(requests):
+        raise AssertionError("the model must not run")
+
+    scorer = SimpleNamespace(seq_length=96, score=never)
+    res = evaluate_in_process(scorer, ByteTokenizer(), {"tasks": ["needle"]}, str(tmp_path))
+    assert res["refused"].startswith("nothing to evaluate: needle 96: context budget")
+    assert "not run: nothing to evaluate" in (tmp_path / "report.md").read_text()
+    scorer.seq_length = 2048
+    res = evaluate_in_process(
+        scorer, ByteTokenizer(), {"tasks": ["json_kv"], "max_forward_tokens": 100}, None
+    )
+    assert "exceed max_forward_tokens 100" in res["refused"] and res["cost"]["forward_tokens"] > 100
