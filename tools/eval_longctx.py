@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         if int(os.environ.get("RANK", "0")) == 0:
-            print(format_tf_report(results))
+            print(format_tf_report(results, results.get("checkpoint", "")))
             print(f"-> {os.path.join(args.output_dir, 'eval_results.json')}")
         return 0
     tasks = args.tasks or (["needle", "ruler"] + (["loss"] if args.loss_data else []))
