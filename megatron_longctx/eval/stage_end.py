@@ -54,11 +54,16 @@ class StageEndEvaluation(Callback):
         self._t0: float | None = None
         self.tokens_per_s: float | None = None
 
+    def stage_start(self, run) -> None:
+        self._t0, self.tokens_per_s = None, None
+
     def before_step(self, run) -> None:
         self._t0 = time.perf_counter()
 
     def after_step(self, run, result) -> None:
-        if self._t0 is not None:  # this stage's measured training throughput (the cost guard's)
+        # this stage's measured training throughput (the cost guard's); the last step's time holds
+        # the stage's final checkpoint save (callbacks before this one), so it is not used
+        if self._t0 is not None and (run.step != run.total or self.tokens_per_s is None):
             elapsed = max(time.perf_counter() - self._t0, 1e-9)
             self.tokens_per_s = run.stage.samples_per_step * run.stage.seq_length / elapsed
         if run.step != run.total or not run.stage.eval:
