@@ -127,7 +127,7 @@ def run_megatron(args) -> dict:
         args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
     )
-    init_process_group()
+    device = init_process_group()
     return evaluate_megatron_checkpoint(
         args.load,
         args.output_dir,
@@ -137,6 +137,7 @@ def run_megatron(args) -> dict:
         core_attention=args.core_attention,
         seq_length=args.seq_length,
         bf16=args.bf16,
+        device=device,
     )
 
 

@@ -33,12 +33,15 @@ def load_megatron_for_eval(
     bf16: bool = False,
     cp_sharding: str = "balanced",
     seed: int = 0,
+    device: torch.device | None = None,
 ):
-    """Collective: (scorer, model config) for ``ckpt_dir`` at ``layout`` (groups initialised here).
+    """Collective: (scorer, model config, checkpoint) for ``ckpt_dir`` at ``layout`` (megatron
+    groups initialised here; the process group must exist).
 
     Args:
         seq_length: longest packed sequence; None: the model's ``max_position_embeddings``.
         bf16: build the model in bf16 (the recipes' precision), else fp32.
+        device: the device to run on (None: runtime/device.py's ``choose_device``).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -48,7 +51,12 @@ def load_megatron_for_eval(
     from megatron_longctx.eval.megatron_model import MegatronScorer
     from megatron_longctx.model.build import build_gpt_model
     from megatron_longctx.model.config import ModelConfig
-    from megatron_longctx.model.specs import core_attention_name, core_attention_spec
+    from megatron_longctx.model.specs import (
+        core_attention_name,
+        core_attention_spec,
+        resolve_backend,
+    )
+    from megatron_longctx.runtime.device import choose_device
     from megatron_longctx.runtime.distributed import initialize_model_parallel
     from megatron_longctx.training.batch import BatchSharding
 
@@ -58,6 +66,8 @@ def load_megatron_for_eval(
     initialize_model_parallel(layout)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     cp = layout.context_parallel_size
+    device = device or choose_device()
+    backend = resolve_backend(backend, device)  # once, for the device (as build_stage does)
     attention = (core_attention, backend, cp)
     sharding = "document" if core_attention_name(*attention) == "te" else cp_sharding
     seq = int(seq_length or cfg.max_position_embeddings)
@@ -69,9 +79,9 @@ def load_megatron_for_eval(
         seq_length=seq,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         rope_fusion=sharding != "balanced",
+        device=device,
     )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1
-    device = next(model.parameters()).device
     load_checkpoint(ckpt, [model], expect_model=cfg.to_dict())
     shard = BatchSharding(
         cp_size=cp,
