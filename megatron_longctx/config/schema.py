@@ -61,10 +61,15 @@ class StageConfig:
         dp_balance: deal each global batch's samples to DP ranks and micro-batches by their
             work (parallel/dp_assign.py; ranks may run different numbers of micro-batches);
             the set of samples per step, hence the loss, is unchanged.
-        eval: run the long-context evaluation at the end of the stage (rank 0 exports the
-            stage's final checkpoint to HF and runs megatron_longctx.eval; results beside it).
+        eval: run the long-context evaluation at the end of the stage: in-process on every rank
+            with the stage's layout at its sequence length, teacher forced (every backend,
+            eval/stage_end.py), then the HF route (rank 0 exports the final checkpoint and runs
+            megatron_longctx.eval; not inside multi-GPU NCCL jobs).
         eval_settings: overrides of megatron_longctx.eval.EvalSettings (context_lengths, depths,
-            num_samples, tasks, loss_data, ...); lengths beyond seq_length are skipped.
+            num_samples, tasks, loss_data, ...; the HF route); lengths beyond seq_length are
+            skipped. Its ``in_process`` block overrides eval.teacher_forced's
+            TeacherForcedSettings (tasks needle / niah_multikey / json_kv / loss, lengths,
+            the cost bounds max_forward_tokens / max_seconds).
         loss_chunk_tokens: the output layer + cross entropy run chunk by chunk of this many tokens
             per rank and micro-batch, never holding more than one chunk's logits (model/loss.py;
             ProLong's LOGIT_BLOCK_SIZE); 0: megatron's unchunked output layer and loss (writes the

@@ -175,16 +175,18 @@ def test_planner_uses_the_trainers_multiple():
 
 
 def test_stage_eval_leaves_nccl_jobs(monkeypatch):
-    """Defect 6: under NCCL with several ranks the trainer does not evaluate (no rank waits in a
-    collective behind rank 0's export); on one process / gloo it does."""
+    """Defect 6: under NCCL with several ranks the trainer does not run the HF route (no rank
+    waits in a collective behind rank 0's export); on one process / gloo it does. The in-process
+    evaluation (issue 29, every rank) runs on every backend."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
 
     from megatron_longctx.eval import stage_end
 
-    calls = []
+    calls, in_process = [], []
     monkeypatch.setattr(stage_end, "evaluate_stage", lambda *a: calls.append(a))
+    monkeypatch.setattr(stage_end, "evaluate_stage_in_process", lambda *a: in_process.append(a))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
@@ -194,10 +196,11 @@ def test_stage_eval_leaves_nccl_jobs(monkeypatch):
     run = SimpleNamespace(cfg=cfg, stage=stage, step=3, total=3, iteration=7)
     callback = stage_end.StageEndEvaluation()
     callback.after_step(run, None)
-    assert not calls
+    assert not calls and len(in_process) == 1
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
     callback.after_step(run, None)
     assert len(calls) == 1 and str(calls[0][1]).endswith("iter_0000007")
+    assert len(in_process) == 2
     run.step = 2  # not the stage's last step: nothing
     callback.after_step(run, None)
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(in_process) == 2
