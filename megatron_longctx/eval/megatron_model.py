@@ -5,8 +5,9 @@ Every rank runs :meth:`MegatronScorer.score` with the same requests (it is colle
     requests ──packing.pack_requests (documents masked from each other)──> packs
     packs ──dealt to DP replicas (equal counts: filler packs even them out)──> this replica's
     pack ──training/batch.py (CP zigzag, SP padding, onto the device)──> model inputs
-    model chunks ──megatron's schedule, forward only (PP p2p as in training)──> logits (last stage)
-    logits ──eval/scoring.score_tokens (vocab-parallel over TP)──> logprob, is_argmax per token
+    model chunks ──megatron's schedule, forward only (PP p2p as in training)──> final hidden states
+    hidden ──model/loss.py token_logprobs (chunked, vocab-parallel over TP; no logits)──> logprob,
+                                                                        is_greedy per token
     per token ──index_add by (request, slot), on the device──> per-request / per-position sums
     sums ──all_reduce(DP x CP) + broadcast(PP, from the last stage)──> the same result everywhere
 
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 
 from megatron_longctx.eval.packing import Pack, ScoreRequest, filler_pack, pack_requests
-from megatron_longctx.eval.scoring import score_tokens
 from megatron_longctx.training.batch import BatchSharding, batch_to_device, to_model_batch
 
 FILLER_TOKENS = 8
@@ -108,24 +108,24 @@ class MegatronScorer:
     # -- megatron's calling convention ----------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        # issue 28's seam: the logits are asked for here and scored by score_tokens
-        output = model(
+        inputs = dict(
             input_ids=batch["tokens"],
             position_ids=batch["position_ids"],
             attention_mask=None,
             packed_seq_params=batch["packed_seq_params"],
         )
-        return output, partial(self._score, batch)
+        gpt = _unwrap(model)
+        if not gpt.post_process:  # an earlier pipeline stage: hidden states for the next one
+            return model(**inputs), partial(self._score, batch)
+        # the last stage scores through the chunked output layer (model/loss.py token_logprobs):
+        # [b, s] (log p, is greedy) per token, never the [tokens x vocab] logits
+        scores = gpt.token_scores(batch["labels"], vocab_size=self.vocab_size, **inputs)
+        logp, hit = scores
+        return torch.stack([logp, hit.float()]), partial(self._score, batch)
 
-    def _score(self, batch: dict, logits: torch.Tensor):
-        from megatron.core import parallel_state
-
-        lp, hit = score_tokens(
-            logits.select(0, 0),  # [b=1, s, V_local] -> [s, V_local]
-            batch["labels"].select(0, 0),
-            self.vocab_size,
-            parallel_state.get_tensor_model_parallel_group(),
-        )
+    def _score(self, batch: dict, scores: torch.Tensor):
+        # [2, b=1, s] -> [s] each (tensor methods only: the fake-CUDA NCCL-rule test runs this)
+        lp, hit = scores.select(0, 0).select(0, 0), scores.select(0, 1).select(0, 0).bool()
         req, slot = batch["eval_request"], batch["eval_slot"]
         acc = self._acc
         acc["logprob"].index_add_(0, req, lp.double())
@@ -133,7 +133,7 @@ class MegatronScorer:
         acc["count"].index_add_(0, req, torch.ones_like(lp, dtype=torch.float64))
         acc["pos_nll"].index_add_(0, slot, -lp.double())
         acc["pos_count"].index_add_(0, slot, torch.ones_like(lp, dtype=torch.float64))
-        return logits.new_zeros(()), logits.new_zeros((), dtype=torch.int), {}
+        return scores.new_zeros(()), scores.new_zeros((), dtype=torch.int), {}
 
     # -- the whole evaluation -------------------------------------------------------------------
     @torch.no_grad()

@@ -55,17 +55,32 @@ def _softmax_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
     sums = torch.stack([exp.sum(dim=-1), predicted])
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sums, group=tp_group)
-    return exp, top + torch.log(sums[0]), sums[1], top, sums[0]
+    sumexp, predicted = sums.select(0, 0), sums.select(0, 1)  # tensor methods: fake-CUDA safe
+    return exp, top + torch.log(sumexp), predicted, top, sumexp
 
 
-def _chunk_stats(hidden, weight, target, vocab_start: int, tp_group, vocab_size=None):
-    """(log-sum-exp, target logit, max logit) ``[c]`` fp32 of one chunk (see _softmax_stats);
-    ids >= ``vocab_size`` (megatron's padding rows) are left out when it is given."""
+def _chunk_stats(
+    hidden, weight, target, vocab_start: int, tp_group, vocab_size=None, greedy: bool = False
+):
+    """(log-sum-exp, target logit, greedy id or None) ``[c]`` of one chunk (see _softmax_stats);
+    ids >= ``vocab_size`` (megatron's padding rows) are left out when it is given. With
+    ``greedy``: the smallest id holding the maximum logit over the whole vocabulary
+    (``torch.argmax``'s and greedy decoding's tie rule): each TP rank's first maximum,
+    MIN-reduced over the ranks that hold the global maximum (one more all-reduce)."""
     logits = _chunk_logits(hidden, weight)
     if vocab_size is not None and vocab_start + logits.shape[1] > vocab_size:
-        logits[:, max(0, vocab_size - vocab_start) :] = float("-inf")
+        keep = max(0, vocab_size - vocab_start)
+        logits.narrow(1, keep, logits.shape[1] - keep).fill_(float("-inf"))
+    # first maximum per row (torch's tie rule), before _softmax_stats overwrites the logits
+    local_top, local_first = logits.max(dim=-1) if greedy else (None, None)
     _, lse, predicted, top, _ = _softmax_stats(logits, target, vocab_start, tp_group)
-    return lse, predicted, top
+    if not greedy:
+        return lse, predicted, None
+    none = torch.iinfo(torch.long).max
+    greedy = torch.where(local_top == top, local_first + vocab_start, none)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(greedy, op=dist.ReduceOp.MIN, group=tp_group)
+    return lse, predicted, greedy
 
 
 def _vocab_start(weight: torch.Tensor, tp_group) -> int:
@@ -261,20 +276,22 @@ def token_logprobs(
             None scores over the padded vocabulary (as training does).
 
     Returns:
-        ``(log p(target) fp32, target is the argmax)``, both of the shape of ``targets``. The
-        argmax test is ``target logit >= max logit``, so a tie counts as a hit.
+        ``(log p(target) fp32, target is the greedy token)``, both of the shape of ``targets``.
+        The greedy token is the smallest id holding the maximum (ties as ``torch.argmax`` and
+        transformers' greedy decoding resolve them).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     shape = targets.shape
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     vocab_start = _vocab_start(weight, tp_group)
-    logp = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
-    hit = torch.empty(flat_t.shape, dtype=torch.bool, device=hidden.device)
+    logp, hit = [], []  # concatenated at the end: no in-place writes (fake-CUDA safe)
     for i in range(0, flat_t.numel(), chunk_tokens):
-        c = slice(i, i + chunk_tokens)
-        lse, predicted, top = _chunk_stats(
-            flat_h[c], weight, flat_t[c], vocab_start, tp_group, vocab_size
+        n = min(chunk_tokens, flat_t.numel() - i)  # narrow, not slicing: no host-side indexing
+        target = flat_t.narrow(0, i, n)
+        lse, predicted, greedy = _chunk_stats(
+            flat_h.narrow(0, i, n), weight, target, vocab_start, tp_group, vocab_size, greedy=True
         )
-        logp[c], hit[c] = predicted - lse, predicted >= top
-    return logp.view(shape), hit.view(shape)
+        logp.append(predicted - lse)
+        hit.append(greedy == target)
+    return torch.cat(logp).view(shape), torch.cat(hit).view(shape)

@@ -16,14 +16,16 @@ import torch
 from megatron_longctx.eval.in_process import estimate_cost, refusal
 from megatron_longctx.eval.json_kv import json_kv
 from megatron_longctx.eval.packing import ScoreRequest, build_pack, pack_requests, plan_packs
-from megatron_longctx.eval.scoring import score_tokens
+from megatron_longctx.model.loss import token_logprobs
 from megatron_longctx.eval.teacher_forced import TeacherForcedSettings
 from tests.distributed.test_inprocess_eval import ByteTokenizer
 from tests.nccl_rules import enforce_nccl_device
 from tests.unit.test_gpu_path import CUDA, fake_cuda
 
 
-def test_score_tokens_equals_dense_log_softmax_without_padding():
+def test_token_scores_equal_dense_log_softmax_without_padding():
+    """The evaluation's scoring (model/loss.py token_logprobs, chunked) on logits made exact by an
+    identity output weight: padding ids never win or count, ties go to the smallest id."""
     g = torch.Generator().manual_seed(0)
     vocab, padded = 50, 64
     logits = torch.randn(37, padded, generator=g) * 3
@@ -32,7 +34,7 @@ def test_score_tokens_equals_dense_log_softmax_without_padding():
     targets = torch.randint(0, vocab, (37,), generator=g)
     targets[5] = 11
     targets[6] = logits[6, :vocab].argmax()
-    lp, hit = score_tokens(logits, targets, vocab, chunk=8)  # several chunks
+    lp, hit = token_logprobs(logits, torch.eye(padded), targets, 8, None, vocab)  # 5 chunks
     ref = torch.log_softmax(logits[:, :vocab].double(), -1).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(lp.double(), ref, rtol=0, atol=1e-5)
     assert torch.equal(hit, logits[:, :vocab].argmax(-1) == targets)
@@ -100,9 +102,10 @@ class _Group:
 
 
 def test_collectives_take_device_tensors(monkeypatch):
-    """NCCL's rule on fake CUDA tensors: score_tokens' TP reductions and the scorer's DP x CP
+    """NCCL's rule on fake CUDA tensors: token scoring's TP reductions (model/loss.py
+    token_logprobs: max, sum-exp + target logit, greedy id per chunk) and the scorer's DP x CP
     all-reduce + PP broadcast only see tensors on the device (gloo would accept CPU ones).
-    Replaced: the model forward (fake logits) and the process groups (patched answers)."""
+    Replaced: the model forward (fake hidden states / scores) and the process groups."""
     from megatron.core import parallel_state
 
     from megatron_longctx.eval.megatron_model import MegatronScorer
@@ -136,13 +139,17 @@ def test_collectives_take_device_tensors(monkeypatch):
             moved["eval_slot"] = b["eval_slot"].to(CUDA)
             batches.append(moved)
         scorer._model_batch = lambda pack, r, s: batches.pop(0)
+        token_logprobs(  # the last stage's scoring, 2 chunks of 8 tokens
+            fake(torch.empty(16, 8)), fake(torch.empty(20, 8)), fake(torch.zeros(16).long()),
+            8, group, 40,
+        )
         scorer._run = lambda bs: [
-            scorer._score(b, fake(torch.empty(1, b["tokens"].shape[1], 32))) for b in bs
+            scorer._score(b, fake(torch.empty(2, 1, b["tokens"].shape[1]))) for b in bs
         ]
         with pytest.raises(RuntimeError, match="numpy"):  # only the final read-back fails
             scorer.score(reqs)
     names = [name for name, _ in seen]
-    assert names == ["all_reduce"] * 3 * len(host) + ["all_reduce", "broadcast"]
+    assert names == ["all_reduce"] * 3 * 2 + ["all_reduce", "broadcast"]
     assert all(d == CUDA for _, devices in seen for d in devices) and seen
 
 
