@@ -82,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         # already written is touched.
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception as err:  # a peer gone (killed, node down, network cut): exit 76, requeue
+        import traceback
+
+        from megatron_longctx.training.signals import exit_on_peer_failure
+
+        traceback.print_exc()
+        exit_on_peer_failure(err)
+        raise
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ prefix, so concurrent test sessions never meet.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -174,6 +175,12 @@ class NetCluster:
             return int((self.root / name).read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def link_bytes(self, host: str) -> int:
+        """Bytes sent plus received so far on ``host``'s link to the bridge."""
+        out = _run("ip", "-n", self.netns("sw"), "-s", "-j", "link", "show", f"v-{host}").stdout
+        stats = json.loads(out)[0]["stats64"]
+        return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
 
     # -- faults --------------------------------------------------------------------------------
     def kill_node(self, host: str) -> list[int]:

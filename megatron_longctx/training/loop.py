@@ -30,6 +30,7 @@ from megatron_longctx.training.signals import (
     WallClockDeadline,
 )
 from megatron_longctx.training.state import StageRun, build_stage
+from megatron_longctx.training.watchdog import HangWatchdog
 from megatron_longctx.training.step import StepResult, forward_backward
 
 
@@ -42,6 +43,8 @@ def train(
 ) -> int:
     """Runs (or resumes) the whole curriculum. ``callbacks`` run after checkpointing, before the
     preemption check. Returns the process exit code."""
+    from torch.distributed import get_rank
+
     from megatron_longctx.runtime.distributed import init_process_group
 
     timeout_s = 60 * cfg.training.dist_timeout_minutes
@@ -55,7 +58,10 @@ def train(
     faults = FaultInjector()
     saver = Checkpointing(cfg, resolved, faults)
     signals = SignalWatcher(deadline=WallClockDeadline.from_env(), device=device)
-    hooks = [Metrics(metrics), Faults(faults), saver, *callbacks, Preemption(signals, saver)]
+    watchdog = HangWatchdog.from_config(cfg.training, cfg.logging.run_dir, get_rank())
+    report = Metrics(metrics)
+    step_end = Preemption(signals, saver, watchdog, report)  # + straggler figures, hang watchdog
+    hooks = [report, Faults(faults), saver, *callbacks, step_end]
     rc = 0
     for index in range(point.stage_index, len(cfg.stages)):
         run = build_stage(cfg, index, device, config_dir)
