@@ -277,11 +277,11 @@ _wait_step() {
 
 # srun answers the highest exit code of its tasks. After a hang that is the SIGKILL of the rank
 # that hung (137), not the EXIT_HUNG of the ranks that found it: those record their code in
-# $LONGCTX_PID_DIR/<host>.<rank>.exit (LONGCTX_STATUS_DIR), which decides then.
+# $LONGCTX_PID_DIR/restart<N>/<host>.<rank>.exit (LONGCTX_STATUS_DIR), which decides then.
 _trainer_rc() {
     local rc=$1 f code reason
     if ((rc != 0 && rc != LONGCTX_EXIT_PREEMPTED)); then
-        for f in "$LONGCTX_PID_DIR"/*.exit; do
+        for f in "$LONGCTX_STATUS_DIR"/*.exit; do
             [[ -e $f ]] || continue
             read -r code reason <"$f" || true
             if [[ $code == "$LONGCTX_EXIT_HUNG" ]]; then
@@ -387,7 +387,10 @@ longctx_launch() {
     # setsid (defensive): where a SLURM version delivers a batch-shell signal (--signal=B:...,
     # scancel --batch) to the shell's whole process group, srun must not get it: it would forward
     # it to every process of the step. (22.05 signals the shell only.)
-    export LONGCTX_STATUS_DIR=$LONGCTX_PID_DIR  # the trainer's EXIT_HUNG records (_trainer_rc)
+    # The trainer's EXIT_HUNG records (_trainer_rc), per run: a rank of an earlier run of this job
+    # cut off from the network may still write its record when the link returns.
+    export LONGCTX_STATUS_DIR=$LONGCTX_PID_DIR/restart${SLURM_RESTART_COUNT:-0}
+    mkdir -p "$LONGCTX_STATUS_DIR"
     local srun_cmd=(srun --label --kill-on-bad-exit=0 --wait="$LONGCTX_TASK_GRACE_S"
                     --ntasks="$SLURM_NTASKS" --cpus-per-task="$LONGCTX_CPUS_PER_TASK")
     if [[ $LONGCTX_GPU_BINDING == task ]]; then srun_cmd+=(--gpus-per-task=1); fi

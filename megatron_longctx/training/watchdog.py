@@ -6,7 +6,7 @@ gone) makes every other rank wait in a collective until the process group's time
 ``HangWatchdog`` bounds that wait by the measured step time instead: a daemon thread on every rank
 checks a deadline that the trainer re-arms at each phase of a step; past it, the rank writes the
 Python stacks of all its threads (faulthandler) to ``<run_dir>/hang/rank<N>.txt`` and exits with
-``EXIT_HUNG``, which the launcher requeues like a preemption (the job resumes from the newest
+``EXIT_HUNG`` (``.restart<N>`` before ``.txt`` in run N of a requeued SLURM job), which the launcher requeues like a preemption (the job resumes from the newest
 complete checkpoint). The bound of a step is ``factor`` x the slowest of the last few steps (the
 step-end collective's maximum over ranks), clamped to [``floor_s``, ``ceiling_s``]; phases with no
 measured step behind them (a stage's first step, a checkpoint save, the work between steps) get
@@ -182,7 +182,9 @@ class HangWatchdog:
         self.fired = True
         with self._lock:
             waited, phase = self.clock() - self._armed_at, self._phase
-        path = self.run_dir / "hang" / f"rank{self.rank:05d}.txt"
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # one file per run of a job
+        suffix = f".restart{restart}" if restart else ""
+        path = self.run_dir / "hang" / f"rank{self.rank:05d}{suffix}.txt"
         msg = (
             f"hang watchdog (rank {self.rank}): no progress in '{phase}' for {waited:.1f} s "
             f"(bound {self.bound_s():.1f} s = {self.factor:g} x slowest recent step "

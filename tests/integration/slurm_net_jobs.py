@@ -23,11 +23,12 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 def cp2_recipe(path: Path, steps: int = 6) -> Path:
     """examples/tiny_test.yaml's CP 2 stage ('long') alone, ``steps`` steps, a checkpoint every
-    2, and a hang bound for a loaded 2-core machine: 3 x the slowest step, at least 10 s."""
+    2, and a hang bound for a loaded 2-core machine (steps of 0.4 s took up to 6.5 s there):
+    3 x the slowest step, at least 20 s."""
     cfg = yaml.safe_load((ROOT / "examples" / "tiny_test.yaml").read_text())
     cfg["stages"] = [dict(cfg["stages"][1], steps=steps, checkpoint_interval=2)]
     cfg["checkpoint"]["keep_last"] = 10
-    cfg["training"] = {"hang_timeout_factor": 3.0, "hang_timeout_min_s": 10.0,
+    cfg["training"] = {"hang_timeout_factor": 3.0, "hang_timeout_min_s": 20.0,
                        "hang_timeout_max_s": 90.0}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
