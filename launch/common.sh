@@ -304,9 +304,9 @@ _after_trainer() {
             exit 0 ;;
         "$LONGCTX_EXIT_PREEMPTED" | "$LONGCTX_EXIT_HUNG")
             if ((rc == LONGCTX_EXIT_HUNG)); then
-                _log "trainer exited $rc (hung: a rank made no progress within the hang bound, or" \
-                    "a peer is gone; stacks in the run directory's hang/); the requeued run" \
-                    "resumes from the newest complete checkpoint"
+                _log "trainer exited $rc (a rank made no progress within the hang bound: stacks in" \
+                    "the run directory's hang/; or a collective failed because a peer is gone);" \
+                    "the requeued run resumes from the newest complete checkpoint"
             else
                 _log "trainer checkpointed and exited $rc (preempted${LONGCTX_SIGNALLED:+ by SIG$LONGCTX_SIGNALLED})"
             fi

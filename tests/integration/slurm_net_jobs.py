@@ -35,7 +35,10 @@ def cp2_recipe(path: Path, steps: int = 6) -> Path:
 
 
 class NetJob:
-    """One ``sbatch -N 2 --ntasks-per-node=1 launch/prolong_512k.sh`` on the cluster."""
+    """One ``sbatch -N 2 --ntasks-per-node=1 launch/prolong_512k.sh`` on the cluster. srun gives
+    the other tasks 30 s after the first one ends (LONGCTX_TASK_GRACE_S; rank 0 still plots the
+    loss curve after rank 1 is done, up to ~20 s on a loaded machine), which is also how long a
+    frozen rank lives on after another found the hang."""
 
     def __init__(self, cluster: NetCluster, recipe: Path, run_dir: Path, data_dir: Path,
                  sbatch_args: tuple[str, ...] = (), **env: str):
@@ -45,7 +48,7 @@ class NetJob:
         full_env = dict(base, LONGCTX_CONFIG=str(recipe), LONGCTX_DEVICE="cpu",
                         LONGCTX_RUN=str(run_dir), LONGCTX_DATA=str(data_dir),
                         LONGCTX_PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="offline",
-                        LONGCTX_TASK_GRACE_S="5", **env)
+                        LONGCTX_TASK_GRACE_S="30", **env)
         p = cluster.run("ctl", "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
                         "--gpus-per-node=0", "--time=20", f"--output={self.log}", *sbatch_args,
                         str(SCRIPT), env=full_env, wd=ROOT, timeout=60)

@@ -193,7 +193,7 @@ def test_hang_node_death_and_network_cut_end_bitwise_equal(cluster, recipe, data
     assert float(hang.group(2)) <= float(hang.group(3)) + 1.5  # (the thread looks every 1 s)
     stacks = (job.run_dir / "hang" / "rank00000.txt").read_text()  # (restart 0: no suffix)
     assert "Thread" in stacks and "train.py" in stacks
-    assert "trainer exited 76 (hung" in run0 and "requeueing job" in run0
+    assert "trainer exited 76 (a rank made no progress" in run0 and "requeueing job" in run0
     # 2. the dead node: the job ran again, on nodes without it
     run1, run2 = _this_run(log, 1), _this_run(log, 2)
     assert "a collective failed because another rank is gone" in run1, run1[-4000:]

@@ -228,7 +228,7 @@ def test_a_hang_found_by_one_rank_requeues_although_srun_reports_the_kill(fake):
     run = fake.launch(FAKE_TRAINER="hung")
     assert run.rc == 76, run.out
     assert "srun exit 137; node001.0.exit: 76 (no progress in 'step 4' for 10.2 s)" in run.out
-    assert "trainer exited 76 (hung" in run.out and "requeueing job 1234" in run.out
+    assert "trainer exited 76 (a rank made no progress" in run.out and "requeueing job 1234" in run.out
     assert run.calls("scontrol")[-1] == "scontrol requeue 1234"
     # a plain crash (no record) is still a failure, not requeued
     run = fake.launch(FAKE_TRAINER="exit:137")
