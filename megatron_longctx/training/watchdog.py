@@ -5,9 +5,10 @@ gone) makes every other rank wait in a collective until the process group's time
 (``training.dist_timeout_minutes``, 30 min by default), holding every GPU of the job. The
 ``HangWatchdog`` bounds that wait by the measured step time instead: a daemon thread on every rank
 checks a deadline that the trainer re-arms at each phase of a step; past it, the rank writes the
-Python stacks of all its threads (faulthandler) to ``<run_dir>/hang/rank<N>.txt`` and exits with
-``EXIT_HUNG`` (``.restart<N>`` before ``.txt`` in run N of a requeued SLURM job), which the launcher requeues like a preemption (the job resumes from the newest
-complete checkpoint). The bound of a step is ``factor`` x the slowest of the last few steps (the
+Python stacks of all its threads (faulthandler) to ``<run_dir>/hang/rank<N>.txt`` (with
+``.restart<R>`` before ``.txt`` in run R of a requeued SLURM job) and exits with ``EXIT_HUNG``,
+which the launcher requeues like a preemption (the job resumes from the newest complete
+checkpoint). The bound of a step is ``factor`` x the slowest of the last few steps (the
 step-end collective's maximum over ranks), clamped to [``floor_s``, ``ceiling_s``]; phases with no
 measured step behind them (a stage's first step, a checkpoint save, the work between steps) get
 ``ceiling_s``. Settings: ``training.hang_timeout_factor / _min_s / _max_s``.
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("megatron_longctx.train")
@@ -66,16 +68,26 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+@dataclass(frozen=True)
+class HangBounds:
+    """factor: the bound is ``factor`` x the slowest recent step; 0 turns the watchdog off.
+    floor_s / ceiling_s: the bound's clamp; ``ceiling_s`` also bounds phases with no measured step
+    (a stage's first step, saves, the time between steps). window: how many recent steps the
+    slowest is taken from."""
+
+    factor: float = 5.0
+    floor_s: float = 120.0
+    ceiling_s: float = 900.0
+    window: int = 8
+
+
 class HangWatchdog:
     """A deadline per phase of the step, checked by a daemon thread.
 
     Args:
         run_dir: where ``hang/rank<N>.txt`` (the stacks) goes.
         rank: this process's global rank.
-        factor: the bound is ``factor`` x the slowest recent step; 0 turns the watchdog off.
-        floor_s / ceiling_s: the bound's clamp; ``ceiling_s`` also bounds phases with no
-            measured step (a stage's first step, saves, the time between steps).
-        window: how many recent steps the slowest is taken from.
+        bounds: factor, floor, ceiling and window (HangBounds).
         clock: time source (tests). exit_fn: called with EXIT_HUNG after the stacks are written
             (tests; the default ends the process at once, without Python's shutdown, which would
             wait for the stuck collective).
@@ -86,19 +98,18 @@ class HangWatchdog:
         self,
         run_dir: str | Path,
         rank: int = 0,
-        factor: float = 5.0,
-        floor_s: float = 120.0,
-        ceiling_s: float = 900.0,
-        window: int = 8,
+        bounds: HangBounds | None = None,
         clock=time.monotonic,
         exit_fn=exit_now,
         poll_s: float | None = None,
     ):
+        b = bounds or HangBounds()
         self.run_dir, self.rank = Path(run_dir), rank
-        self.factor, self.floor_s, self.ceiling_s = float(factor), float(floor_s), float(ceiling_s)
+        self.factor, self.floor_s = float(b.factor), float(b.floor_s)
+        self.ceiling_s = float(b.ceiling_s)
         self.clock, self.exit_fn = clock, exit_fn
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(0.05, self.floor_s / 20))
-        self._steps: deque[float] = deque(maxlen=window)
+        self._steps: deque[float] = deque(maxlen=b.window)
         self._deadline: float | None = None
         self._phase = "start"
         self._armed_at = 0.0
@@ -110,13 +121,10 @@ class HangWatchdog:
     @classmethod
     def from_config(cls, training, run_dir: str | Path, rank: int = 0) -> HangWatchdog:
         """From the recipe's ``training:`` section (config/schema.py TrainingSection)."""
-        return cls(
-            run_dir,
-            rank,
-            factor=training.hang_timeout_factor,
-            floor_s=training.hang_timeout_min_s,
-            ceiling_s=training.hang_timeout_max_s,
+        bounds = HangBounds(
+            training.hang_timeout_factor, training.hang_timeout_min_s, training.hang_timeout_max_s
         )
+        return cls(run_dir, rank, bounds)
 
     @property
     def enabled(self) -> bool:

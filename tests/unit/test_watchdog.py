@@ -18,7 +18,7 @@ import time
 import pytest
 
 from megatron_longctx.testing.distributed import run_distributed
-from megatron_longctx.training.watchdog import EXIT_HUNG, HangWatchdog, StepTimes
+from megatron_longctx.training.watchdog import EXIT_HUNG, HangBounds, HangWatchdog, StepTimes
 
 
 class Clock:
@@ -31,7 +31,7 @@ class Clock:
 
 def test_bound_is_k_times_the_slowest_recent_step_clamped(tmp_path):
     clock = Clock()
-    wd = HangWatchdog(tmp_path, factor=4, floor_s=10, ceiling_s=60, window=3, clock=clock,
+    wd = HangWatchdog(tmp_path, bounds=HangBounds(4, 10, 60, window=3), clock=clock,
                       exit_fn=lambda code: None)
     assert wd.bound_s() == 60  # nothing measured: the ceiling
     wd.record_step(1.0)
@@ -65,7 +65,7 @@ def test_fire_writes_stacks_and_status_and_exits_76(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGCTX_STATUS_DIR", str(tmp_path))
     codes = []
     clock = Clock()
-    wd = HangWatchdog(tmp_path / "run", rank=3, factor=2, floor_s=1, ceiling_s=5, clock=clock,
+    wd = HangWatchdog(tmp_path / "run", rank=3, bounds=HangBounds(2, 1, 5), clock=clock,
                       exit_fn=codes.append)
     wd.record_step(0.75)
     wd.arm("step 7")
@@ -80,7 +80,7 @@ def test_fire_writes_stacks_and_status_and_exits_76(tmp_path, monkeypatch):
 
 
 def test_off_with_factor_zero(tmp_path):
-    wd = HangWatchdog(tmp_path, factor=0, exit_fn=lambda code: None)
+    wd = HangWatchdog(tmp_path, bounds=HangBounds(factor=0), exit_fn=lambda code: None)
     wd.arm("step 1", 0.0)
     time.sleep(0.01)
     assert not wd.overdue() and wd._thread is None
@@ -108,7 +108,7 @@ def _frozen_peer(rank, world, run_dir):
     table = (watcher.arrival, watcher.cpu, StepTimes.figures(watcher.arrival, watcher.cpu))
 
     fired = []
-    wd = HangWatchdog(run_dir, rank=rank, factor=1, floor_s=0.3, ceiling_s=0.3, poll_s=0.05,
+    wd = HangWatchdog(run_dir, rank=rank, bounds=HangBounds(1, 0.3, 0.3), poll_s=0.05,
                       exit_fn=lambda code: fired.append((code, time.monotonic())))
     if rank == 1:
         time.sleep(4.0)  # frozen: rank 0 waits in the all-reduce below
