@@ -325,7 +325,9 @@ _after_trainer() {
                 if scontrol requeue "$SLURM_JOB_ID"; then
                     exit "$rc"  # the lock stays with this job id
                 fi
-                _log "scontrol requeue failed (job cancelled?): resubmit the same command to resume"
+                _log "scontrol requeue failed; job state now '$(_job_state "$SLURM_JOB_ID")'" \
+                    "(PENDING: SLURM requeued it itself, e.g. after a node failure). Otherwise" \
+                    "(cancelled?) resubmit the same command to resume"
             fi
             _unlock_run_dir
             exit "$rc" ;;
