@@ -3,10 +3,10 @@ slurm_net.py: a controller and 3 one-CPU nodes, each in its own network namespac
 bridge), one rank per node, CP 2 across the nodes (the ring exchange and the gradient all-reduce
 cross the bridge), on CPU with gloo (what replaces NCCL and the GPUs here).
 
-* a 2-node job completes, its losses and final weights equal a one-node 2-rank torchrun run's bit
-  for bit, its ranks ran on two hosts, and the traffic crossed the second node's link;
-* one job survives three faults, each in a later run of the same job id, and still ends with the
-  uninterrupted run's losses and final weights, bitwise:
+One 2-node job (one test, to keep the suite's budget: every run of the trainer costs its start-up)
+runs one rank per node (rendezvous on the first node, traffic over the second node's link), and
+survives three faults, each in a later run of the same job id, and still ends with the losses and
+final weights of a one-node 2-rank torchrun run, bitwise:
   1. SIGSTOP of rank 1's trainer (a frozen process): rank 0's hang watchdog finds it within its
      bound, writes its stacks to <run>/hang/, exits 76; the launcher requeues;
   2. the node of rank 1 dies (kill -9 of its slurmd, slurmstepd and task): rank 0's collective
@@ -84,31 +84,6 @@ def _assert_same_weights(run_dir: Path, expected: dict) -> None:
         assert torch.equal(final[k], expected[k]), k
 
 
-@pytest.mark.timeout(900)
-def test_two_node_cp_job_equals_one_node_run(cluster, recipe, data, reference, jobs, tmp_path):
-    before = cluster.link_bytes("n2")
-    job = NetJob(cluster, recipe, tmp_path / "run", Path(data["long"]).parent)
-    jobs.append(job)
-    info = job.wait(600)
-    log = job.text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
-    assert info["NodeList"] == "n[1-2]"
-    assert "2 node(s) [n[1-2]], 2 tasks, master n1:" in log
-    assert "world 2 = TP 1 x PP 1 x CP 2 x DP 1" in log
-    pid_files = sorted(p.name for p in (job.run_dir / "launch" / job.id).glob("*.pid"))
-    assert pid_files == ["n1.0.pid", "n2.1.pid"]  # one rank per node
-    losses, expected = reference
-    assert job.losses() == losses  # bitwise floats
-    _assert_same_weights(job.run_dir, expected)
-    # every step all-reduces the gradients (fp32, all parameters) between the two nodes
-    param_bytes = sum(t.numel() * 4 for t in expected.values())
-    crossed = cluster.link_bytes("n2") - before
-    assert crossed > STEPS * param_bytes, (crossed, param_bytes)
-    recs = job.metrics()
-    assert {r["straggler_rank"] for r in recs} <= {0, 1}
-    assert all(r["step_time_max_s"] > 0 and r["straggler_lag_s"] >= 0 for r in recs)
-
-
 def _this_run(log: str, restart: int) -> str:
     """The part of the job log written by run ``restart`` of the job."""
     starts = {int(m.group(1)): m.start() for m in re.finditer(
@@ -132,12 +107,14 @@ def _nodes(run_log: str) -> set[str]:
 
 
 @pytest.mark.timeout(1500)
-def test_hang_node_death_and_network_cut_end_bitwise_equal(cluster, recipe, data, reference,
-                                                           jobs, tmp_path):
+def test_two_node_job_survives_hang_node_death_and_cut_bitwise(cluster, recipe, data, reference,
+                                                               jobs, tmp_path):
+    before = cluster.link_bytes("n2")
     job = NetJob(cluster, recipe, tmp_path / "run", Path(data["long"]).parent)
     jobs.append(job)
     faults: dict[int, dict] = {}  # restart -> what was done to which node, and when
     killed: list[str] = []
+    first_run_tasks: list[tuple[str, int] | None] = []
 
     def inject(info):
         restarts = int(info["Restarts"] or 0)
@@ -168,6 +145,8 @@ def test_hang_node_death_and_network_cut_end_bitwise_equal(cluster, recipe, data
         if task is None:
             return
         host, pid = task
+        if restarts == 0:
+            first_run_tasks.extend([job.task(0), task])
         faults[restarts] = {"host": host, "at": now}
         if restarts == 0:
             os.kill(pid, signal.SIGSTOP)  # a frozen rank
@@ -185,8 +164,12 @@ def test_hang_node_death_and_network_cut_end_bitwise_equal(cluster, recipe, data
     log = job.text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", log[-6000:]
     assert sorted(faults) == [0, 1, 2], faults
-    # 1. the frozen rank: found by rank 0's watchdog within its bound, stacks written, requeued
+    # the first run: one rank per node, CP 2 across them, rendezvous on the first node
     run0 = _this_run(log, 0)
+    assert "2 node(s) [n[1-2]], 2 tasks, master n1:" in run0
+    assert "world 2 = TP 1 x PP 1 x CP 2 x DP 1" in run0
+    assert [t[0] for t in first_run_tasks] == ["n1", "n2"], first_run_tasks
+    # 1. the frozen rank: found by rank 0's watchdog within its bound, stacks written, requeued
     hang = re.search(r"hang watchdog \(rank 0\): no progress in '([^']+)' for ([\d.]+) s "
                      r"\(bound ([\d.]+) s", run0)
     assert hang, run0[-4000:]
@@ -209,6 +192,13 @@ def test_hang_node_death_and_network_cut_end_bitwise_equal(cluster, recipe, data
     losses, expected = reference
     assert job.losses() == losses
     _assert_same_weights(job.run_dir, expected)
+    # the last run alone (on n1, n2) all-reduced the fp32 gradients over n2's link 8 times
+    param_bytes = sum(t.numel() * 4 for t in expected.values())
+    crossed = cluster.link_bytes("n2") - before
+    assert crossed > (STEPS - 2) * param_bytes, (crossed, param_bytes)
+    recs = job.metrics()
+    assert {r["straggler_rank"] for r in recs} <= {0, 1}
+    assert all(r["step_time_max_s"] > 0 and r["straggler_lag_s"] >= 0 for r in recs)
     for r, f in sorted(faults.items()):
         print(f"fault {r} ({['SIGSTOP', 'node death', 'link cut'][r]} on {f['host']}): requeued "
               f"after {f.get('requeued', float('nan')) - f['at']:.1f} s, training again after "
