@@ -256,7 +256,8 @@ class TrainingSection:
         in a collective (e.g. for rank 0 saving or building an index cache) before failing.
     hang_timeout_factor / hang_timeout_min_s / hang_timeout_max_s: the hang watchdog
         (training/watchdog.py): a rank that makes no progress for factor x the slowest recent
-        step, clamped to [min_s, max_s] (max_s also for a stage's first step and saves), writes
+        step, clamped to [min_s, max_s] (max_s also for a stage's first step, saves and a
+        stage-end evaluation in training: raise it if those take longer), writes
         its stacks to <run_dir>/hang/ and exits 76 (the launcher requeues). factor 0: off.
     """
 

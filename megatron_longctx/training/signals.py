@@ -162,14 +162,16 @@ def exit_on_peer_failure(err: BaseException) -> None:
     another rank is gone (its process killed, its node down, its network cut: gloo's "Connection
     reset/closed by peer", c10d's DistError family), writes this rank's stacks and ends the
     process with watchdog.EXIT_HUNG (the launcher requeues; the run resumes from the newest
-    complete checkpoint). Any other exception: returns (the caller re-raises it)."""
-    from megatron_longctx.training.watchdog import EXIT_HUNG, exit_now, record_exit
+    complete checkpoint). Any other exception: stops the hang watchdog and returns (the caller
+    re-raises it)."""
+    from megatron_longctx.training.watchdog import EXIT_HUNG, exit_now, record_exit, stop_all
 
     text = f"{type(err).__name__}: {err}"
     dist_error = getattr(dist, "DistError", ())
     peer_gone = ("by peer", "Connection refused", "Broken pipe", "Socket Timeout", "timed out")
     if not (isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(
             s in text for s in peer_gone))):
+        stop_all()  # a crash: its shutdown is no hang, and no reason to requeue
         return
     rank = dist.get_rank() if dist.is_initialized() else 0
     print(f"rank {rank}: a collective failed because another rank is gone ({text.strip()[:300]}); "

@@ -171,6 +171,7 @@ class HangWatchdog:
 
     def start(self) -> None:
         if self._thread is None and self.enabled:
+            _RUNNING.append(self)
             self._thread = threading.Thread(target=self._watch, name="longctx-hang-watchdog",
                                             daemon=True)
             self._thread.start()
@@ -214,6 +215,16 @@ class HangWatchdog:
         record_exit(EXIT_HUNG, f"no progress in '{phase}' for {waited:.1f} s", self.rank)
         sys.stdout.flush()
         self.exit_fn(EXIT_HUNG)
+
+
+_RUNNING: list[HangWatchdog] = []
+
+
+def stop_all() -> None:
+    """Stops every watchdog of this process (a run ending with an error that is not a hang: its
+    shutdown must not be taken for one and requeued)."""
+    for wd in _RUNNING:
+        wd.stop()
 
 
 class StepTimes:

@@ -135,3 +135,22 @@ def test_watchdog_fires_while_the_main_thread_waits_in_a_collective(tmp_path):
     text = (tmp_path / "hang" / "rank00000.txt").read_text()
     assert "no progress in 'all-reduce with a frozen peer'" in text
     assert "all_reduce" in text and "_frozen_peer" in text  # the main thread's stack
+
+
+def test_peer_failure_exits_76_and_a_crash_stops_the_watchdog(tmp_path, monkeypatch):
+    import megatron_longctx.training.watchdog as wd_mod
+    from megatron_longctx.training.signals import exit_on_peer_failure
+
+    monkeypatch.setenv("LONGCTX_STATUS_DIR", str(tmp_path))
+    codes = []
+    monkeypatch.setattr(wd_mod, "exit_now", codes.append)
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.77.0.12]")
+    exit_on_peer_failure(gloo)
+    assert codes == [76]
+    (status,) = tmp_path.glob("*.0.exit")
+    assert status.read_text() == "76 a collective failed: a peer is gone\n"
+
+    wd = HangWatchdog(tmp_path, bounds=HangBounds(1, 1, 1), exit_fn=codes.append)
+    wd.arm("step 1")
+    exit_on_peer_failure(ValueError("a bug"))  # not a peer: returns, the caller re-raises
+    assert codes == [76] and not wd.overdue() and wd._stop.is_set()
