@@ -83,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except Exception as err:  # a peer gone (killed, node down, network cut): exit 76, requeue
-        import traceback
-
         from megatron_longctx.training.signals import exit_on_peer_failure
 
-        traceback.print_exc()
-        exit_on_peer_failure(err)
+        exit_on_peer_failure(err)  # returns for any other error
         raise
 
 

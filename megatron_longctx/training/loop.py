@@ -30,8 +30,8 @@ from megatron_longctx.training.signals import (
     WallClockDeadline,
 )
 from megatron_longctx.training.state import StageRun, build_stage
-from megatron_longctx.training.watchdog import HangWatchdog
 from megatron_longctx.training.step import StepResult, forward_backward
+from megatron_longctx.training.watchdog import HangWatchdog
 
 
 def train(

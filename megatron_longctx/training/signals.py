@@ -173,6 +173,9 @@ def exit_on_peer_failure(err: BaseException) -> None:
             s in text for s in peer_gone))):
         stop_all()  # a crash: its shutdown is no hang, and no reason to requeue
         return
+    import traceback
+
+    traceback.print_exception(err)
     rank = dist.get_rank() if dist.is_initialized() else 0
     print(f"rank {rank}: a collective failed because another rank is gone ({text.strip()[:300]}); "
           f"exiting {EXIT_HUNG} so the launcher requeues the job", file=sys.stderr, flush=True)
