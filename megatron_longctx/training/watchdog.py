@@ -111,7 +111,7 @@ class HangWatchdog:
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(0.05, self.floor_s / 20))
         self._steps: deque[float] = deque(maxlen=b.window)
         self._deadline: float | None = None
-        self._phase = "start"
+        self._phase, self._bound = "start", 0.0
         self._armed_at = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -153,7 +153,7 @@ class HangWatchdog:
         with self._lock:
             self._armed_at = self.clock()
             self._deadline = self._armed_at + bound
-            self._phase = phase
+            self._phase, self._bound = phase, bound
         self.start()
 
     def arm_long(self, phase: str) -> None:
@@ -190,15 +190,15 @@ class HangWatchdog:
         """Writes every thread's stack to ``hang/rank<N>.txt``, logs, and exits EXIT_HUNG."""
         self.fired = True
         with self._lock:
-            waited, phase = self.clock() - self._armed_at, self._phase
+            waited, phase, bound = self.clock() - self._armed_at, self._phase, self._bound
         restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # one file per run of a job
         suffix = f".restart{restart}" if restart else ""
         path = self.run_dir / "hang" / f"rank{self.rank:05d}{suffix}.txt"
         msg = (
             f"hang watchdog (rank {self.rank}): no progress in '{phase}' for {waited:.1f} s "
-            f"(bound {self.bound_s():.1f} s = {self.factor:g} x slowest recent step "
+            f"(bound {bound:.1f} s; a step's: {self.factor:g} x slowest recent step "
             f"{max(self._steps, default=0.0):.2f} s, clamped to [{self.floor_s:g}, "
-            f"{self.ceiling_s:g}] s)"
+            f"{self.ceiling_s:g}] s; first steps and saves: {self.ceiling_s:g} s)"
         )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
