@@ -25,6 +25,7 @@
 set -euo pipefail
 
 readonly LONGCTX_EXIT_PREEMPTED=75  # megatron_longctx/training/signals.py
+readonly LONGCTX_EXIT_HUNG=76       # training/watchdog.py: a rank hung or a peer is gone; no save
 readonly LONGCTX_EXIT_CONFIG=2
 readonly LONGCTX_EXIT_BUSY=4        # the run directory belongs to another live job
 
@@ -274,6 +275,24 @@ _wait_step() {
     LONGCTX_STEP_RC=$rc
 }
 
+# srun answers the highest exit code of its tasks. After a hang that is the SIGKILL of the rank
+# that hung (137), not the EXIT_HUNG of the ranks that found it: those record their code in
+# $LONGCTX_PID_DIR/restart<N>/<host>.<rank>.exit (LONGCTX_STATUS_DIR), which decides then.
+_trainer_rc() {
+    local rc=$1 f code reason
+    if ((rc != 0 && rc != LONGCTX_EXIT_PREEMPTED)); then
+        for f in "$LONGCTX_STATUS_DIR"/*.exit; do
+            [[ -e $f ]] || continue
+            read -r code reason <"$f" || true
+            if [[ $code == "$LONGCTX_EXIT_HUNG" ]]; then
+                _log "srun exit $rc; ${f##*/}: $code ($reason)" >&2
+                rc=$LONGCTX_EXIT_HUNG
+            fi
+        done
+    fi
+    echo "$rc"
+}
+
 # 5. what the exit code means -----------------------------------------------------------------------
 _after_trainer() {
     local rc=$1
@@ -283,8 +302,14 @@ _after_trainer() {
             _submit_eval
             _unlock_run_dir
             exit 0 ;;
-        "$LONGCTX_EXIT_PREEMPTED")
-            _log "trainer checkpointed and exited $rc (preempted${LONGCTX_SIGNALLED:+ by SIG$LONGCTX_SIGNALLED})"
+        "$LONGCTX_EXIT_PREEMPTED" | "$LONGCTX_EXIT_HUNG")
+            if ((rc == LONGCTX_EXIT_HUNG)); then
+                _log "trainer exited $rc (a rank made no progress within the hang bound: stacks in" \
+                    "the run directory's hang/; or a collective failed because a peer is gone);" \
+                    "the requeued run resumes from the newest complete checkpoint"
+            else
+                _log "trainer checkpointed and exited $rc (preempted${LONGCTX_SIGNALLED:+ by SIG$LONGCTX_SIGNALLED})"
+            fi
             local restarts=${SLURM_RESTART_COUNT:-0}
             if [[ -n $LONGCTX_GOT_TERM ]]; then
                 _log "not requeueing: this job got SIGTERM (scancel, its time limit, or SLURM" \
@@ -300,7 +325,9 @@ _after_trainer() {
                 if scontrol requeue "$SLURM_JOB_ID"; then
                     exit "$rc"  # the lock stays with this job id
                 fi
-                _log "scontrol requeue failed (job cancelled?): resubmit the same command to resume"
+                _log "scontrol requeue failed; job state now '$(_job_state "$SLURM_JOB_ID")'" \
+                    "(PENDING: SLURM requeued it itself, e.g. after a node failure). Otherwise" \
+                    "(cancelled?) resubmit the same command to resume"
             fi
             _unlock_run_dir
             exit "$rc" ;;
@@ -362,6 +389,10 @@ longctx_launch() {
     # setsid (defensive): where a SLURM version delivers a batch-shell signal (--signal=B:...,
     # scancel --batch) to the shell's whole process group, srun must not get it: it would forward
     # it to every process of the step. (22.05 signals the shell only.)
+    # The trainer's EXIT_HUNG records (_trainer_rc), per run: a rank of an earlier run of this job
+    # cut off from the network may still write its record when the link returns.
+    export LONGCTX_STATUS_DIR=$LONGCTX_PID_DIR/restart${SLURM_RESTART_COUNT:-0}
+    mkdir -p "$LONGCTX_STATUS_DIR"
     local srun_cmd=(srun --label --kill-on-bad-exit=0 --wait="$LONGCTX_TASK_GRACE_S"
                     --ntasks="$SLURM_NTASKS" --cpus-per-task="$LONGCTX_CPUS_PER_TASK")
     if [[ $LONGCTX_GPU_BINDING == task ]]; then srun_cmd+=(--gpus-per-task=1); fi
@@ -378,7 +409,7 @@ longctx_launch() {
     LONGCTX_SRUN_PID=$!
     _wait_step "$LONGCTX_SRUN_PID"
     trap - USR1 TERM
-    _after_trainer "$LONGCTX_STEP_RC"
+    _after_trainer "$(_trainer_rc "$LONGCTX_STEP_RC")"
 }
 
 # 10. evaluation as its own job ---------------------------------------------------------------------

@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         # already written is touched.
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Exception as err:  # a peer gone (killed, node down, network cut): exit 76, requeue
+        from megatron_longctx.training.signals import exit_on_peer_failure
+
+        exit_on_peer_failure(err)  # returns for any other error
+        raise
 
 
 if __name__ == "__main__":

@@ -283,6 +283,11 @@ class TrainingSection:
     dist_timeout_minutes: timeout of every process group, the world group and megatron's
         (NCCL and gloo) alike (Megatron-LM's --distributed-timeout-minutes): how long a rank waits
         in a collective (e.g. for rank 0 saving or building an index cache) before failing.
+    hang_timeout_factor / hang_timeout_min_s / hang_timeout_max_s: the hang watchdog
+        (training/watchdog.py): a rank that makes no progress for factor x the slowest recent
+        step, clamped to [min_s, max_s] (max_s also for a stage's first step, saves and a
+        stage-end evaluation in training: raise it if those take longer), writes
+        its stacks to <run_dir>/hang/ and exits 76 (the launcher requeues). factor 0: off.
     """
 
     device: str = "auto"
@@ -293,6 +298,9 @@ class TrainingSection:
     fp16: bool = False
     attention_kernel: str = "auto"
     dist_timeout_minutes: float = 30.0
+    hang_timeout_factor: float = 5.0
+    hang_timeout_min_s: float = 120.0
+    hang_timeout_max_s: float = 900.0
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -308,6 +316,13 @@ class TrainingSection:
         if self.dist_timeout_minutes <= 0:
             raise ConfigError(
                 f"training.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}"
+            )
+        lo, hi = self.hang_timeout_min_s, self.hang_timeout_max_s
+        if self.hang_timeout_factor < 0 or not 0 < lo <= hi:
+            raise ConfigError(
+                "training.hang_timeout_*: need factor >= 0 (0: off) and 0 < min_s <= max_s, got "
+                f"factor {self.hang_timeout_factor}, min_s {self.hang_timeout_min_s}, max_s "
+                f"{self.hang_timeout_max_s}"
             )
 
     @property

@@ -38,6 +38,7 @@ from megatron_longctx.training.signals import (
 )
 from megatron_longctx.training.state import StageRun, build_stage
 from megatron_longctx.training.step import StepResult, forward_backward
+from megatron_longctx.training.watchdog import HangWatchdog
 
 
 def train(
@@ -49,6 +50,7 @@ def train(
 ) -> int:
     """Runs (or resumes) the whole curriculum. ``callbacks`` run after checkpointing, before the
     preemption check. Returns the process exit code."""
+
     from megatron_longctx.runtime.distributed import init_process_group
 
     timeout_s = 60 * cfg.training.dist_timeout_minutes
@@ -66,7 +68,10 @@ def train(
     faults = FaultInjector()
     saver = Checkpointing(cfg, resolved, faults)
     signals = SignalWatcher(deadline=WallClockDeadline.from_env(), device=device)
-    hooks = [Metrics(metrics), Faults(faults), saver, *callbacks, Preemption(signals, saver)]
+    watchdog = HangWatchdog.from_config(cfg.training, cfg.logging.run_dir, get_rank())
+    report = Metrics(metrics)
+    step_end = Preemption(signals, saver, watchdog, report)  # + straggler figures, hang watchdog
+    hooks = [report, Faults(faults), saver, *callbacks, step_end]
     rc = run_stages(cfg, point, device, hooks, metrics, lineage, config_dir)
     for hook in hooks:
         hook.close()

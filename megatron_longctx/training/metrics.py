@@ -1,6 +1,9 @@
 """What the loop reports: the per-step metrics record (loss, LR, throughput, MFU from the perf
 model with the document-masked attention term, memory, CP / DP balance) to stdout (rank 0, every
 ``logging.interval`` steps), metrics.jsonl, wandb (offline unless configured) and a loss-curve PNG.
+The step end (training/callbacks.py Preemption) adds the straggler figures of its collective:
+``step_time_max_s``, ``straggler_rank`` / ``straggler_lag_s`` (last rank at the step end, seconds
+after the median rank), ``cpu_straggler_rank`` / ``cpu_lag_s`` (training/watchdog.py StepTimes).
 """
 
 from __future__ import annotations
@@ -92,10 +95,16 @@ class MetricsLogger:
     def reset_timer(self) -> None:
         self._t = time.perf_counter()
 
-    def log(self, record: dict) -> None:
+    def stamp(self, record: dict) -> None:
+        """Sets the record's ``step_time_s`` (this rank, since the previous record) now; ``log``
+        does it for a record not stamped before."""
         now = time.perf_counter()
         record["step_time_s"] = now - self._t
         self._t = now
+
+    def log(self, record: dict) -> None:
+        if "step_time_s" not in record:
+            self.stamp(record)
         if not self.rank0:
             return
         with open(self.path, "a") as f:
@@ -112,6 +121,12 @@ class MetricsLogger:
                 f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f} | "
                 f"tok/s {record['tokens_per_s']:.0f} | MFU {100 * record['mfu']:.2f}% | "
                 f"mem {record['memory_gib']:.2f} GiB"
+                + (
+                    f" | slowest rank {record['straggler_rank']} "
+                    f"+{record['straggler_lag_s']:.2f} s"
+                    if "straggler_rank" in record
+                    else ""
+                )
                 + (" | SKIPPED" if record.get("skipped") else ""),
                 flush=True,
             )

@@ -4,7 +4,10 @@ the exit codes that tell the launcher what happened.
 Exit codes a launcher can act on (launch/common.sh requeues on EXIT_PREEMPTED only):
   0  finished;  EXIT_PREEMPTED (75) checkpoint saved after SIGTERM/SIGUSR1 or before the job's
   time limit (WallClockDeadline), requeue me;
-  EXIT_NONFINITE (3) NaN/inf loss or grad norm, nothing checkpointed after it; 2 config error.
+  EXIT_NONFINITE (3) NaN/inf loss or grad norm, nothing checkpointed after it; 2 config error;
+  EXIT_HUNG (76, training/watchdog.py) no progress within the hang bound, or a collective failed
+  because a peer is gone: stacks in <run_dir>/hang/, nothing saved, requeue me (resume from the
+  newest complete checkpoint).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -127,18 +131,56 @@ class SignalWatcher:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def agreed(self) -> bool:
+    def agreed(self, step_times: tuple[float, float] | None = None) -> bool:
+        """The step-end collective (one all-reduce): signal / deadline flags, and, with
+        ``step_times`` (this rank's watchdog.StepTimes.local()), every rank's step times, kept in
+        ``self.arrival`` / ``self.cpu`` (lists indexed by rank) for the straggler figures and the
+        hang watchdog's bound."""
         due = self.deadline is not None and self.deadline.due()
-        flag = torch.tensor([self.received is not None, due], dtype=torch.int32, device=self.device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        n = world if step_times is not None else 0
+        flag = torch.zeros(2 + 2 * n, dtype=torch.float64, device=self.device)
+        flag[0], flag[1] = float(self.received is not None), float(due)
+        if n:  # each rank fills its own slots; MAX over ranks assembles the table
+            flag[2 + rank], flag[2 + n + rank] = max(step_times[0], 0.0), max(step_times[1], 0.0)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        got_signal, deadline_due = (bool(v) for v in flag.tolist())
+        values = flag.tolist()
+        got_signal, deadline_due = bool(values[0]), bool(values[1])
+        self.arrival, self.cpu = values[2 : 2 + n], values[2 + n :]
         if got_signal:
             name = signal.Signals(self.received).name if self.received else "a signal"
             self.reason = f"signal received ({name} on this rank or another)"
         elif deadline_due:
             self.reason = self.deadline.describe()
         return got_signal or deadline_due
+
+
+def exit_on_peer_failure(err: BaseException) -> None:
+    """Called with an exception that ended training: if it is a collective that failed because
+    another rank is gone (its process killed, its node down, its network cut: gloo's "Connection
+    reset/closed by peer", c10d's DistError family), writes this rank's stacks and ends the
+    process with watchdog.EXIT_HUNG (the launcher requeues; the run resumes from the newest
+    complete checkpoint). Any other exception: stops the hang watchdog and returns (the caller
+    re-raises it)."""
+    from megatron_longctx.training.watchdog import EXIT_HUNG, exit_now, record_exit, stop_all
+
+    text = f"{type(err).__name__}: {err}"
+    dist_error = getattr(dist, "DistError", ())
+    peer_gone = ("by peer", "Connection refused", "Broken pipe", "Socket Timeout", "timed out")
+    if not (isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(
+            s in text for s in peer_gone))):
+        stop_all()  # a crash: its shutdown is no hang, and no reason to requeue
+        return
+    import traceback
+
+    traceback.print_exception(err)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    print(f"rank {rank}: a collective failed because another rank is gone ({text.strip()[:300]}); "
+          f"exiting {EXIT_HUNG} so the launcher requeues the job", file=sys.stderr, flush=True)
+    record_exit(EXIT_HUNG, "a collective failed: a peer is gone", rank)
+    exit_now(EXIT_HUNG)  # Python's shutdown would wait on the process group's threads
 
 
 class FaultInjector:

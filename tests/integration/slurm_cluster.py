@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_longctx.testing.reaper import unmarked_env
+from megatron_longctx.testing.slurm_install import (  # noqa: F401 (re-exported)
+    ClusterUnavailable,
+    install as _install,
+    start_munge as _start_munge,
+)
 
 CONF = Path("/etc/slurm/slurm.conf")
 OURS = "# written by tests/integration/slurm_cluster.py"
 STATE = Path("/var/spool/longctx-slurm")
 LOGS = Path("/var/log/longctx-slurm")
-
-
-class ClusterUnavailable(RuntimeError):
-    """No SLURM can be started here; the message says why."""
 
 
 def sh(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -84,43 +85,6 @@ def _wait_idle(deadline_s: float) -> bool:
                check=False)
         time.sleep(0.5)
     return False
-
-
-def _install() -> None:
-    if shutil.which("slurmctld") and shutil.which("munged"):
-        return
-    if not shutil.which("apt-get"):
-        raise ClusterUnavailable("slurmctld is not installed and there is no apt-get to install it")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        if p.returncode != 0:
-            raise ClusterUnavailable(f"{' '.join(cmd)} failed: {p.stderr[-1500:]}")
-
-
-def _start_munge() -> None:
-    if sh("munge", "-n", check=False, timeout=10).returncode == 0:
-        return
-    key = Path("/etc/munge/munge.key")
-    if not key.exists():
-        key.write_bytes(os.urandom(1024))
-        shutil.chown(key, "munge", "munge")
-        key.chmod(0o400)
-    for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        shutil.chown(d, "munge", "munge")
-    subprocess.run(
-        ["runuser", "-u", "munge", "--", "munged", "--force"],
-        check=False,
-        timeout=30,
-        env=unmarked_env(),  # a daemon that outlives the test session: the reaper spares it
-    )
-    for _ in range(50):
-        if sh("munge", "-n", check=False, timeout=10).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise ClusterUnavailable("munged did not start (munge -n fails)")
 
 
 def _stop_daemons() -> None:

@@ -62,7 +62,8 @@ exec "$@"
 
 PYTHON = r"""#!/bin/bash
 # The trainer: --dry-run prints two stage lines (exit FAKE_CHECK_RC); a task records its environment
-# and arguments, then FAKE_TRAINER: exit:N, or "signal" (exit 75 on SIGUSR1, 1 after 20 s).
+# and arguments, then FAKE_TRAINER: exit:N, "signal" (exit 75 on SIGUSR1, 1 after 20 s), or "hung"
+# (rank 0 found a hang: records 76 in LONGCTX_STATUS_DIR and exits 76; the others were SIGKILLed).
 echo "python $*" >>"$FAKE_DIR/calls.log"
 if [[ " $* " == *" --dry-run "* ]]; then
     echo "stage short: world 2 = TP 1 x PP 1 x CP 1 x DP 2"
@@ -74,6 +75,12 @@ printf '%s\n' "$@" >"$FAKE_DIR/task.$SLURM_PROCID.args"
 mode=${FAKE_TRAINER:-exit:0}
 case $mode in
     exit:*) exit "${mode#exit:}" ;;
+    hung)
+        if [[ $SLURM_PROCID == 0 ]]; then
+            echo "76 no progress in 'step 4' for 10.2 s" >"$LONGCTX_STATUS_DIR/node001.0.exit"
+            exit 76
+        fi
+        exit 137 ;;
     signal)
         trap 'exit 75' USR1
         touch "$FAKE_DIR/task.$SLURM_PROCID.ready"

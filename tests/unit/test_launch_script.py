@@ -220,3 +220,16 @@ def test_evaluation_is_a_dependent_job(fake):
         f"srun --nodes=1 --ntasks=1 true tools/eval_longctx.py --load {ckpts}/iter_0000010 "
         f"--output-dir {fake.run_dir}/eval/iter_0000010 --tasks loss --loss-data d/x"
     ]
+
+
+def test_a_hang_found_by_one_rank_requeues_although_srun_reports_the_kill(fake):
+    # srun answers the highest task exit code: 137 for the rank that hung and was SIGKILLed; the
+    # rank that found the hang recorded 76 (training/watchdog.py record_exit), which decides.
+    run = fake.launch(FAKE_TRAINER="hung")
+    assert run.rc == 76, run.out
+    assert "srun exit 137; node001.0.exit: 76 (no progress in 'step 4' for 10.2 s)" in run.out
+    assert "trainer exited 76 (a rank made no progress" in run.out and "requeueing job 1234" in run.out
+    assert run.calls("scontrol")[-1] == "scontrol requeue 1234"
+    # a plain crash (no record) is still a failure, not requeued
+    run = fake.launch(FAKE_TRAINER="exit:137")
+    assert run.rc == 137 and "not requeueing" in run.out and "requeueing job" not in run.out
