@@ -24,20 +24,20 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 def cp2_recipe(path: Path, steps: int = 6) -> Path:
     """examples/tiny_test.yaml's CP 2 stage ('long') alone, ``steps`` steps, a checkpoint every
     2, and a hang bound for a loaded 2-core machine (steps of 0.4 s took up to 6.5 s there):
-    3 x the slowest step, at least 20 s."""
+    3 x the slowest step, at least 20 s, at most 45 s (a save's bound: saves take ~3 s idle)."""
     cfg = yaml.safe_load((ROOT / "examples" / "tiny_test.yaml").read_text())
     cfg["stages"] = [dict(cfg["stages"][1], steps=steps, checkpoint_interval=2)]
     cfg["checkpoint"]["keep_last"] = 10
     cfg["training"] = {"hang_timeout_factor": 3.0, "hang_timeout_min_s": 20.0,
-                       "hang_timeout_max_s": 90.0}
+                       "hang_timeout_max_s": 45.0}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 class NetJob:
     """One ``sbatch -N 2 --ntasks-per-node=1 launch/prolong_512k.sh`` on the cluster. srun gives
-    the other tasks 30 s after the first one ends (LONGCTX_TASK_GRACE_S; rank 0 still plots the
-    loss curve after rank 1 is done, up to ~20 s on a loaded machine), which is also how long a
+    the other tasks 20 s after the first one ends (LONGCTX_TASK_GRACE_S; rank 0 still plots the
+    loss curve after rank 1 is done, a few seconds on an idle machine), which is also how long a
     frozen rank lives on after another found the hang."""
 
     def __init__(self, cluster: NetCluster, recipe: Path, run_dir: Path, data_dir: Path,
@@ -48,7 +48,7 @@ class NetJob:
         full_env = dict(base, LONGCTX_CONFIG=str(recipe), LONGCTX_DEVICE="cpu",
                         LONGCTX_RUN=str(run_dir), LONGCTX_DATA=str(data_dir),
                         LONGCTX_PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="offline",
-                        LONGCTX_TASK_GRACE_S="30", **env)
+                        LONGCTX_TASK_GRACE_S="20", **env)
         p = cluster.run("ctl", "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
                         "--gpus-per-node=0", "--time=20", f"--output={self.log}", *sbatch_args,
                         str(SCRIPT), env=full_env, wd=ROOT, timeout=60)

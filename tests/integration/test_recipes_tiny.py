@@ -15,7 +15,9 @@ torch-AdamW fallback). Kept from the file: bf16, the distributed optimizer, Adam
 schedule, RoPE theta per stage, recompute, stage structure, init_from, SFT.
 
 Each recipe: SIGTERM after step 1 (checkpoint, exit 75), resume to the end, then
-``mcore-to-hf`` with its parity gate (``--verify full``: RoPE and logits vs transformers). The
+``mcore-to-hf`` with its parity gate (RoPE vs transformers at sampled positions; for
+prolong_512k ``--verify full``, also the logits probe). prolong_64k.yaml is prolong_512k.yaml's
+first stage, setting for setting (checked here), so it runs inside prolong_512k's run. The
 two-stage ProLong recipe (transition TP 2 x DP 1 -> CP 2 under the distributed optimizer) is also
 SIGKILLed inside its stage-1-final save and again in stage 2 before its first checkpoint (the
 transition is redone), and run uninterrupted: the two exports are bitwise equal.
@@ -38,7 +40,6 @@ from tests.integration.run_utils import ROOT, launch, metrics
 VOCAB = 512
 #: recipe -> per stage (sequence length, TP, CP); DP = 2 / (TP x CP).
 LAYOUTS = {
-    "prolong_64k": [(256, 2, 1)],
     "prolong_512k": [(256, 2, 1), (512, 1, 2)],
     "llama2_long_32k": [(256, 1, 1)],
     "prolong_sft": [(256, 2, 1)],
@@ -143,7 +144,22 @@ def _overrides(name: str, data: dict, out: Path) -> list[str]:
     return model + extra
 
 
-def _run(name, root, data, run, faults: tuple[str, ...]):
+def test_prolong_64k_is_the_first_stage_of_prolong_512k():
+    """prolong_64k.yaml is run through prolong_512k.yaml (same stage name and checkpoint
+    directory, so the 512K file continues a 64K run): every setting but the name and the second
+    stage is the same, so the tiny-shape run of prolong_512k runs prolong_64k's stage as well."""
+    from megatron_longctx.config.loading import load_yaml
+
+    short = load_yaml(ROOT / "examples" / "prolong_64k.yaml")
+    full = load_yaml(ROOT / "examples" / "prolong_512k.yaml")
+    assert short.pop("name") == "prolong_64k" and full.pop("name") == "prolong_512k"
+    eval_flag = short["stages"][0].pop("eval", None)  # 64K alone evaluates its end
+    assert eval_flag in (True, None)
+    assert full.pop("stages")[:1] == short.pop("stages")
+    assert full == short
+
+
+def _run(name, root, data, run, faults: tuple[str, ...], verify: str = "rope"):
     """Launches until the recipe completes: one launch per fault, then a clean one."""
     config = ROOT / "examples" / f"{name}.yaml"
     overrides = _overrides(name, data, root)
@@ -161,7 +177,7 @@ def _run(name, root, data, run, faults: tuple[str, ...]):
     recs = metrics(run)
     assert len(recs) == 2 * len(LAYOUTS[name]), recs
     assert all(np.isfinite(r["loss"]) for r in recs)
-    _cli("mcore-to-hf", "--load", run / "checkpoints", "--save", run / "hf", "--verify", "full")
+    _cli("mcore-to-hf", "--load", run / "checkpoints", "--save", run / "hf", "--verify", verify)
     return run / "hf"
 
 
@@ -169,10 +185,11 @@ def _run(name, root, data, run, faults: tuple[str, ...]):
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_recipe_runs_at_tiny_shapes(artifacts, tmp_path, name):
     root, data = artifacts
-    faults = ("term_after_step:1",)
+    faults, verify = ("term_after_step:1",), "rope"
     if name == "prolong_512k":  # + SIGKILL inside the stage-1-final save, then in stage 2
         faults += ("kill_in_save:2", "kill_after_step:3")
-    hf = _run(name, root, data, tmp_path / "interrupted", faults)
+        verify = "full"  # + the logits probe (megatron vs transformers), once
+    hf = _run(name, root, data, tmp_path / "interrupted", faults, verify)
     cfg = yaml.safe_load((hf / "config.json").read_text())
     theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
     recipe = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
@@ -181,7 +198,7 @@ def test_recipe_runs_at_tiny_shapes(artifacts, tmp_path, name):
     assert theta == float(last.get("rope_theta") or recipe["model"]["rope_theta"])
     if name != "prolong_512k":
         return
-    straight = _run(name, root, data, tmp_path / "straight", ())
+    straight = _run(name, root, data, tmp_path / "straight", (), "none")
     from safetensors.torch import load_file
 
     a, b = load_file(hf / "model.safetensors"), load_file(straight / "model.safetensors")
