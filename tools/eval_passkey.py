@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--samples", type=int, default=40, help="prompts per (checkpoint, length)")
     p.add_argument("--digits", type=int, default=5, help="passkey digits (make demo: 2)")
+    p.add_argument(
+        "--max-depth",
+        type=float,
+        default=1.0,
+        help="key depths spread over [0, this] (make demo: 0.25, the key >= 3/4 of the context "
+        "before the query)",
+    )
     p.add_argument("--seed", type=int, default=0, help="prompt seed (training data uses others)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
@@ -45,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is not a complete checkpoint (iter_NNNNNNN)", file=sys.stderr)
             return 2
         results[label] = accuracy_grid(
-            path, args.lengths, args.samples, args.seed, num_digits=args.digits
+            path,
+            args.lengths,
+            args.samples,
+            args.seed,
+            num_digits=args.digits,
+            max_depth=args.max_depth,
         )
     width = max(len(k) for k in results) + 2
     print(
-        f"passkey accuracy ({args.samples} prompts per cell, greedy exact match of "
-        f"{args.digits} digits)\n"
+        f"passkey accuracy ({args.samples} prompts per cell, key depth 0-{args.max_depth:g} of "
+        f"the context, greedy exact match of {args.digits} digits)\n"
         + f"{'model':<{width}}"
         + "".join(f"{'@' + str(n):>8}" for n in args.lengths)
         + "  RoPE theta"

@@ -99,15 +99,22 @@ def write_passkey_dataset(
 
 
 def eval_prompts(
-    length: int, num_samples: int, vocab_size: int, seed: int, num_digits: int = NUM_DIGITS
+    length: int,
+    num_samples: int,
+    vocab_size: int,
+    seed: int,
+    num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` documents of ``length`` tokens with depths evenly spread over [0, 1].
+    """``num_samples`` documents of ``length`` tokens with depths evenly spread over
+    ``[0, max_depth]`` (``max_depth`` 0.25: the key is in the first quarter, so the query must reach
+    back at least three quarters of the context).
 
     Returns:
         ``(tokens int64 [n, length], answers int64 [n, num_digits])``.
     """
     rng = np.random.default_rng([seed, length])
-    depths = (np.arange(num_samples) + 0.5) / num_samples
+    depths = max_depth * (np.arange(num_samples) + 0.5) / num_samples
     docs = [passkey_document(rng, length, vocab_size, float(d), num_digits)[0] for d in depths]
     tokens = torch.from_numpy(np.stack(docs))
     return tokens, tokens[:, -num_digits:].clone()
@@ -166,9 +173,11 @@ def passkey_accuracy(
     seed: int = 0,
     batch_size: int = 8,
     num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> float:
-    """Greedy exact-match accuracy of the digits over ``num_samples`` prompts of ``length``."""
-    tokens, answers = eval_prompts(length, num_samples, vocab_size, seed, num_digits)
+    """Greedy exact-match accuracy of the digits over ``num_samples`` prompts of ``length``
+    (key depths in ``[0, max_depth]``, see :func:`eval_prompts`)."""
+    tokens, answers = eval_prompts(length, num_samples, vocab_size, seed, num_digits, max_depth)
     correct = 0
     for start in range(0, num_samples, batch_size):
         x = tokens[start : start + batch_size]
@@ -189,12 +198,13 @@ def accuracy_grid(
     seed: int = 0,
     batch_size: int = 8,
     num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> dict:
     """Accuracy per length for one checkpoint, plus the RoPE it was evaluated with."""
     model, cfg = load_model(ckpt_dir)
     acc = {
         int(n): passkey_accuracy(
-            model, cfg.vocab_size, int(n), num_samples, seed, batch_size, num_digits
+            model, cfg.vocab_size, int(n), num_samples, seed, batch_size, num_digits, max_depth
         )
         for n in lengths
     }
