@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         env=env,
     )
 
+    env["LONGCTX_FALLBACK_NOTED"] = "1"  # the trainer said it; the tools below need not repeat it
     from megatron_longctx.checkpoint.dist import find_latest, iteration_dir
 
     ckpts = run_dir / "checkpoints"

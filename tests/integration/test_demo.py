@@ -13,12 +13,14 @@ import pytest
 
 from tests.integration.run_utils import ROOT
 
-# Measured over seeds 1234 (the recipe's), 1 and 2 (docs in /work/notes/issue32.md): stage 1 at
-# 1,024 tokens 0.00 / 0.00 / 0.00, stage 2 >= STAGE2_MIN_MEASURED; the bars keep that margin.
+# The issue's bars. Measured (40 prompts per cell) over seeds 1234 (the recipe's, this test), 1
+# and 2: stage 1 at 1,024 tokens 0.15 / 0.07 / 0.17, stage 2 1.00 / 0.97 / 1.00. The stage-2 side
+# has a wide margin; the stage-1 side a thin one (RoPE at theta 1e4 partly extrapolates a 2-digit
+# retrieval; see /work/notes/issue32.md). At the fixed seed the run is deterministic on CPU.
 STAGE1_MAX, STAGE2_MIN = 0.2, 0.5
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1600)
 def test_demo_pipeline(tmp_path):
     out = tmp_path / "demo"
     with open(tmp_path / "demo.log", "w") as log:
@@ -27,7 +29,7 @@ def test_demo_pipeline(tmp_path):
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            timeout=850,
+            timeout=1500,  # a hang guard: ~3 min on 2 idle cores, 18 min measured on a shared one
         )
     text = (tmp_path / "demo.log").read_text()
     assert proc.returncode == 0, text[-4000:]
