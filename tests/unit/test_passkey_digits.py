@@ -38,3 +38,11 @@ def test_default_is_five_digits_and_prompts_follow():
     assert (a[0] == b[0]).all() and a[1].sum() == 5
     tokens, answers = eval_prompts(64, 4, 512, seed=3, num_digits=2)
     assert answers.shape == (4, 2) and (tokens[:, -2:] == answers).all()
+
+
+def test_max_depth_puts_every_key_in_the_first_part():
+    length, n = 1024, 20
+    tokens, _ = eval_prompts(length, n, 512, seed=0, num_digits=2, max_depth=0.15)
+    filler = length - 2 * 2 - 2
+    at = (tokens == KEY).int().argmax(1)
+    assert (at <= round(0.15 * filler)).all() and at.max() > 0.1 * filler  # spread over [0, .15]
