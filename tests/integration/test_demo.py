@@ -13,10 +13,9 @@ import pytest
 
 from tests.integration.run_utils import ROOT
 
-# The issue's bars. Measured (40 prompts per cell) over seeds 1234 (the recipe's, this test), 1
-# and 2: stage 1 at 1,024 tokens 0.15 / 0.07 / 0.17, stage 2 1.00 / 0.97 / 1.00. The stage-2 side
-# has a wide margin; the stage-1 side a thin one (RoPE at theta 1e4 partly extrapolates a 2-digit
-# retrieval; see /work/notes/issue32.md). At the fixed seed the run is deterministic on CPU.
+# The issue's bars. Measured (40 prompts per cell) with the default seeds (this test) and with
+# --seed 1 / 2: stage 1 at 1,024 tokens 0.00 / 0.03 / 0.10, stage 2 0.93 / 0.90 / 0.80 (margins
+# >= 0.10 and >= 0.30; /work/notes/issue32.md). At fixed seeds the run is deterministic on CPU.
 STAGE1_MAX, STAGE2_MIN = 0.2, 0.5
 
 
@@ -37,7 +36,7 @@ def test_demo_pipeline(tmp_path):
     assert len(lines) < 150, text
     assert not [x for x in lines if re.search(r"FutureWarning|DeprecationWarning", x)], text
     recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    n1, n2 = 400, 40  # examples/tiny_cpu.yaml's stages
+    n1, n2 = 250, 40  # examples/tiny_cpu.yaml's stages
     assert [r["iteration"] for r in recs] == list(range(1, n1 + n2 + 1))
     for r in recs:  # balance telemetry on every step (stage s1k runs CP 2 with balanced chunks)
         assert r["cp_work_max_over_mean"] >= 1 and r["dp_work_max_over_mean"] >= 1
