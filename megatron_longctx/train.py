@@ -55,8 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="with --dry-run: the world size to validate against (default: from env)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party warnings and log lines too (= LONGCTX_LOG_LEVEL=debug; "
+        "the filter list is megatron_longctx/logs.py)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=2e-5")
     args = p.parse_args(argv)
+    if args.verbose:
+        from megatron_longctx.logs import ENV, apply_filters
+
+        os.environ[ENV] = "debug"  # for the processes this one starts (data workers, eval)
+        apply_filters(verbose=True)
     try:
         cfg = ExperimentConfig.load(args.config, args.overrides)
         world = args.world_size or int(

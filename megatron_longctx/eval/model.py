@@ -11,6 +11,7 @@ count only real tokens, so a padded prompt sees exactly what it would see alone.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -88,6 +89,10 @@ class HFEvalModel:
         )
         self.device = device
         self.tokenizer = tokenizer
+        # The KV cache's keyword: ``cache`` in transformers >= 5.x, where ``past_key_values`` is a
+        # deprecated alias (a FutureWarning and a log line per call); ``past_key_values`` before.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         cfg = self.model.config
         self.max_length = int(cfg.max_position_embeddings)
         vocab = int(cfg.vocab_size)
@@ -124,7 +129,7 @@ class HFEvalModel:
         ids, mask = self._pad(prompts)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, done = out.past_key_values, torch.zeros(len(prompts), dtype=torch.bool)
+        past, done = getattr(out, self._cache_kw), torch.zeros(len(prompts), dtype=torch.bool)
         gen: list[list[int]] = [[] for _ in prompts]
         nxt = out.logits[:, -1].argmax(-1)
         for step in range(max_new_tokens):
@@ -140,10 +145,10 @@ class HFEvalModel:
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=past,
                 use_cache=True,
+                **{self._cache_kw: past},
             )
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+            past, nxt = getattr(out, self._cache_kw), out.logits[:, -1].argmax(-1)
         return gen
 
     @torch.no_grad()

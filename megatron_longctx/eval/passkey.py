@@ -4,6 +4,10 @@ A passkey document of ``n`` tokens (``n >= 13``)::
 
     filler[:depth]  KEY  d1 d2 d3 d4 d5  filler[depth:]  QUERY  d1 d2 d3 d4 d5
 
+(5 digits by default, ``num_digits`` otherwise: ``make demo`` uses 2, which its tiny model learns
+in a few hundred steps; with 5, the digits after the first need an induction circuit that takes
+~1,000 steps, docs/REPRODUCE_RESULTS.md).
+
 Filler tokens are uniform over ``[FILLER_LOW, vocab_size)``; the 5 digits are ids ``DIGIT0 ..
 DIGIT0 + 9``; the key block sits at a uniformly random depth. The stored loss mask is 1 only on the
 5 answer digits, so training (through ``mask_prefixes`` of a mixture component) puts the loss only
@@ -41,7 +45,11 @@ MIN_LENGTH = 2 * NUM_DIGITS + 3
 
 
 def passkey_document(
-    rng: np.random.Generator, length: int, vocab_size: int, depth: float | None = None
+    rng: np.random.Generator,
+    length: int,
+    vocab_size: int,
+    depth: float | None = None,
+    num_digits: int = NUM_DIGITS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One passkey document and its loss mask.
 
@@ -50,24 +58,25 @@ def passkey_document(
         length: total tokens (>= MIN_LENGTH).
         vocab_size: filler ids are drawn from ``[FILLER_LOW, vocab_size)``.
         depth: key position as a fraction of the filler, or None for uniform.
+        num_digits: digits of the passkey.
 
     Returns:
-        ``(tokens int64 [length], mask uint16 [length])`` with mask 1 on the 5 answer digits.
+        ``(tokens int64 [length], mask uint16 [length])`` with mask 1 on the answer digits.
     """
-    if length < MIN_LENGTH:
-        raise ValueError(f"a passkey document needs >= {MIN_LENGTH} tokens, got {length}")
-    num_filler = length - 2 * NUM_DIGITS - 2
+    if length < 2 * num_digits + 3:
+        raise ValueError(f"a passkey document needs >= {2 * num_digits + 3} tokens, got {length}")
+    num_filler = length - 2 * num_digits - 2
     filler = rng.integers(FILLER_LOW, vocab_size, num_filler)
-    digits = rng.integers(0, 10, NUM_DIGITS) + DIGIT0
+    digits = rng.integers(0, 10, num_digits) + DIGIT0
     at = int(rng.integers(0, num_filler + 1)) if depth is None else round(depth * num_filler)
     tokens = np.concatenate([filler[:at], [KEY], digits, filler[at:], [QUERY], digits])
     mask = np.zeros(length, dtype=np.uint16)
-    mask[-NUM_DIGITS:] = 1
+    mask[-num_digits:] = 1
     return tokens.astype(np.int64), mask
 
 
 def write_passkey_dataset(
-    prefix: str | Path, lengths: list[int], vocab_size: int, seed: int
+    prefix: str | Path, lengths: list[int], vocab_size: int, seed: int, num_digits: int = NUM_DIGITS
 ) -> tuple[str, str]:
     """Writes passkey documents of the given lengths as indexed datasets (megatron's builder).
 
@@ -83,7 +92,7 @@ def write_passkey_dataset(
     tok_b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     mask_b = IndexedDatasetBuilder(mask_prefix + ".bin", dtype=np.uint16)
     for n in lengths:
-        tokens, mask = passkey_document(rng, int(n), vocab_size)
+        tokens, mask = passkey_document(rng, int(n), vocab_size, num_digits=num_digits)
         tok_b.add_document(torch.from_numpy(tokens), [int(n)])
         mask_b.add_document(torch.from_numpy(mask.astype(np.int64)), [int(n)])
     tok_b.finalize(prefix + ".idx")
@@ -92,18 +101,25 @@ def write_passkey_dataset(
 
 
 def eval_prompts(
-    length: int, num_samples: int, vocab_size: int, seed: int
+    length: int,
+    num_samples: int,
+    vocab_size: int,
+    seed: int,
+    num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` documents of ``length`` tokens with depths evenly spread over [0, 1].
+    """``num_samples`` documents of ``length`` tokens with depths evenly spread over
+    ``[0, max_depth]`` (``max_depth`` 0.25: the key is in the first quarter, so the query must reach
+    back at least three quarters of the context).
 
     Returns:
-        ``(tokens int64 [n, length], answers int64 [n, 5])``.
+        ``(tokens int64 [n, length], answers int64 [n, num_digits])``.
     """
     rng = np.random.default_rng([seed, length])
-    depths = (np.arange(num_samples) + 0.5) / num_samples
-    docs = [passkey_document(rng, length, vocab_size, float(d))[0] for d in depths]
+    depths = max_depth * (np.arange(num_samples) + 0.5) / num_samples
+    docs = [passkey_document(rng, length, vocab_size, float(d), num_digits)[0] for d in depths]
     tokens = torch.from_numpy(np.stack(docs))
-    return tokens, tokens[:, -NUM_DIGITS:].clone()
+    return tokens, tokens[:, -num_digits:].clone()
 
 
 def init_single_process() -> None:
@@ -152,10 +168,18 @@ def load_model(ckpt_dir: str | Path, attention: str = "megatron"):
 
 @torch.no_grad()
 def passkey_accuracy(
-    model, vocab_size: int, length: int, num_samples: int, seed: int = 0, batch_size: int = 8
+    model,
+    vocab_size: int,
+    length: int,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> float:
-    """Greedy exact-match accuracy of the 5 digits over ``num_samples`` prompts of ``length``."""
-    tokens, answers = eval_prompts(length, num_samples, vocab_size, seed)
+    """Greedy exact-match accuracy of the digits over ``num_samples`` prompts of ``length``
+    (key depths in ``[0, max_depth]``, see :func:`eval_prompts`)."""
+    tokens, _ = eval_prompts(length, num_samples, vocab_size, seed, num_digits, max_depth)
     correct = 0
     for start in range(0, num_samples, batch_size):
         x = tokens[start : start + batch_size]
@@ -167,17 +191,25 @@ def passkey_accuracy(
         _, hit = model.token_scores(
             targets, vocab_size=vocab_size, input_ids=x, position_ids=pos, attention_mask=None
         )
-        correct += int(hit[:, length - NUM_DIGITS - 1 : length - 1].all(dim=1).sum())
+        correct += int(hit[:, length - num_digits - 1 : length - 1].all(dim=1).sum())
     return correct / num_samples
 
 
 def accuracy_grid(
-    ckpt_dir: str | Path, lengths: list[int], num_samples: int, seed: int = 0, batch_size: int = 8
+    ckpt_dir: str | Path,
+    lengths: list[int],
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_digits: int = NUM_DIGITS,
+    max_depth: float = 1.0,
 ) -> dict:
     """Accuracy per length for one checkpoint, plus the RoPE it was evaluated with."""
     model, cfg = load_model(ckpt_dir)
     acc = {
-        int(n): passkey_accuracy(model, cfg.vocab_size, int(n), num_samples, seed, batch_size)
+        int(n): passkey_accuracy(
+            model, cfg.vocab_size, int(n), num_samples, seed, batch_size, num_digits, max_depth
+        )
         for n in lengths
     }
     return {

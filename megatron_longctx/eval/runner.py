@@ -41,6 +41,10 @@ class EvalSettings:
         loss_num_documents: held-out documents scored.
         num_position_buckets: position buckets of the loss analysis (doubling edges).
         plots: write PNG plots.
+        extrapolate: also evaluate lengths beyond the model's ``max_position_embeddings`` (RoPE
+            runs at any position): how a model trained at one length does at the next stage's
+            length, e.g. ``make demo``'s stage-1 model at the stage-2 length. Off by default:
+            such lengths are skipped and recorded with the reason.
     """
 
     context_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
@@ -55,6 +59,7 @@ class EvalSettings:
     loss_num_documents: int = 8
     num_position_buckets: int = 8
     plots: bool = True
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.tasks) - {"needle", "ruler", "loss"})
@@ -86,7 +91,8 @@ class EvalSettings:
 
 
 def _build_samples(make, keys: list[tuple], too_short: list[dict], task: str) -> list[Sample]:
-    """Calls ``make(*key)`` per key; a context too short for the task is recorded, not fatal."""
+    """Calls ``make(*key)`` per key; a context too short for the task is recorded, not fatal (the
+    lengths below a task's minimum are left out before this, see :func:`task_min_lengths`)."""
     out = []
     for key in keys:
         try:
@@ -94,9 +100,37 @@ def _build_samples(make, keys: list[tuple], too_short: list[dict], task: str) ->
         except ValueError as e:
             entry = {"task": task, "length": key[0], "reason": str(e)}
             if entry not in too_short:
-                logger.warning("skipping %s at length %d: %s", task, key[0], e)
+                logger.debug("not running %s at length %d: %s", task, key[0], e)
                 too_short.append(entry)
     return out
+
+
+def _min_length(make, lo: int = 64, hi: int = 1 << 22) -> int | None:
+    """Smallest length at which ``make(length)`` builds a sample (binary search: a longer context
+    only adds haystack), or None when even ``hi`` is too short."""
+
+    def ok(n: int) -> bool:
+        try:
+            make(n)
+            return True
+        except ValueError:
+            return False
+
+    if not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+def task_min_lengths(builder: TaskBuilder, settings: EvalSettings) -> dict[str, int | None]:
+    """The context length each selected task needs (its prompt's fixed parts and needles), with
+    this tokenizer: lengths below it are not run for that task."""
+    tasks = (["needle"] if "needle" in settings.tasks else []) + (
+        list(settings.ruler_tasks) if "ruler" in settings.tasks else []
+    )
+    return {t: _min_length(lambda n, t=t: builder.build(t, n, settings.seed, 0)) for t in tasks}
 
 
 def _run_generation(model, samples: list[Sample], batch_size: int) -> list[dict]:
@@ -126,7 +160,7 @@ def _run_generation(model, samples: list[Sample], batch_size: int) -> list[dict]
 def _split_lengths(settings: EvalSettings, max_length: int) -> tuple[list[int], list[dict]]:
     ok, skipped = [], []
     for length in sorted({int(x) for x in settings.context_lengths}):
-        if length > max_length:
+        if length > max_length and not settings.extrapolate:
             skipped.append(
                 {
                     "length": length,
@@ -160,6 +194,14 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
     }
     too_short: list[dict] = []
     results["lengths"]["too_short_for_task"] = too_short
+    needs = task_min_lengths(builder, settings) if lengths else {}
+    results["lengths"]["task_min_length"] = needs
+    runnable = {t: [L for L in lengths if n is not None and L >= n] for t, n in needs.items()}
+    if any(runnable[t] != lengths for t in needs):  # said once per evaluation
+        logger.warning(
+            "context each task needs: %s; a task is not run below its length",
+            ", ".join(f"{t} >= {n}" for t, n in needs.items()),
+        )
     plots = {}
     if "needle" in settings.tasks and lengths:
         samples = _build_samples(
@@ -167,7 +209,7 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
             [
                 (L, d, settings.seed, i)
                 for d in settings.depths
-                for L in lengths
+                for L in runnable["needle"]
                 for i in range(settings.num_samples)
             ],
             too_short,
@@ -199,7 +241,7 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
         for task in settings.ruler_tasks:
             samples = _build_samples(
                 lambda L, i, t=task: builder.build(t, L, settings.seed, i),
-                [(L, i) for L in lengths for i in range(settings.num_samples)],
+                [(L, i) for L in runnable[task] for i in range(settings.num_samples)],
                 too_short,
                 task,
             )
@@ -215,7 +257,7 @@ def evaluate_model(model, out_dir: str, settings: EvalSettings | dict | None = N
         results["ruler"] = ruler
     if "loss" in settings.tasks:
         length = settings.loss_length or (max(lengths) if lengths else model.max_length)
-        if length > model.max_length:
+        if length > model.max_length and not settings.extrapolate:
             results["loss_by_position"] = {
                 "skipped": f"loss_length {length} is beyond the "
                 f"model's max_position_embeddings {model.max_length}"
@@ -269,8 +311,18 @@ def format_report(results: dict) -> str:
         }
         lines.append("| needle | " + " | ".join(fmt(by_len[L]) for L in lengths) + " |")
     for task, res in results.get("ruler", {}).items():
+        if res["accuracy"] is None:  # run at no length: named in the footnote below
+            continue
         lines.append(
             f"| {task} | " + " | ".join(fmt(res["by_length"][str(L)]) for L in lengths) + " |"
+        )
+    needs = results["lengths"].get("task_min_length") or {}
+    short = {t: n for t, n in needs.items() if n is None or any(L < n for L in lengths)}
+    if short:
+        lines.append(
+            "\n- : not run, the context is shorter than the task needs ("
+            + ", ".join(f"{t} >= {n if n is not None else '?'} tokens" for t, n in short.items())
+            + ")"
         )
     for s in results["lengths"]["skipped"]:
         lines.append(f"\nskipped length {s['length']}: {s['reason']}")

@@ -162,4 +162,7 @@ def flat_scores(results: dict) -> dict[str, float]:
     for task, res in (results.get("ruler") or {}).items():
         if res.get("accuracy") is not None:
             scores[task] = res["accuracy"]
+    loss = results.get("loss_by_position") or {}
+    if loss.get("mean_loss") is not None:  # held-out text loss over the evaluated window
+        scores[f"loss@{loss['length']}"] = loss["mean_loss"]
     return scores

@@ -46,6 +46,8 @@ def note_fallback_kernels(rank: int) -> None:
     """One line, once per process, on rank 0: which fused-kernel libraries megatron lacks (their
     per-module warnings are silenced in ``megatron_longctx/__init__.py``)."""
     global _NOTED_FALLBACKS
+    if os.environ.get("LONGCTX_FALLBACK_NOTED"):  # a parent (tools/demo.py) already said it
+        _NOTED_FALLBACKS = True
     missing = [m for m in ("transformer_engine", "apex") if importlib.util.find_spec(m) is None]
     if missing and not _NOTED_FALLBACKS and rank == 0:
         logger.warning(

@@ -183,3 +183,38 @@ def test_bad_settings_and_inputs(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         evaluate(str(tmp_path), str(tmp_path / "o"), {"tasks": ["needle"]})
     assert bucket_edges(513, 4, "linear") == [0, 128, 256, 384, 512]
+
+
+def test_tasks_below_their_length_are_not_run_and_said_once(tok, tmp_path, caplog):
+    """A task is run only from the length it needs (found by search, checked here against the
+    builder itself); one log line names every task's need; the report leaves out a task that ran
+    at no length; ``extrapolate`` evaluates past max_position_embeddings."""
+
+    class Short(Oracle):
+        max_length = 200
+
+    settings = EvalSettings(
+        context_lengths=[200, 1024],
+        depths=[0.5],
+        num_samples=1,
+        tasks=["needle", "ruler"],
+        ruler_tasks=["niah_multikey", "variable_tracking"],
+        extrapolate=True,
+    )
+    with caplog.at_level("INFO", logger="megatron_longctx.eval.runner"):
+        res = evaluate_model(Short(tok), str(tmp_path), settings)
+    needs = res["lengths"]["task_min_length"]
+    builder = TaskBuilder(tok)
+    for task, n in needs.items():
+        builder.build(task, n, 0, 0)  # runs at its length ...
+        with pytest.raises(ValueError, match="too small"):
+            builder.build(task, n - 1, 0, 0)  # ... and not one token below
+    assert needs["needle"] <= 200 < needs["niah_multikey"] < needs["variable_tracking"] <= 1024
+    assert res["lengths"]["evaluated"] == [200, 1024] and not res["lengths"]["skipped"]
+    assert res["ruler"]["niah_multikey"]["by_length"] == {"200": None, "1024": 1.0}
+    assert res["lengths"]["too_short_for_task"] == []  # nothing was even attempted below
+    said = [r.getMessage() for r in caplog.records if "each task needs" in r.getMessage()]
+    assert len(said) == 1 and f"niah_multikey >= {needs['niah_multikey']}" in said[0]
+    report = (tmp_path / "report.md").read_text()
+    assert "| niah_multikey | - | 1.00 |" in report
+    assert f"niah_multikey >= {needs['niah_multikey']} tokens" in report
