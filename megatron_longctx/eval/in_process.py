@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 from megatron_longctx.eval.megatron_model import MegatronScorer
 from megatron_longctx.eval.packing import plan_packs
-from megatron_longctx.runtime.distributed import log0
 from megatron_longctx.eval.teacher_forced import (
     TeacherForcedSettings,
     format_tf_report,
     plan,
     results_of,
 )
+from megatron_longctx.runtime.distributed import log0
 
 logger = logging.getLogger(__name__)
 
