@@ -2,6 +2,7 @@
 
     python benchmarks/bench_trainer_long.py [--seq-length 65536] [--steps 2] [--cp 1 2] \
         [--vocab 512] [--loss-chunk-tokens N]  # issue 28: --vocab 128256, 0 = megatron's loss
+        [--precision fp32 bf16]  # issue 26: the recipes' bf16 vs fp32, ratio in the same run
 
 Runs ``python -m torch.distributed.run ... -m megatron_longctx.train`` (the user's command) with
 the tiny model (examples/tiny_test.yaml's model) on a generated corpus: long documents of 64K-96K
@@ -9,7 +10,9 @@ tokens (ProLong's long bucket, min_tokens = the sequence length) and short ones 
 mixed 50/50, one sequence per step. Prints tok/s (rank 0's metrics.jsonl, the steps after the
 first) and the peak RSS of every rank (psutil, sampled every 0.2 s; target <= 3 GiB per rank).
 Baseline for scale: the dense kernel this replaced could not allocate past ~8K tokens
-(issue 19's table: 10.6 GB at 8K).
+(issue 19's table: 10.6 GB at 8K). With ``--precision fp32 bf16`` each configuration runs in both
+(bf16: megatron's Float16OptimizerWithFloat16Params, fp32 main copies) and the bf16 / fp32 tok/s
+and peak-RSS ratios are printed (CPU bf16 matmuls are not the GPU's: a report, no target).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ model: {{preset: tiny, vocab_size: {vocab}, num_layers: 2}}
 data: {{cache_dir: "{run}/cache"}}
 checkpoint: {{save_dir: "{run}/checkpoints", interval: 1000, keep_last: 1}}
 logging: {{run_dir: "{run}", interval: 1, wandb_mode: disabled}}
+training: {{bf16: {bf16}}}
 stages:
   - name: long
     seq_length: {seq}
@@ -66,14 +70,16 @@ def _corpus(root: Path, seq: int, vocab: int = 512) -> None:
     write_indexed(root / "short", rng.integers(20, 2000, 400).tolist(), vocab, 1)
 
 
-def _run(cp: int, seq: int, steps: int, root: Path, vocab: int = 512, chunk=None) -> dict:
-    run = root / f"cp{cp}_chunk{chunk}"
+def _run(
+    cp: int, seq: int, steps: int, root: Path, vocab: int = 512, chunk=None, bf16: bool = False
+) -> dict:
+    run = root / f"cp{cp}_chunk{chunk}_{'bf16' if bf16 else 'fp32'}"
     cfg = run / "config.yaml"
     run.mkdir(parents=True)
     chunk = "null" if chunk is None else chunk
     cfg.write_text(
         CONFIG.format(run=run, data=root / "data", seq=seq, steps=steps, cp=cp, vocab=vocab,
-                      chunk=chunk)  # fmt: skip
+                      chunk=chunk, bf16=str(bf16).lower())  # fmt: skip
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", LONGCTX_DEVICE="cpu", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -117,6 +123,7 @@ def main() -> None:
         "--loss-chunk-tokens", type=int, nargs="+", default=[None],
         help="stages.0.loss_chunk_tokens values to run (0: megatron's loss; default the rule's)",
     )  # fmt: skip
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -126,16 +133,31 @@ def main() -> None:
             f"{args.vocab:,}, CPU, 1 thread per rank =="
         )
         for cp, chunk in [(cp, c) for cp in args.cp for c in args.loss_chunk_tokens]:
-            r = _run(cp, args.seq_length, args.steps, root, args.vocab, chunk)
-            worst = max(r["peak_rss_gib"])
-            loss_path = f"loss_chunk_tokens {'auto' if chunk is None else chunk}"
-            print(
-                f"CP {cp} {loss_path}: {r['steps']} steps, {r['tok_s']:.0f} tok/s, "
-                f"losses {r['loss']}, "
-                f"peak RSS per rank {', '.join(f'{x:.2f}' for x in r['peak_rss_gib'])} GiB "
-                f"(target <= 3: {'ok' if worst <= 3 else 'OVER'}), wall {r['wall_s']:.0f} s",
-                flush=True,
-            )
+            results = {}
+            for precision in args.precision:
+                r = results[precision] = _run(
+                    cp, args.seq_length, args.steps, root, args.vocab, chunk, precision == "bf16"
+                )
+                _report(cp, chunk, precision, r)
+            if len(results) == 2:
+                bf16, fp32 = results["bf16"], results["fp32"]
+                print(
+                    f"CP {cp}: bf16 / fp32 tok/s {bf16['tok_s'] / fp32['tok_s']:.2f}x, peak RSS "
+                    f"{max(bf16['peak_rss_gib']) / max(fp32['peak_rss_gib']):.2f}x",
+                    flush=True,
+                )
+
+
+def _report(cp: int, chunk, precision: str, r: dict) -> None:
+    worst = max(r["peak_rss_gib"])
+    loss_path = f"loss_chunk_tokens {'auto' if chunk is None else chunk}"
+    print(
+        f"CP {cp} {precision} {loss_path}: {r['steps']} steps, {r['tok_s']:.0f} tok/s, "
+        f"losses {r['loss']}, "
+        f"peak RSS per rank {', '.join(f'{x:.2f}' for x in r['peak_rss_gib'])} GiB "
+        f"(target <= 3: {'ok' if worst <= 3 else 'OVER'}), wall {r['wall_s']:.0f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -98,3 +98,34 @@ def make_tiny_instruct_model(
     raw["unk_token_id"] = 0  # some Hub configs carry it; an export must keep it
     (directory / "config.json").write_text(json.dumps(raw, indent=1))
     return directory
+
+
+def save_tiny_llama(
+    directory: str | Path,
+    *,
+    vocab_size: int = 512,
+    rope_theta: float = 10000.0,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """A random HF Llama of the ``tiny`` preset's shape (hidden 64, FFN 128, 4 heads / 2 KV
+    heads, untied) with 2 layers, saved to ``directory`` (what the recipe tests convert)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=rope_theta,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=initializer_range,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return Path(directory)

@@ -33,23 +33,9 @@ VARIANTS = (("bf16", True), ("bf16", False), ("fp16", False))
 def _hf_model(path: Path) -> None:
     """A tiny Llama whose loss on random tokens is far from ln V (large weights): random or
     re-initialised weights cannot pass for it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from megatron_longctx.testing.hf_model import save_tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10000.0,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        initializer_range=0.5,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    save_tiny_llama(path, vocab_size=VOCAB, initializer_range=0.5)
 
 
 def _config(root: Path, data: dict, precision: str, distributed_optimizer: bool):
@@ -238,7 +224,8 @@ def test_bf16_resume_is_exact_and_reshards_bitwise(tmp_path, distributed_optimiz
     b = read_model_tensors(tmp_path / "b" / "iter_0000002", optimizer=True)
     moments = [k for k in a if k.startswith("optimizer.state.exp_avg_sq.")]
     # the fp32 main copies: "fp32_param" (Float16Optimizer) / "param" (DistributedOptimizer)
-    mains = [k for k in a if k.startswith(("optimizer.state.fp32_param.", "optimizer.state.param."))]
+    main_prefixes = ("optimizer.state.fp32_param.", "optimizer.state.param.")
+    mains = [k for k in a if k.startswith(main_prefixes)]
     weights = [k for k in a if not k.startswith("optimizer.")]
     assert len(moments) == len(mains) == len(weights) >= 5, sorted(a)
     assert all(a[k].dtype == torch.float32 for k in moments + mains)

@@ -68,25 +68,12 @@ def _sft_data(root: Path) -> str:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """Test datasets and a tiny HF Llama converted by the CLI."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from megatron_longctx.testing.hf_model import save_tiny_llama
 
     root = tmp_path_factory.mktemp("recipes")
     data = tiny_corpus(root / "data", vocab=VOCAB)
     data["sft"] = _sft_data(root / "data")
-    torch.manual_seed(0)
-    hf = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500000.0,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(hf).save_pretrained(root / "hf")
+    save_tiny_llama(root / "hf", vocab_size=VOCAB, rope_theta=500000.0)
     _cli("hf-to-mcore", "--hf-dir", root / "hf", "--save", root / "mcore")
     return root, data
 
