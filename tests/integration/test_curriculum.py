@@ -203,8 +203,9 @@ for save_dir, override in ((run, "stages.1.name=renamed"),
 
 @pytest.mark.timeout(200)
 def test_errors_inside_training_exit_2_with_one_line(tmp_path, data, reference):
-    """A checkpoint from a stage the config lacks, and an ``init_from`` that does not exist: the
-    documented one line on stderr and exit 2, not a traceback (one process, world size 1)."""
+    """A checkpoint from a stage the config lacks (found inside training), and an ``init_from``
+    that does not exist (found at config load): the documented one line on stderr and exit 2, not
+    a traceback (one process, world size 1)."""
     import os
     import subprocess
     import sys
@@ -229,7 +230,7 @@ def test_errors_inside_training_exit_2_with_one_line(tmp_path, data, reference):
         timeout=150,
     )
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    lines = [x for x in p.stderr.splitlines() if x.startswith(("error:", "rc="))]
+    lines = [x for x in p.stderr.splitlines() if x.startswith(("error:", "config error:", "rc="))]
     assert lines[1::2] == ["rc=2", "rc=2"], p.stderr[-3000:]
     assert "checkpoint" in lines[0] and "is from stage 'long', which this config" in lines[0]
     assert str(tmp_path / "fresh" / "no_such_checkpoint") in lines[2]
