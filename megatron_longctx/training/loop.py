@@ -56,7 +56,6 @@ def train(
     timeout_s = 60 * cfg.training.dist_timeout_minutes
     device = init_process_group(device=cfg.training.device, timeout_s=timeout_s)
     point = find_start(cfg.stages, cfg.checkpoint.save_dir)
-    lineage = start_lineage(point, cfg.stages)  # source model facts, carried to every checkpoint
     if get_rank() == 0:
         first = cfg.stages[0].init_from if point.stage_index == 0 else None
         keep_tokenizer(cfg.checkpoint.save_dir, cfg.data.tokenizer_model, first)
@@ -72,16 +71,17 @@ def train(
     report = Metrics(metrics)
     step_end = Preemption(signals, saver, watchdog, report)  # + straggler figures, hang watchdog
     hooks = [report, Faults(faults), saver, *callbacks, step_end]
-    rc = run_stages(cfg, point, device, hooks, metrics, lineage, config_dir)
+    rc = run_stages(cfg, point, device, hooks, metrics, config_dir)
     for hook in hooks:
         hook.close()
     return rc
 
 
-def run_stages(cfg, point, device, hooks, metrics, lineage: dict, config_dir=None) -> int:
+def run_stages(cfg, point, device, hooks, metrics, config_dir=None) -> int:
     """Builds, restores and runs each remaining stage. The previous stage (model, optimizer, DDP
     buffers, loader) is released before the next is built, so a transition holds one stage.
-    ``lineage`` (checkpoint/lineage.py) is carried into every stage's checkpoints."""
+    The source model's facts (checkpoint/lineage.py) are carried into every stage's checkpoints."""
+    lineage = start_lineage(point, cfg.stages)
     rc = 0
     for index in range(point.stage_index, len(cfg.stages)):
         run = None  # the previous stage's last reference (callbacks keep none)

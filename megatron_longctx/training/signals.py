@@ -140,10 +140,10 @@ class SignalWatcher:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         n = world if step_times is not None else 0
-        flag = torch.zeros(2 + 2 * n, dtype=torch.float64, device=self.device)
-        flag[0], flag[1] = float(self.received is not None), float(due)
+        host = [float(self.received is not None), float(due)] + [0.0] * (2 * n)
         if n:  # each rank fills its own slots; MAX over ranks assembles the table
-            flag[2 + rank], flag[2 + n + rank] = max(step_times[0], 0.0), max(step_times[1], 0.0)
+            host[2 + rank], host[2 + n + rank] = max(step_times[0], 0.0), max(step_times[1], 0.0)
+        flag = torch.tensor(host, dtype=torch.float64, device=self.device)  # one host->device copy
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         values = flag.tolist()

@@ -246,6 +246,7 @@ def test_transformer_engine_wrong_or_half_installed(monkeypatch, version, broken
     with pytest.raises(TransformerEngineUnavailable, match=needle) as err:
         specs.resolve_backend("te")
     assert "\n" not in str(err.value) and "--no-build-isolation" in str(err.value)
-    assert specs.resolve_backend("auto") == "local"
+    assert specs.resolve_backend("auto", torch.device("cuda", 0)) == "local"
     _install_te(monkeypatch, "2.8.0")
-    assert specs.resolve_backend("te") == "te" and specs.resolve_backend("auto") == "te"
+    cuda = torch.device("cuda", 0)  # "auto" asks the training device (issue 26)
+    assert specs.resolve_backend("te") == "te" and specs.resolve_backend("auto", cuda) == "te"

@@ -105,6 +105,8 @@ def test_signal_agreement_on_device(monkeypatch):
 
     monkeypatch.setattr(filesystem_async, "_get_write_results_queue", lambda: None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
     watcher = SignalWatcher(signals=(), device=CUDA)
     from torch._subclasses.fake_tensor import DataDependentOutputException
 

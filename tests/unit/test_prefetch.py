@@ -176,13 +176,14 @@ def test_a_transition_holds_one_stage(monkeypatch):
         stage.alive_before = len(alive)
         return stage
 
-    point = SimpleNamespace(stage_index=0, iteration=0)
+    point = SimpleNamespace(stage_index=0, iteration=0, resume=None, transition=None)
     point.after_stage = lambda save_dir, iteration: point
     monkeypatch.setattr(loop, "build_stage", build_stage)
     monkeypatch.setattr(loop, "restore", lambda point, run: (None, 0))
     monkeypatch.setattr(loop, "run_stage", lambda run, hooks: 0)
-    cfg = SimpleNamespace(stages=[1, 2, 3], checkpoint=SimpleNamespace(save_dir="x"))
-    assert loop.run_stages(cfg, point, torch.device("cpu"), [], None, {}) == 0
+    stages = [SimpleNamespace(init_from=None)] * 3  # a fresh model: no lineage to read
+    cfg = SimpleNamespace(stages=stages, checkpoint=SimpleNamespace(save_dir="x"))
+    assert loop.run_stages(cfg, point, torch.device("cpu"), [], None) == 0
     assert len(rss_at_build) == 3
     grown = [rss - rss_at_build[0] for rss in rss_at_build[1:]]
     assert all(g < STAGE_BYTES / 2 for g in grown), [g / 2**20 for g in grown]
