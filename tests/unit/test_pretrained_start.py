@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_longctx.testing.hf_model import CHATML, ENDOFTEXT, IM_END, make_tiny_instruct_model
 
@@ -96,6 +97,8 @@ def test_converter_checks_size_rules_before_spawning(tmp_path, hf_model, capsys,
     h2m = importlib.import_module("megatron_longctx.checkpoint.hf.hf_to_mcore")
 
     monkeypatch.setattr(h2m, "spawn_ranks", lambda *a, **k: pytest.fail("ranks were spawned"))
+    # a user's process (no torchrun): another test of this session may have initialised a group
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     save = tmp_path / "out"
     args = ["hf-to-mcore", "--hf-dir", str(hf_model), "--save", str(save)]
     rc = main([*args, "--tensor-model-parallel-size", "2"])
