@@ -38,6 +38,19 @@ LATEST = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
+#: The model fields a checkpoint's tensors depend on (names, shapes, which tensors exist): a
+#: checkpoint whose stored model differs in one of them is another model.
+SHAPE_FIELDS = (
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
 class CheckpointError(RuntimeError):
     """A missing, incomplete or incompatible checkpoint; the message says what to do."""
 
@@ -302,18 +315,9 @@ def load_checkpoint(
     common = read_state(ckpt_dir)
     state = common.get("state", {})
     if expect_model is not None and state.get("model") is not None:
-        keys = (
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "num_query_groups",
-            "vocab_size",
-            "tie_word_embeddings",
-        )
         diff = {
             k: (state["model"].get(k), expect_model.get(k))
-            for k in keys
+            for k in SHAPE_FIELDS
             if state["model"].get(k) != expect_model.get(k)
         }
         if diff:

@@ -25,22 +25,12 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from megatron_longctx.checkpoint.dist import CheckpointError
+from megatron_longctx.checkpoint.dist import SHAPE_FIELDS, CheckpointError
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "LONGCTX_INIT_FROM"
 DEPRECATED_ENV_VAR = "LONGCTX_INIT"
-# The fields a checkpoint's tensors depend on (names, shapes, which tensors exist).
-SHAPE_FIELDS = (
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "num_query_groups",
-    "vocab_size",
-    "tie_word_embeddings",
-)
 
 
 class InitFromError(CheckpointError, ValueError):

@@ -44,7 +44,7 @@ def load_megatron_for_eval(
         device: the device to run on (None: runtime/device.py's ``choose_device``).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     from megatron_longctx.checkpoint.dist import load_checkpoint, read_state
     from megatron_longctx.checkpoint.hf.mcore_to_hf import resolve_checkpoint
@@ -83,14 +83,7 @@ def load_megatron_for_eval(
     )
     model.config.variable_seq_lengths = layout.pipeline_model_parallel_size > 1
     load_checkpoint(ckpt, [model], expect_model=cfg.to_dict())
-    shard = BatchSharding(
-        cp_size=cp,
-        cp_rank=parallel_state.get_context_parallel_rank(),
-        cp_group=parallel_state.get_context_parallel_group(),
-        sharding=sharding,
-        sp_size=layout.tensor_model_parallel_size if layout.sequence_parallel else 1,
-        device=device,
-    )
+    shard = BatchSharding.for_layout(layout, sharding, device)
     return MegatronScorer([model], shard, cfg.vocab_size, seq), cfg, ckpt
 
 

@@ -60,6 +60,20 @@ class BatchSharding:
     sp_size: int = 1
     device: torch.device | str | None = None
 
+    @classmethod
+    def for_layout(cls, layout, sharding: str, device) -> BatchSharding:
+        """This rank's batch path under ``layout`` (megatron's groups initialised for it)."""
+        from megatron.core import parallel_state
+
+        return cls(
+            cp_size=layout.context_parallel_size,
+            cp_rank=parallel_state.get_context_parallel_rank(),
+            cp_group=parallel_state.get_context_parallel_group(),
+            sharding=sharding,
+            sp_size=layout.tensor_model_parallel_size if layout.sequence_parallel else 1,
+            device=device,
+        )
+
     def __call__(self, micro: dict) -> dict:
         return self.to_device(self.host(micro))
 

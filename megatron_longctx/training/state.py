@@ -146,12 +146,5 @@ def build_stage(
         cp_sharding=sharding,
     )
     # 4. this rank's batch path
-    shard = BatchSharding(
-        cp_size=cp,
-        cp_rank=parallel_state.get_context_parallel_rank(),
-        cp_group=parallel_state.get_context_parallel_group(),
-        sharding=sharding,
-        sp_size=layout.tensor_model_parallel_size if layout.sequence_parallel else 1,
-        device=device,
-    )
+    shard = BatchSharding.for_layout(layout, sharding, device)
     return StageRun(cfg, index, model_cfg, chunks, optimizer, loader, shard, settings)
