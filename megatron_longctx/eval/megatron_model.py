@@ -28,6 +28,7 @@ import torch
 
 from megatron_longctx.eval.packing import Pack, ScoreRequest, filler_pack, pack_requests
 from megatron_longctx.training.batch import BatchSharding, batch_to_device, to_model_batch
+from megatron_longctx.training.step import sum_over_replicas
 
 FILLER_TOKENS = 8
 
@@ -163,16 +164,7 @@ class MegatronScorer:
         if mine:
             self._run([self._model_batch(p, num_req, num_slots) for p in mine])
         flat = torch.cat([v.narrow(0, 0, v.shape[0] - 1) for v in self._acc.values()])
-        torch.distributed.all_reduce(
-            flat, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-        )
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.broadcast(
-                flat,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        out = flat.cpu().numpy()
+        out = sum_over_replicas(flat).cpu().numpy()  # training/step.py: as the step's loss
         r, s = num_req, num_slots
         return ScoreResult(
             logprob_sum=out[:r],

@@ -58,6 +58,23 @@ class StepResult:
     doc_lengths: list[int] = field(default_factory=list)
 
 
+def sum_over_replicas(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: ``tensor`` summed over the DP x CP replicas, then the last pipeline stage's sum
+    on every stage (only it computed one). Collective; ``tensor`` on the training device."""
+    from megatron.core import parallel_state
+
+    torch.distributed.all_reduce(
+        tensor, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            tensor,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return tensor
+
+
 def reduce_loss(losses_reduced: list, device: torch.device | str = "cpu") -> tuple[float, int]:
     """Global token-averaged loss, known on every rank: sums the per-micro-batch [loss_sum, tokens]
     reports, all-reduces over DP x CP, then broadcasts from the last pipeline stage.
@@ -65,22 +82,12 @@ def reduce_loss(losses_reduced: list, device: torch.device | str = "cpu") -> tup
     ``device`` is the training device: NCCL only reduces CUDA tensors, and ranks that are not the
     last pipeline stage have no report to take the device from. One host sync per step.
     """
-    from megatron.core import parallel_state
 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if losses_reduced:
         total = torch.stack([d["lm loss"] for d in losses_reduced]).sum(dim=0).double()
         total = total.to(device)
-    torch.distributed.all_reduce(
-        total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-    )
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            total,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
-    loss_sum, count = total.tolist()  # the step's one host sync
+    loss_sum, count = sum_over_replicas(total).tolist()  # the step's one host sync
     return loss_sum / max(count, 1.0), int(count)
 
 
